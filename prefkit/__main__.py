@@ -1,0 +1,3 @@
+from prefkit.cli import entrypoint
+
+entrypoint()

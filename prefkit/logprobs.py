@@ -1,0 +1,46 @@
+"""Log-probabilities of completion tokens, computing logits only where they are needed.
+
+The LM head over a large vocabulary dominates small models, so the policy is asked for
+logits only at the positions that predict an answer token (transformers' boolean
+``logits_to_keep``). Log-softmax runs in fp32 whatever the autocast precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from prefkit.batching import Batch
+
+
+def _position_mask(completion_mask: torch.Tensor) -> torch.Tensor:
+    """Position t predicts token t+1: keep t where token t+1 is an answer token."""
+    keep = torch.zeros_like(completion_mask)
+    keep[:, :-1] = completion_mask[:, 1:]
+    return keep
+
+
+def token_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Per-token log p(token) on completion tokens, fp32, shape [R, T]; zero elsewhere.
+
+    Entry ``[r, t]`` is the log-prob of ``input_ids[r, t]`` given the tokens before it, so it is
+    aligned with ``batch.completion_mask``.
+    """
+    keep = _position_mask(batch.completion_mask).to(batch.input_ids.device)
+    targets = batch.input_ids[batch.completion_mask.to(batch.input_ids.device)]
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep, use_cache=False)
+    logits = out.logits
+    if logits.dim() != 2 or logits.shape[0] != targets.numel():
+        # A model without boolean logits_to_keep support returned full (or other) logits: select here.
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = full[keep]
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logps = F.log_softmax(logits.float(), dim=-1)
+        picked = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    result = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=picked.device)
+    return result.masked_scatter(batch.completion_mask.to(picked.device), picked)
+
+
+def sequence_logps(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of per-token log-probs over the answer tokens of each row: [R, T] -> [R]."""
+    return (token_values * mask).sum(-1)

@@ -1,0 +1,247 @@
+"""The recipe file: one typed YAML document that says everything about a run.
+
+``load_recipe`` reads the YAML safely, applies ``dotted.key=value`` overrides, validates the
+document with pydantic models that refuse unknown keys, then looks the objective (and a
+named model source) up in the plugin registry and validates their own parameter blocks.
+Every problem is reported with the file and the key path; no model is loaded here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from prefkit.errors import RecipeError
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraConfig(Strict):
+    """LoRA adapters through peft. The reference model is the base with the adapter disabled."""
+
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class ModelConfig(Strict):
+    source: str = Field(
+        description="A named model source (see `prefkit models`), a local directory, or a hub id."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Parameters of a named model source."
+    )
+    gguf_file: str | None = Field(None, description="A GGUF file inside `source` to load.")
+    tokenizer: str | None = Field(None, description="Load the tokenizer from here instead.")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    lora: LoraConfig | None = None
+
+
+class DataConfig(Strict):
+    train: str = Field(description="A named dataset, a local JSONL/JSON/CSV/Parquet file, or a hub dataset.")
+    train_split: str = "train"
+    eval: str | None = None
+    eval_split: str = "test"
+    subset: str | None = Field(None, description="Hub dataset configuration name.")
+    format: Literal["auto", "standard", "conversational"] = "auto"
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    max_length: int = Field(512, gt=1, description="Prompt plus completion, in tokens.")
+    max_prompt_length: int | None = Field(256, gt=0)
+    truncation: Literal["truncate", "drop", "error"] = "truncate"
+    bad_rows: Literal["error", "skip"] = "error"
+    max_rows: int | None = Field(None, gt=0)
+    max_eval_rows: int | None = Field(None, gt=0)
+
+
+class ObjectiveConfig(Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(Strict):
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, gt=0, description="Examples per micro-batch.")
+    grad_accum_steps: int = Field(1, gt=0)
+    lr: float = Field(5e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    log_every: int = Field(1, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    reference_cache: bool = Field(True, description="Store reference log-probs on disk and reuse them.")
+
+
+class Recipe(Strict):
+    output_dir: str
+    seed: int = 0
+    cache_dir: str | None = Field(None, description="Default: $PREFKIT_CACHE or ~/.cache/prefkit.")
+    model: ModelConfig
+    data: DataConfig
+    objective: ObjectiveConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        env = os.environ.get("PREFKIT_CACHE")
+        return Path(env).expanduser() if env else Path.home() / ".cache" / "prefkit"
+
+
+@dataclass
+class LoadedRecipe:
+    """A validated recipe with its objective and its objective's validated params."""
+
+    recipe: Recipe
+    path: str
+    objective: Any  # prefkit.objectives.Objective
+    params: Any  # the objective's Params instance
+    model_options: Any  # the named model source's Params instance, or None
+
+    def resolved_dict(self) -> dict[str, Any]:
+        data = self.recipe.model_dump(mode="json")
+        data["objective"]["params"] = self.params.model_dump(mode="json")
+        if self.model_options is not None:
+            data["model"]["options"] = self.model_options.model_dump(mode="json")
+        return data
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _problems(error: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    out = []
+    for item in error.errors():
+        path = _loc(item["loc"])
+        if prefix:
+            path = f"{prefix}.{path}" if path else prefix
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        out.append((path, message))
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-5`` -> (["train", "lr"], 1e-05). The value is read as YAML."""
+    if "=" not in text:
+        raise RecipeError("override", [(text, "expected dotted.key=value")])
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError("override", [(key, "expected dotted.key=value")])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _FLOAT.match(value):
+        value = float(value)  # YAML 1.1 reads "1e-5" as a string
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError("override", [(".".join(parts[: i + 1]), "is not a mapping")])
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    where = str(path)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise RecipeError(where, [("", "file not found")]) from None
+    except OSError as exc:
+        raise RecipeError(where, [("", f"cannot read: {exc.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(where, [(at, f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(where, [("", "the recipe must be a mapping of keys to values")])
+    return data
+
+
+def validate_recipe(data: dict[str, Any], where: str, registry=None) -> LoadedRecipe:
+    """Validate a recipe document and its plugin parameter blocks. Raises RecipeError."""
+    from prefkit.plugins import load_registry
+
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(where, _problems(exc)) from None
+
+    registry = registry or load_registry()
+    objective = registry.objectives.get(recipe.objective.name)
+    if objective is None:
+        known = ", ".join(sorted(registry.objectives)) or "none"
+        raise RecipeError(
+            where, [("objective.name", f"unknown objective {recipe.objective.name!r}; registered: {known}")]
+        )
+    try:
+        params = objective.Params.model_validate(recipe.objective.params)
+    except ValidationError as exc:
+        raise RecipeError(where, _problems(exc, "objective.params")) from None
+
+    model_options = None
+    source = registry.model_sources.get(recipe.model.source)
+    if source is not None:
+        try:
+            model_options = source.Params.model_validate(recipe.model.options)
+        except ValidationError as exc:
+            raise RecipeError(where, _problems(exc, "model.options")) from None
+    elif recipe.model.options:
+        raise RecipeError(
+            where,
+            [("model.options", f"only a named model source takes options; {recipe.model.source!r} is not one")],
+        )
+    return LoadedRecipe(recipe=recipe, path=where, objective=objective, params=params, model_options=model_options)
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, registry=None) -> LoadedRecipe:
+    """Read, override and validate a recipe file. Raises RecipeError naming file and key paths."""
+    data = read_yaml(path)
+    try:
+        data = apply_overrides(data, overrides or [])
+    except RecipeError as exc:
+        raise RecipeError(str(path), exc.problems) from None
+    return validate_recipe(data, str(path), registry=registry)
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

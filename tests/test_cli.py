@@ -1,0 +1,85 @@
+"""The command line through typer's test runner: exit codes and messages, never a traceback."""
+
+import json
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+import prefkit
+from prefkit.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "recipes" / "dpo_tiny.yaml")
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_version_and_help():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"prefkit {prefkit.__version__}"
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ["run", "validate", "objectives"]:
+        assert command in result.output
+
+
+def test_validate_accepts_a_good_recipe():
+    result = invoke("validate", TINY)
+    assert result.exit_code == 0, result.output
+    assert "valid" in result.output
+
+
+def test_validate_names_file_and_unknown_key(tmp_path):
+    data = yaml.safe_load(Path(TINY).read_text())
+    data["bogus_key"] = 1
+    data["objective"]["params"]["beta"] = "high"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = invoke("validate", str(path))
+    assert result.exit_code == 2
+    assert str(path) in result.output and "bogus_key" in result.output and "unknown key" in result.output
+    assert "Traceback" not in result.output
+    # the objective's own params are checked too (after fixing the unknown key)
+    del data["bogus_key"]
+    path.write_text(yaml.safe_dump(data))
+    result = invoke("validate", str(path))
+    assert result.exit_code == 2 and "objective.params.beta" in result.output
+
+
+def test_validate_with_overrides():
+    assert invoke("validate", TINY, "train.lr=1e-4").exit_code == 0
+    result = invoke("validate", TINY, "train.bogus=1")
+    assert result.exit_code == 2 and "train.bogus" in result.output
+
+
+def test_objectives_lists_dpo_with_its_plugin():
+    result = invoke("objectives")
+    assert result.exit_code == 0
+    assert "dpo" in result.output and "prefkit" in result.output
+
+
+def test_run_and_resume_through_the_cli(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("run", TINY, f"output_dir={out}", "train.max_steps=4", "data.eval=null", "train.save_every=2")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["steps"] == 4
+    # a second run into the same directory is refused, with the way out named
+    result = invoke("run", TINY, f"output_dir={out}", "train.max_steps=4", "data.eval=null", "train.save_every=2")
+    assert result.exit_code == 1 and "--resume" in result.output and "Traceback" not in result.output
+    result = invoke("run", TINY, f"output_dir={out}", "train.max_steps=6", "data.eval=null", "train.save_every=2",
+                    "--resume")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["steps"] == 6
+
+
+def test_run_with_bad_data_fails_before_loading_a_model(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "chosen": "", "rejected": "no"}) + "\n")
+    result = invoke("run", TINY, f"output_dir={tmp_path / 'r'}", f"data.train={data}", "data.eval=null")
+    assert result.exit_code == 1
+    assert str(data) in result.output and "row 1" in result.output and "chosen" in result.output
+    assert not (tmp_path / "r").exists()

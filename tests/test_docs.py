@@ -1,0 +1,57 @@
+"""The docs match the code: every recipe key is documented, every documented key exists."""
+
+import re
+from pathlib import Path
+
+from prefkit.recipe import DataConfig, LoraConfig, ModelConfig, ObjectiveConfig, Recipe, TrainConfig
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+SECTIONS = {"": Recipe, "model": ModelConfig, "data": DataConfig, "objective": ObjectiveConfig,
+            "train": TrainConfig, "lora": LoraConfig}
+
+
+def documented_keys(text: str) -> dict[str, set[str]]:
+    """Keys in the first column of each table, by the `## section` they stand under."""
+    found: dict[str, set[str]] = {}
+    section = ""
+    for line in text.splitlines():
+        heading = re.match(r"^## `(\w+)`", line)
+        if heading:
+            section = heading.group(1)
+        elif line.startswith("## "):
+            section = ""
+        cell = re.match(r"^\| `([\w.]+)` \|", line)
+        if cell:
+            key = cell.group(1)
+            if key.startswith("lora."):
+                found.setdefault("lora", set()).add(key.split(".", 1)[1])
+            else:
+                found.setdefault(section, set()).add(key)
+    return found
+
+
+def test_every_recipe_key_is_documented_and_no_other():
+    found = documented_keys((DOCS / "recipes.md").read_text())
+    for section, model in SECTIONS.items():
+        assert found.get(section, set()) == set(model.model_fields), section
+
+
+def test_documented_defaults_match_the_code():
+    text = (DOCS / "recipes.md").read_text()
+    for section, model in SECTIONS.items():
+        for name, field in model.model_fields.items():
+            if field.is_required() or field.default_factory is not None:
+                continue
+            key = f"lora.{name}" if section == "lora" else name
+            row = re.search(rf"^\| `{re.escape(key)}` \| `?([^|`]*)`? \|", text, re.M)
+            default = field.default
+            shown = {None: "null", True: "true", False: "false"}.get(default, default) \
+                if not isinstance(default, (int, float)) or isinstance(default, bool) else default
+            if isinstance(default, tuple):
+                shown = "[" + ", ".join(str(v) for v in default) + "]"
+            assert row, key
+            value = row.group(1).strip()
+            if isinstance(default, float) and not isinstance(default, bool):
+                assert float(value) == default, (key, value)
+            else:
+                assert value == str(shown), (key, value, shown)

@@ -1,0 +1,171 @@
+"""The engine end to end on the tiny model: run directory, reference cache, exact resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import prefkit.engine as engine
+from prefkit.errors import PrefkitError
+from prefkit.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "recipes" / "dpo_tiny.yaml"
+
+
+def run(tmp_path, name, *overrides, resume=False):
+    loaded = load_recipe(TINY, [f"output_dir={tmp_path / name}", *overrides])
+    return engine.train(loaded, resume=resume), tmp_path / name
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def forbid_reference_pass(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the reference model ran although the cache should have answered")
+
+    monkeypatch.setattr(engine, "compute_reference", boom)
+
+
+def test_run_directory_layout_and_learning(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    summary, out = run(tmp_path, "a")
+    assert (out / "recipe.resolved.yaml").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 25))
+    for key in ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "lr", "tokens_per_s"]:
+        assert key in records[0], key
+    assert "eval/loss" in records[11] and "eval/rewards/accuracies" in records[-1]
+    # the preference is learnt: margins and accuracy rise, loss falls
+    first, last = records[:4], records[-4:]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    assert mean(last, "rewards/margins") > mean(first, "rewards/margins") + 0.5
+    assert mean(last, "rewards/accuracies") >= 0.9
+    assert mean(last, "loss") < mean(first, "loss")
+    # checkpoints every 6 steps, the last two kept, each complete
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-18", "step-24"]
+    for name in ["trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.safetensors", "rng.json",
+                 "state.json", "recipe.resolved.yaml"]:
+        assert (out / "checkpoints" / "step-24" / name).exists(), name
+    # the final model loads with plain transformers
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert model.config.vocab_size == len(tokenizer)
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["reference_cache"] == "miss" and saved["steps"] == 24 and saved["objective"] == "dpo"
+    assert saved["tokens_per_s"] > 0 and saved["final_metrics"]["step"] == 24
+    assert "dpo" in saved["plugins"] and saved["prefkit_version"]
+    assert summary["data"]["train_fingerprint"] == saved["data"]["train_fingerprint"]
+
+
+def test_reference_cache_hit_miss_and_invalidation(tmp_path, monkeypatch):
+    short = ["train.max_steps=2", "train.save_every=null", "data.eval=null"]
+    first, _ = run(tmp_path, "one", *short)
+    assert first["reference_cache"] == "miss"
+
+    with monkeypatch.context() as m:  # same inputs, another directory: no reference forward pass at all
+        forbid_reference_pass(m)
+        second, _ = run(tmp_path, "two", *short)
+    assert second["reference_cache"] == "hit"
+    # other objective parameters and training settings do not change the reference numbers
+    assert run(tmp_path, "three", *short, "objective.params.beta=0.5", "train.lr=1e-4")[0]["reference_cache"] == "hit"
+
+    # every input of the reference numbers is part of the key
+    for i, change in enumerate(["data.max_length=100", "model.options.seed=1", "data.chat_template=never",
+                                "train.precision=bf16", "data.max_rows=40", "data.max_prompt_length=16"]):
+        assert run(tmp_path, f"changed{i}", *short, change)[0]["reference_cache"] == "miss", change
+
+    # turning the disk cache off computes in memory and stores nothing
+    cache_files = sorted((Path(os.environ["PREFKIT_CACHE"]) / "reference").glob("*.safetensors"))
+    assert run(tmp_path, "nocache", *short, "train.reference_cache=false")[0]["reference_cache"] == "miss"
+    assert sorted((Path(os.environ["PREFKIT_CACHE"]) / "reference").glob("*.safetensors")) == cache_files
+
+
+def test_a_damaged_cache_entry_is_recomputed(tmp_path):
+    short = ["train.max_steps=1", "train.save_every=null", "data.eval=null", "seed=5", "data.max_rows=20"]
+    run(tmp_path, "one", *short)
+    newest = max((Path(os.environ["PREFKIT_CACHE"]) / "reference").glob("*.safetensors"),
+                 key=lambda p: p.stat().st_mtime)
+    newest.write_bytes(b"not a safetensors file")
+    assert run(tmp_path, "two", *short)[0]["reference_cache"] == "miss"
+    assert run(tmp_path, "three", *short)[0]["reference_cache"] == "hit"
+
+
+def test_cached_reference_equals_the_initial_policy(tmp_path):
+    from prefkit.batching import collate
+    from prefkit.data import prepare_dataset
+    from prefkit.logprobs import sequence_logps, token_logps
+    from prefkit.models import load_model
+    from prefkit.refcache import ReferenceCache
+
+    loaded = load_recipe(TINY, [f"output_dir={tmp_path / 'x'}", "train.max_steps=1", "data.eval=null"])
+    engine.train(loaded)
+    recipe = loaded.recipe
+    handle = load_model(recipe.model, loaded.model_options, recipe.resolved_cache_dir())
+    data = prepare_dataset(recipe.data, handle.tokenizer, "pairs")
+    key = engine.reference_fingerprint(weights=handle.weights_fingerprint, tokenizer=handle.tokenizer_fingerprint,
+                                       data=data.fingerprint(), precision="fp32", paired=True)
+    cached = ReferenceCache(recipe.resolved_cache_dir() / "reference").load(key, len(data.examples))
+    batch = collate(data.examples[:3], [0, 1, 2], handle.tokenizer.pad_token_id, paired=True)
+    with torch.no_grad():
+        sums = sequence_logps(token_logps(handle.model, batch), batch.completion_mask)
+    torch.testing.assert_close(cached.chosen[:3], sums[:3], rtol=0, atol=1e-4)
+    torch.testing.assert_close(cached.rejected[:3], sums[3:], rtol=0, atol=1e-4)
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    short = ["train.max_steps=2", "data.eval=null"]
+    _, out = run(tmp_path, "a", *short)
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(PrefkitError, match="--resume"):
+        run(tmp_path, "a", *short)
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path):
+    run(tmp_path, "a", "train.max_steps=6", "data.eval=null")
+    with pytest.raises(PrefkitError, match="train.lr"):
+        run(tmp_path, "a", "train.max_steps=6", "data.eval=null", "train.lr=0.5", resume=True)
+
+
+def test_resume_in_process_continues_exactly(tmp_path):
+    # a constant schedule, so that stopping at step 5 and extending to 12 changes no learning rate
+    common = ["data.eval=null", "train.save_every=3", "train.scheduler=constant", "train.warmup_steps=0"]
+    run(tmp_path, "whole", *common, "train.max_steps=12")
+    run(tmp_path, "parts", *common, "train.max_steps=5")  # checkpoints at steps 3 and 5
+    summary, _ = run(tmp_path, "parts", *common, "train.max_steps=12", resume=True)
+    assert summary["steps"] == 12
+    assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
+
+
+def test_resume_after_sigkill_logs_identical_losses(tmp_path):
+    """A CPU run killed with SIGKILL after a checkpoint and resumed logs the same loss, bit for bit."""
+    common = ["data.eval=null", "train.max_steps=60", "train.save_every=5", "train.warmup_steps=0"]
+    run(tmp_path, "whole", *common)
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "prefkit", "run", str(TINY), f"output_dir={killed}", *common]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-10").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "final").exists()
+    logged = losses(killed)
+    assert 10 <= logged[-1][0] < 60
+
+    summary, _ = run(tmp_path, "killed", *common, resume=True)
+    assert summary["steps"] == 60
+    assert losses(killed) == losses(tmp_path / "whole")  # exact float equality, every step
