@@ -85,6 +85,45 @@ def run(
 
 
 @app.command()
+def sample(
+    recipe: str = typer.Argument(..., help="The recipe YAML file (model, prompts, sampling, optional reward)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. model.source=runs/x/final"),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL file (default: OUTPUT_DIR/samples.jsonl)."),
+) -> None:
+    """Sample completions for the recipe's prompts from a policy (best-of-N when the objective is best_of_n)."""
+    from pathlib import Path
+
+    from prefkit.recipe import load_recipe
+    from prefkit.sampling import sample_recipe
+
+    _report_plugin_problems()
+    try:
+        loaded = load_recipe(recipe, overrides or [])
+        summary = sample_recipe(loaded, Path(output) if output else None)
+    except PrefkitError as exc:
+        _fail(exc, 1)
+    rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in summary.items()
+            if not isinstance(v, (dict, list))]
+    ui.table("samples", ["", "value"], rows)
+
+
+@app.command()
+def rewards() -> None:
+    """List every registered reward function with the plugin that registered it."""
+    from prefkit.plugins import load_registry
+
+    registry = load_registry()
+    rows = []
+    for name in sorted(registry.reward_functions):
+        info = registry.owner("reward_functions", name)
+        rows.append([name, f"{info.distribution} {info.version} ({info.name})",
+                     registry.reward_functions[name].description])
+    ui.table("reward functions", ["reward", "plugin", "description"], rows)
+    for problem in registry.problems:
+        ui.warning(problem)
+
+
+@app.command()
 def objectives() -> None:
     """List every registered objective with the plugin that registered it."""
     from prefkit.plugins import load_registry

@@ -66,6 +66,7 @@ class TokenizedExample:
     chosen_ids: list[int] | None  # completion tokens only (for "sft" data: the completion); ends with the end token
     rejected_ids: list[int] | None  # None for sft and prompts data
     margin: float | None = None  # the optional per-row "margin" column (Bradley-Terry), else None
+    prompt: Any = None  # the raw prompt (a string or a list of messages), before tokenization and truncation
 
 
 @dataclass
@@ -570,6 +571,9 @@ def prepare_dataset(
 
     encoded = encode_examples(checked.examples, tokenizer, chat, where)
     kept, truncated, dropped = _apply_truncation(encoded, cfg, where)
+    raw_prompts = {ex.row: ex.prompt for ex in checked.examples}
+    for example in kept:
+        example.prompt = raw_prompts[example.row]  # so reward functions and samplers can see the text
     report = DataReport(
         source=shown,
         split=split_name,

@@ -25,7 +25,7 @@ import prefkit
 from prefkit.batching import Batch, BatchOrder, collate
 from prefkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from prefkit.errors import PrefkitError
-from prefkit.logprobs import sequence_logps, token_logps
+from prefkit.logprobs import sequence_logps, sequence_rewards, token_logps
 from prefkit.metrics import Averager, MetricsLog
 from prefkit.objectives import LossInputs, Needs
 from prefkit.optim import build_optimizer
@@ -41,7 +41,7 @@ class Reporter(Protocol):
     """What the engine tells a user interface. Library code never prints."""
 
     def message(self, text: str) -> None: ...
-    def start(self, total_steps: int, first_step: int) -> None: ...
+    def start(self, total_steps: int, first_step: int, description: str = "train") -> None: ...
     def step(self, step: int, metrics: dict[str, float]) -> None: ...
     def finish(self) -> None: ...
 
@@ -50,7 +50,7 @@ class QuietReporter:
     def message(self, text: str) -> None:
         pass
 
-    def start(self, total_steps: int, first_step: int) -> None:
+    def start(self, total_steps: int, first_step: int, description: str = "train") -> None:
         pass
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
@@ -121,11 +121,17 @@ def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> Path | None:
 
 
 def loss_inputs(model: torch.nn.Module, batch: Batch, needs: Needs) -> LossInputs:
-    """Run the policy on a batch and package what the objective's loss reads."""
-    values = token_logps(model, batch)
-    mask = batch.completion_mask
-    sums = sequence_logps(values, mask)
+    """Run the policy (or reward model) on a batch and package what the objective's loss reads."""
     b = batch.num_examples
+    mask = batch.completion_mask
+    if needs.head == "scalar":
+        rewards = sequence_rewards(model, batch)
+        inputs = LossInputs(chosen_rewards=rewards[:b], chosen_mask=mask[:b], margin=batch.margin)
+        if batch.paired:
+            inputs.rejected_rewards, inputs.rejected_mask = rewards[b:], mask[b:]
+        return inputs
+    values = token_logps(model, batch)
+    sums = sequence_logps(values, mask)
     inputs = LossInputs(
         chosen_logps=sums[:b], chosen_token_logps=values[:b], chosen_mask=mask[:b], margin=batch.margin
     )
@@ -137,7 +143,7 @@ def loss_inputs(model: torch.nn.Module, batch: Batch, needs: Needs) -> LossInput
 
 
 def compute_reference(model_handle, examples: list, *, batch_size: int, pad_id: int, paired: bool,
-                      accelerator: Accelerator) -> ReferenceLogps:
+                      accelerator: Accelerator, reporter: Reporter) -> ReferenceLogps:
     """Summed log-probs of every example under the reference policy, in batches sorted by length."""
     model = model_handle.model
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids) + len(examples[i].chosen_ids))
@@ -145,6 +151,7 @@ def compute_reference(model_handle, examples: list, *, batch_size: int, pad_id: 
     rejected = torch.zeros(len(examples), dtype=torch.float32) if paired else None
     was_training = model.training
     model.eval()
+    reporter.start(math.ceil(len(order) / batch_size), 0, "reference")
     with torch.no_grad(), model_handle.reference(), accelerator.autocast():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -153,12 +160,14 @@ def compute_reference(model_handle, examples: list, *, batch_size: int, pad_id: 
             chosen[idx] = sums[: len(idx)]
             if paired:
                 rejected[idx] = sums[len(idx):]
+            reporter.step(start // batch_size + 1, {})
+    reporter.finish()
     model.train(was_training)
     return ReferenceLogps(chosen=chosen, rejected=rejected)
 
 
 def reference_for(dataset, *, model_handle, recipe, precision: Precision, paired: bool,
-                  accelerator: Accelerator, pad_id: int) -> tuple[ReferenceLogps, str]:
+                  accelerator: Accelerator, pad_id: int, reporter: Reporter) -> tuple[ReferenceLogps, str]:
     key = reference_fingerprint(
         weights=model_handle.weights_fingerprint,
         tokenizer=model_handle.tokenizer_fingerprint,
@@ -172,7 +181,7 @@ def reference_for(dataset, *, model_handle, recipe, precision: Precision, paired
     return get_or_compute(
         cache, key, len(dataset.examples),
         lambda: compute_reference(model_handle, dataset.examples, batch_size=recipe.train.batch_size,
-                                  pad_id=pad_id, paired=paired, accelerator=accelerator),
+                                  pad_id=pad_id, paired=paired, accelerator=accelerator, reporter=reporter),
         meta,
     )
 
@@ -225,8 +234,12 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     reporter = reporter or QuietReporter()
     recipe, objective, params = loaded.recipe, loaded.objective, loaded.params
     needs = objective.needs(params)
-    if needs.generation or needs.data == "prompts" or needs.head != "lm":
-        raise PrefkitError(f"objective {objective.name!r} needs an engine loop this version does not have")
+    if objective.kind == "online":
+        from prefkit.rollout import train_online
+
+        return train_online(loaded, resume=resume, reporter=reporter, registry=registry)
+    if objective.kind != "offline":
+        raise PrefkitError(f"objective {objective.name!r} is {objective.kind}; it trains nothing (use `prefkit sample`)")
     cfg = recipe.train
     resolved = loaded.resolved_dict()
     resolved_yaml = dump_yaml(resolved)
@@ -267,12 +280,11 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     cache_status = "none"
     if needs.reference:
         reporter.message("reference log-probs: looking up the cache")
-        ref_train, cache_status = reference_for(train_data, model_handle=handle, recipe=recipe,
-                                                precision=precision, paired=paired,
-                                                accelerator=accelerator, pad_id=pad_id)
+        common = dict(model_handle=handle, recipe=recipe, precision=precision, paired=paired,
+                      accelerator=accelerator, pad_id=pad_id, reporter=reporter)
+        ref_train, cache_status = reference_for(train_data, **common)
         if eval_data is not None:
-            ref_eval, _ = reference_for(eval_data, model_handle=handle, recipe=recipe, precision=precision,
-                                        paired=paired, accelerator=accelerator, pad_id=pad_id)
+            ref_eval, _ = reference_for(eval_data, **common)
         reporter.message(f"reference log-probs: cache {cache_status}")
 
     order = BatchOrder(len(train_data.examples), cfg.batch_size * accelerator.num_processes, recipe.seed)

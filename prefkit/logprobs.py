@@ -44,3 +44,31 @@ def token_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 def sequence_logps(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum of per-token log-probs over the answer tokens of each row: [R, T] -> [R]."""
     return (token_values * mask).sum(-1)
+
+
+def sequence_rewards(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Scalar-head output at the last real token of each row, fp32, shape [R].
+
+    The last token is found from the attention mask, not from the pad token id: SmolLM2 and
+    many chat models pad with their end-of-turn token, which also ends every answer.
+    """
+    last = batch.attention_mask.sum(-1) - 1  # right padding
+    head = getattr(_unwrap(model), "score", None)
+    if head is None:
+        raise ValueError(f"{type(_unwrap(model)).__name__} has no `score` head; use a *ForSequenceClassification model")
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
+                use_cache=False)
+    hidden = out.hidden_states[-1]
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+    return head(picked).squeeze(-1).float()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft or DDP wrapper."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "get_base_model"):  # peft
+            model = model.get_base_model()
+        else:
+            return model

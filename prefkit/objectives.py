@@ -7,7 +7,7 @@ forward passes, and hands the objective a :class:`LossInputs`.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -41,8 +41,10 @@ class LossInputs:
     """Tensors the engine computes for one batch of B examples.
 
     Log-probs are sums over completion tokens (prompt and padding excluded), in fp32.
-    ``*_token_logps`` hold the per-token values, zero where ``*_mask`` is False.
-    Fields an objective did not ask for are None.
+    ``*_token_logps`` hold the per-token values, zero where ``*_mask`` is False. The masks
+    are always filled (chosen for every kind of data, rejected for pairs), so lengths are
+    always available. With ``Needs.head == "scalar"`` the ``*_rewards`` fields are filled
+    instead of the log-probs. Reference log-probs are filled when ``Needs.reference`` is true.
     """
 
     chosen_logps: torch.Tensor | None = None  # [B]
@@ -78,16 +80,25 @@ class LossOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+ObjectiveKind = Literal["offline", "online", "inference"]
+
+
 class Objective(ABC):
-    """Subclass this and register an instance through the ``register_objectives`` hook."""
+    """Subclass this and register an instance through the ``register_objectives`` hook.
+
+    ``kind`` says which engine loop runs it: "offline" objectives define :meth:`loss` over
+    fixed data; "online" ones (PPO) plug into the rollout loop; "inference" ones (best-of-N)
+    train nothing and change how a policy samples.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
+    kind: ClassVar[ObjectiveKind] = "offline"
     Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
 
     def needs(self, params: ObjectiveParams) -> Needs:
         return Needs()
 
-    @abstractmethod
     def loss(self, params: ObjectiveParams, inputs: LossInputs) -> LossOutput:
-        """Compute per-example losses from the engine's tensors. Must be pure (no model calls)."""
+        """Offline objectives: per-example losses from the engine's tensors. Pure (no model calls)."""
+        raise TypeError(f"objective {self.name!r} ({self.kind}) has no offline loss")

@@ -64,6 +64,10 @@ def _check_objective(item: Any) -> str | None:
         return f"objective {item.name!r} has no pydantic `Params` model"
     if not isinstance(getattr(item, "description", None), str):
         return f"objective {item.name!r} has no string `description`"
+    if getattr(item, "kind", None) not in ("offline", "online", "inference"):
+        return f"objective {item.name!r} has kind {getattr(item, 'kind', None)!r}; expected offline, online or inference"
+    if item.kind == "offline" and type(item).loss is Objective.loss:
+        return f"objective {item.name!r} is offline but defines no `loss`"
     return None
 
 

@@ -71,6 +71,25 @@ class ObjectiveConfig(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class RewardConfig(Strict):
+    """A reward source: a registered reward function (see `prefkit rewards`) and its parameters."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class SamplingConfig(Strict):
+    """How completions are sampled from a policy (generation, best-of-N, evaluation)."""
+
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, ge=0.0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 means no top-k filtering.")
+    num_samples: int = Field(1, gt=0, description="Completions per prompt.")
+    batch_size: int = Field(16, gt=0, description="Sequences generated together.")
+    seed: int | None = Field(None, description="Default: the recipe's seed.")
+
+
 class TrainConfig(Strict):
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     epochs: float = Field(1.0, gt=0)
@@ -99,6 +118,8 @@ class Recipe(Strict):
     data: DataConfig
     objective: ObjectiveConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    reward: RewardConfig | None = Field(None, description="The reward source, for objectives that need one.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
@@ -116,12 +137,15 @@ class LoadedRecipe:
     objective: Any  # prefkit.objectives.Objective
     params: Any  # the objective's Params instance
     model_options: Any  # the named model source's Params instance, or None
+    reward_params: Any = None  # the reward function's Params instance, or None
 
     def resolved_dict(self) -> dict[str, Any]:
         data = self.recipe.model_dump(mode="json")
         data["objective"]["params"] = self.params.model_dump(mode="json")
         if self.model_options is not None:
             data["model"]["options"] = self.model_options.model_dump(mode="json")
+        if self.reward_params is not None:
+            data["reward"]["params"] = self.reward_params.model_dump(mode="json")
         return data
 
 
@@ -230,7 +254,22 @@ def validate_recipe(data: dict[str, Any], where: str, registry=None) -> LoadedRe
             where,
             [("model.options", f"only a named model source takes options; {recipe.model.source!r} is not one")],
         )
-    return LoadedRecipe(recipe=recipe, path=where, objective=objective, params=params, model_options=model_options)
+    reward_params = None
+    if recipe.reward is not None:
+        reward_fn = registry.reward_functions.get(recipe.reward.name)
+        if reward_fn is None:
+            known = ", ".join(sorted(registry.reward_functions)) or "none"
+            raise RecipeError(
+                where, [("reward.name", f"unknown reward function {recipe.reward.name!r}; registered: {known}")]
+            )
+        try:
+            reward_params = reward_fn.Params.model_validate(recipe.reward.params)
+        except ValidationError as exc:
+            raise RecipeError(where, _problems(exc, "reward.params")) from None
+    elif objective.needs(params).reward:
+        raise RecipeError(where, [("reward", f"objective {objective.name!r} needs a reward source")])
+    return LoadedRecipe(recipe=recipe, path=where, objective=objective, params=params,
+                        model_options=model_options, reward_params=reward_params)
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, registry=None) -> LoadedRecipe:

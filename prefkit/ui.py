@@ -24,9 +24,10 @@ class RichReporter:
     def message(self, text: str) -> None:
         self.console.print(f"[dim]prefkit[/dim] {text}", highlight=False)
 
-    def start(self, total_steps: int, first_step: int) -> None:
+    def start(self, total_steps: int, first_step: int, description: str = "train") -> None:
+        self.finish()
         self.progress = Progress(
-            TextColumn("[bold]train"),
+            TextColumn(f"[bold]{description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"),
@@ -35,7 +36,7 @@ class RichReporter:
             console=self.console,
         )
         self.progress.start()
-        self.task = self.progress.add_task("train", total=total_steps, completed=first_step, stats="")
+        self.task = self.progress.add_task(description, total=total_steps, completed=first_step, stats="")
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         stats = "  ".join(

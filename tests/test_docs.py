@@ -3,11 +3,12 @@
 import re
 from pathlib import Path
 
-from prefkit.recipe import DataConfig, LoraConfig, ModelConfig, ObjectiveConfig, Recipe, TrainConfig
+from prefkit.recipe import (DataConfig, LoraConfig, ModelConfig, ObjectiveConfig, Recipe, RewardConfig,
+                            SamplingConfig, TrainConfig)
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 SECTIONS = {"": Recipe, "model": ModelConfig, "data": DataConfig, "objective": ObjectiveConfig,
-            "train": TrainConfig, "lora": LoraConfig}
+            "train": TrainConfig, "lora": LoraConfig, "reward": RewardConfig, "sampling": SamplingConfig}
 
 
 def documented_keys(text: str) -> dict[str, set[str]]:
@@ -36,22 +37,32 @@ def test_every_recipe_key_is_documented_and_no_other():
         assert found.get(section, set()) == set(model.model_fields), section
 
 
+def section_text(text: str, section: str) -> str:
+    """The part of the page under ``## `section` `` (the top-level table for "")."""
+    if section in ("", "lora"):
+        start = text.index("## Top level") if section == "" else text.index("## `model`")
+    else:
+        start = text.index(f"## `{section}`")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
+
+
 def test_documented_defaults_match_the_code():
     text = (DOCS / "recipes.md").read_text()
     for section, model in SECTIONS.items():
+        part = section_text(text, section)
         for name, field in model.model_fields.items():
             if field.is_required() or field.default_factory is not None:
                 continue
             key = f"lora.{name}" if section == "lora" else name
-            row = re.search(rf"^\| `{re.escape(key)}` \| `?([^|`]*)`? \|", text, re.M)
-            default = field.default
-            shown = {None: "null", True: "true", False: "false"}.get(default, default) \
-                if not isinstance(default, (int, float)) or isinstance(default, bool) else default
-            if isinstance(default, tuple):
-                shown = "[" + ", ".join(str(v) for v in default) + "]"
+            row = re.search(rf"^\| `{re.escape(key)}` \| `?([^|`]*)`? \|", part, re.M)
             assert row, key
-            value = row.group(1).strip()
-            if isinstance(default, float) and not isinstance(default, bool):
+            value, default = row.group(1).strip(), field.default
+            if isinstance(default, bool) or default is None:
+                assert value == {None: "null", True: "true", False: "false"}[default], (key, value)
+            elif isinstance(default, (int, float)):
                 assert float(value) == default, (key, value)
+            elif isinstance(default, tuple):
+                assert value == "[" + ", ".join(str(v) for v in default) + "]", (key, value)
             else:
-                assert value == str(shown), (key, value, shown)
+                assert value == str(default), (key, value)
