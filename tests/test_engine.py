@@ -169,3 +169,29 @@ def test_resume_after_sigkill_logs_identical_losses(tmp_path):
     summary, _ = run(tmp_path, "killed", *common, resume=True)
     assert summary["steps"] == 60
     assert losses(killed) == losses(tmp_path / "whole")  # exact float equality, every step
+
+
+def test_lora_run_shares_the_reference_and_checkpoints_only_the_adapter(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    short = ["data.eval=null", "train.max_steps=4", "train.save_every=2"]
+    assert run(tmp_path, "full", *short)[0]["reference_cache"] == "miss"
+    # the reference of a LoRA run is the base model with the adapter disabled: same weights, same cache entry
+    summary, out = run(tmp_path, "lora", *short, "model.lora={r: 4, alpha: 8}", "train.lr=1e-2")
+    assert summary["reference_cache"] == "hit" and summary["model"]["lora"] is True
+    saved = load_file(str(out / "checkpoints" / "step-4" / "trainable.safetensors"))
+    assert saved and all("lora_" in name for name in saved)
+    # final/ is a plain merged model; the adapter is kept beside it
+    assert (out / "final" / "adapter").is_dir()
+    merged = AutoModelForCausalLM.from_pretrained(out / "final")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "final")
+    assert merged.config.vocab_size == base.config.vocab_size
+    # the LoRA run resumes exactly too
+    run(tmp_path, "lora_whole", *short[:1], "train.max_steps=6", "train.save_every=2", "model.lora={r: 4, alpha: 8}",
+        "train.lr=1e-2", "train.scheduler=constant")
+    run(tmp_path, "lora_parts", *short[:1], "train.max_steps=3", "train.save_every=2", "model.lora={r: 4, alpha: 8}",
+        "train.lr=1e-2", "train.scheduler=constant")
+    run(tmp_path, "lora_parts", *short[:1], "train.max_steps=6", "train.save_every=2", "model.lora={r: 4, alpha: 8}",
+        "train.lr=1e-2", "train.scheduler=constant", resume=True)
+    assert losses(tmp_path / "lora_parts") == losses(tmp_path / "lora_whole")
