@@ -368,7 +368,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         last_metrics = previous[-1] if previous else {}
     summary = {
         "prefkit_version": prefkit.__version__,
-        "plugins": _plugin_versions(registry),
+        "plugins": plugin_versions(registry),
         "objective": objective.name,
         "objective_params": resolved["objective"]["params"],
         "model": {"source": recipe.model.source, "path": handle.path, "lora": recipe.model.lora is not None,
@@ -391,7 +391,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     return summary
 
 
-def _plugin_versions(registry) -> dict[str, str]:
+def plugin_versions(registry) -> dict[str, str]:
     from prefkit.plugins import load_registry
 
     registry = registry or load_registry()

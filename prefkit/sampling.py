@@ -188,7 +188,7 @@ def generate(
     # for every unset field) cannot add a repetition penalty or a minimum length behind our back.
     generation_config = GenerationConfig(
         max_new_tokens=cfg.max_new_tokens,
-        min_new_tokens=0,
+        min_length=0,
         do_sample=False,  # sampling happens in _InverseTransformSampler; generate takes its one choice
         num_beams=1,
         repetition_penalty=1.0,

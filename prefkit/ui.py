@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -10,7 +11,7 @@ console = Console(stderr=True)
 out = Console()
 
 PROGRESS_METRICS = [("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"),
-                    ("tokens_per_s", "tok/s")]
+                    ("accuracy", "acc"), ("reward/mean", "reward"), ("kl", "kl"), ("tokens_per_s", "tok/s")]
 
 
 class RichReporter:
@@ -54,11 +55,11 @@ class RichReporter:
 
 
 def error(text: str) -> None:
-    console.print(f"[bold red]error:[/bold red] {text}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/bold red] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def warning(text: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {text}", highlight=False, soft_wrap=True)
+    console.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -66,7 +67,7 @@ def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     for column in columns:
         t.add_column(column)
     for row in rows:
-        t.add_row(*row)
+        t.add_row(*(escape(str(cell)) for cell in row))
     out.print(t)
 
 
