@@ -9,113 +9,36 @@ not declare in its ``Needs`` is never built.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
 
 import prefkit
 from prefkit.batching import Batch, BatchOrder, collate
-from prefkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from prefkit.checkpoint import save_checkpoint
 from prefkit.errors import PrefkitError
 from prefkit.logprobs import sequence_logps, sequence_rewards, token_logps
-from prefkit.metrics import Averager, MetricsLog
+from prefkit.metrics import Averager
 from prefkit.objectives import LossInputs, Needs
 from prefkit.optim import build_optimizer
-from prefkit.recipe import LoadedRecipe, dump_yaml
+from prefkit.recipe import LoadedRecipe
 from prefkit.refcache import ReferenceCache, ReferenceLogps, get_or_compute, reference_fingerprint
-
-# Keys that may differ between a checkpoint's recipe and the recipe used to resume it.
-RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.save_every", "train.log_every",
-                     "train.eval_every", "train.keep_checkpoints"}
-
-
-class Reporter(Protocol):
-    """What the engine tells a user interface. Library code never prints."""
-
-    def message(self, text: str) -> None: ...
-    def start(self, total_steps: int, first_step: int, description: str = "train") -> None: ...
-    def step(self, step: int, metrics: dict[str, float]) -> None: ...
-    def finish(self) -> None: ...
-
-
-class QuietReporter:
-    def message(self, text: str) -> None:
-        pass
-
-    def start(self, total_steps: int, first_step: int, description: str = "train") -> None:
-        pass
-
-    def step(self, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
-@dataclass
-class Precision:
-    name: str  # "fp32" | "bf16" | "fp16": what the forward passes run in
-    accelerate: str  # accelerate's mixed_precision: "no" | "bf16" | "fp16"
-
-
-def resolve_precision(requested: str) -> Precision:
-    cuda = torch.cuda.is_available()
-    if requested == "auto":
-        if cuda:
-            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            requested = "fp32"
-    if requested == "fp16" and not cuda:
-        raise PrefkitError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU")
-    return Precision(requested, "no" if requested == "fp32" else requested)
-
-
-# ----------------------------------------------------------------------------- run directory
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
-        return out
-    return {prefix: data}
-
-
-def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> Path | None:
-    """Check the run directory before any heavy work; return the checkpoint to resume, if any."""
-    checkpoint = latest_checkpoint(run_dir)
-    started = (run_dir / "metrics.jsonl").exists() or checkpoint is not None or (run_dir / "final").exists()
-    if not resume:
-        if started:
-            raise PrefkitError(
-                f"output_dir {run_dir} already holds a run; pass --resume to continue it, "
-                "or set output_dir=... to start a new one (nothing was changed)"
-            )
-        return None
-    if checkpoint is None:
-        return None
-    import yaml
-
-    saved = _flatten(yaml.safe_load((checkpoint / "recipe.resolved.yaml").read_text()))
-    current = _flatten(resolved)
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    changed = [k for k in changed if k not in RESUMABLE_CHANGES]
-    if changed:
-        raise PrefkitError(
-            f"cannot resume {checkpoint}: the recipe differs from the one it was trained with in "
-            + ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in changed[:5])
-        )
-    return checkpoint
-
+from prefkit.runs import (
+    Precision,
+    QuietReporter,
+    Reporter,
+    begin_run,
+    describe_data,
+    last_logged,
+    make_accelerator,
+    open_run_dir,
+    restore,
+    summary_head,
+    write_summary,
+)
 
 # ----------------------------------------------------------------------------- forward passes
 
@@ -227,9 +150,9 @@ def total_steps_for(train_cfg, batches_per_epoch: int) -> int:
 
 def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | None = None,
           registry=None) -> dict[str, Any]:
-    """Train with an offline objective; returns the run summary also written to ``run.json``."""
+    """Train with the recipe's objective; returns the run summary also written to ``run.json``."""
     from prefkit.data import prepare_dataset
-    from prefkit.models import load_model, load_tokenizer, resolve_model_dir, save_pretrained
+    from prefkit.models import load_model, save_pretrained
 
     reporter = reporter or QuietReporter()
     recipe, objective, params = loaded.recipe, loaded.objective, loaded.params
@@ -241,37 +164,19 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     if objective.kind != "offline":
         raise PrefkitError(f"objective {objective.name!r} is {objective.kind}; it trains nothing (use `prefkit sample`)")
     cfg = recipe.train
-    resolved = loaded.resolved_dict()
-    resolved_yaml = dump_yaml(resolved)
-    run_dir = Path(recipe.output_dir)
-    checkpoint = prepare_run_dir(run_dir, resolved, resume)
-    precision = resolve_precision(cfg.precision)
-    wall_start = time.perf_counter()
+    setup = begin_run(loaded, resume, registry)
 
     # Data first: a bad row fails here, before any model is loaded.
-    cache_dir = recipe.resolved_cache_dir()
-    model_dir = resolve_model_dir(recipe.model, loaded.model_options, cache_dir, registry=registry)
-    tokenizer = load_tokenizer(recipe.model, model_dir, gguf_file=recipe.model.gguf_file)
     paired = needs.data == "pairs"
-    train_data = prepare_dataset(recipe.data, tokenizer, needs.data, split="train", registry=registry)
-    eval_data = (prepare_dataset(recipe.data, tokenizer, needs.data, split="eval", registry=registry)
+    train_data = prepare_dataset(recipe.data, setup.tokenizer, needs.data, split="train", registry=registry)
+    eval_data = (prepare_dataset(recipe.data, setup.tokenizer, needs.data, split="eval", registry=registry)
                  if recipe.data.eval else None)
     for data in filter(None, [train_data, eval_data]):
-        r = data.report
-        reporter.message(
-            f"data {r.source} ({r.split}): {r.rows_kept} of {r.rows_read} rows kept; "
-            f"{r.rows_truncated} truncated, {r.rows_dropped_overlong} dropped as too long, "
-            f"{r.rows_skipped_bad} bad rows skipped; format {r.format}, chat template {'on' if r.chat_template else 'off'}"
-        )
+        reporter.message(describe_data("data", data.report))
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.resolved.yaml").write_text(resolved_yaml)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
-
-    set_seed(recipe.seed)
-    AcceleratorState._reset_state()  # runs in one process may differ in precision
-    accelerator = Accelerator(mixed_precision=precision.accelerate, cpu=not torch.cuda.is_available())
-    handle = load_model(recipe.model, loaded.model_options, cache_dir, head=needs.head, registry=registry)
+    metrics_log = open_run_dir(setup)
+    accelerator = make_accelerator(setup)
+    handle = load_model(recipe.model, loaded.model_options, setup.cache_dir, head=needs.head, registry=registry)
     model = handle.model.to(accelerator.device)
     pad_id = handle.tokenizer.pad_token_id
 
@@ -279,8 +184,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     ref_train = ref_eval = None
     cache_status = "none"
     if needs.reference:
-        reporter.message("reference log-probs: looking up the cache")
-        common = dict(model_handle=handle, recipe=recipe, precision=precision, paired=paired,
+        common = dict(model_handle=handle, recipe=recipe, precision=setup.precision, paired=paired,
                       accelerator=accelerator, pad_id=pad_id, reporter=reporter)
         ref_train, cache_status = reference_for(train_data, **common)
         if eval_data is not None:
@@ -292,17 +196,10 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    step, micro, tokens_seen, trained_seconds = 0, 0, 0, 0.0
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model=accelerator.unwrap_model(model), optimizer=optimizer,
-                                scheduler=scheduler)
-        step, micro = state["step"], state["micro_batches"]
-        tokens_seen, trained_seconds = state["tokens_seen"], state["trained_seconds"]
-        metrics_log.truncate_after(step)
-        reporter.message(f"resumed from {checkpoint} (step {step})")
-    elif resume:
-        metrics_log.truncate_after(0)
-        reporter.message("no checkpoint to resume from; starting at step 0")
+    state = restore(setup, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
+                    metrics_log=metrics_log, reporter=reporter, resume=resume) or {}
+    step, micro = state.get("step", 0), state.get("micro_batches", 0)
+    tokens_seen, trained_seconds = state.get("tokens_seen", 0), state.get("trained_seconds", 0.0)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -356,43 +253,27 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
             if not math.isfinite(record["loss"]):
                 raise PrefkitError(f"loss became {record['loss']} at step {step}; lower train.lr or check the data")
         if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps) and accelerator.is_main_process:
-            save_checkpoint(run_dir, step, model=accelerator.unwrap_model(model), optimizer=optimizer,
-                            scheduler=scheduler, keep=cfg.keep_checkpoints, recipe_yaml=resolved_yaml,
+            save_checkpoint(setup.run_dir, step, model=accelerator.unwrap_model(model), optimizer=optimizer,
+                            scheduler=scheduler, keep=cfg.keep_checkpoints, recipe_yaml=setup.resolved_yaml,
                             state={"micro_batches": micro, "tokens_seen": tokens_seen,
                                    "trained_seconds": trained_seconds})
     reporter.finish()
 
     accelerator.wait_for_everyone()
-    if not last_metrics:
-        previous = metrics_log.read()
-        last_metrics = previous[-1] if previous else {}
     summary = {
-        "prefkit_version": prefkit.__version__,
-        "plugins": plugin_versions(registry),
-        "objective": objective.name,
-        "objective_params": resolved["objective"]["params"],
-        "model": {"source": recipe.model.source, "path": handle.path, "lora": recipe.model.lora is not None,
-                  "weights_fingerprint": handle.weights_fingerprint},
+        **summary_head(setup, handle, objective, registry),
         "data": {"train": train_data.report.__dict__, "train_fingerprint": train_data.fingerprint(),
                  "eval": eval_data.report.__dict__ if eval_data else None},
-        "precision": precision.name,
         "device": str(accelerator.device),
         "reference_cache": cache_status,
         "steps": step,
         "examples_per_step": cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes,
         "train_seconds": round(trained_seconds, 3),
-        "wall_seconds": round(time.perf_counter() - wall_start, 3),
+        "wall_seconds": round(time.perf_counter() - setup.started, 3),
         "tokens_per_s": round(tokens_seen / trained_seconds, 1) if trained_seconds else None,
-        "final_metrics": last_metrics,
+        "final_metrics": last_logged(metrics_log, last_metrics),
     }
     if accelerator.is_main_process:
-        save_pretrained(accelerator.unwrap_model(model), handle.tokenizer, run_dir / "final")
-        (run_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str))
+        save_pretrained(accelerator.unwrap_model(model), handle.tokenizer, setup.run_dir / "final")
+        write_summary(setup.run_dir, summary)
     return summary
-
-
-def plugin_versions(registry) -> dict[str, str]:
-    from prefkit.plugins import load_registry
-
-    registry = registry or load_registry()
-    return {name: f"{info.distribution} {info.version}" for name, info in sorted(registry.plugins.items())}

@@ -221,6 +221,22 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _plugin_block(table: dict, name: str, raw: dict, where: str, *, kind: str, name_path: str,
+                  params_path: str) -> tuple[Any, Any]:
+    """Look ``name`` up among registered plugins and validate ``raw`` with its ``Params`` model.
+
+    An unknown name is reported at ``name_path``, bad parameters under ``params_path``.
+    """
+    plugin = table.get(name)
+    if plugin is None:
+        known = ", ".join(sorted(table)) or "none"
+        raise RecipeError(where, [(name_path, f"unknown {kind} {name!r}; registered: {known}")])
+    try:
+        return plugin, plugin.Params.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(where, _problems(exc, params_path)) from None
+
+
 def validate_recipe(data: dict[str, Any], where: str, registry=None) -> LoadedRecipe:
     """Validate a recipe document and its plugin parameter blocks. Raises RecipeError."""
     from prefkit.plugins import load_registry
@@ -231,24 +247,13 @@ def validate_recipe(data: dict[str, Any], where: str, registry=None) -> LoadedRe
         raise RecipeError(where, _problems(exc)) from None
 
     registry = registry or load_registry()
-    objective = registry.objectives.get(recipe.objective.name)
-    if objective is None:
-        known = ", ".join(sorted(registry.objectives)) or "none"
-        raise RecipeError(
-            where, [("objective.name", f"unknown objective {recipe.objective.name!r}; registered: {known}")]
-        )
-    try:
-        params = objective.Params.model_validate(recipe.objective.params)
-    except ValidationError as exc:
-        raise RecipeError(where, _problems(exc, "objective.params")) from None
+    objective, params = _plugin_block(registry.objectives, recipe.objective.name, recipe.objective.params, where,
+                                      kind="objective", name_path="objective.name", params_path="objective.params")
 
     model_options = None
-    source = registry.model_sources.get(recipe.model.source)
-    if source is not None:
-        try:
-            model_options = source.Params.model_validate(recipe.model.options)
-        except ValidationError as exc:
-            raise RecipeError(where, _problems(exc, "model.options")) from None
+    if recipe.model.source in registry.model_sources:
+        _, model_options = _plugin_block(registry.model_sources, recipe.model.source, recipe.model.options, where,
+                                         kind="model source", name_path="model.source", params_path="model.options")
     elif recipe.model.options:
         raise RecipeError(
             where,
@@ -256,16 +261,8 @@ def validate_recipe(data: dict[str, Any], where: str, registry=None) -> LoadedRe
         )
     reward_params = None
     if recipe.reward is not None:
-        reward_fn = registry.reward_functions.get(recipe.reward.name)
-        if reward_fn is None:
-            known = ", ".join(sorted(registry.reward_functions)) or "none"
-            raise RecipeError(
-                where, [("reward.name", f"unknown reward function {recipe.reward.name!r}; registered: {known}")]
-            )
-        try:
-            reward_params = reward_fn.Params.model_validate(recipe.reward.params)
-        except ValidationError as exc:
-            raise RecipeError(where, _problems(exc, "reward.params")) from None
+        _, reward_params = _plugin_block(registry.reward_functions, recipe.reward.name, recipe.reward.params, where,
+                                         kind="reward function", name_path="reward.name", params_path="reward.params")
     elif objective.needs(params).reward:
         raise RecipeError(where, [("reward", f"objective {objective.name!r} needs a reward source")])
     return LoadedRecipe(recipe=recipe, path=where, objective=objective, params=params,

@@ -22,7 +22,6 @@ Tensors of a rollout are aligned with the completion tokens: ``[N, T]`` with ``N
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -32,20 +31,26 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
-
-import prefkit
 from prefkit.batching import Batch, BatchOrder, collate
-from prefkit.checkpoint import load_checkpoint, save_checkpoint
+from prefkit.checkpoint import save_checkpoint
 from prefkit.data import TokenizedExample
-from prefkit.engine import QuietReporter, Reporter, plugin_versions, prepare_run_dir, resolve_precision
 from prefkit.errors import PrefkitError
 from prefkit.logprobs import token_logps
-from prefkit.metrics import Averager, MetricsLog
+from prefkit.metrics import Averager
 from prefkit.optim import build_optimizer
-from prefkit.recipe import LoadedRecipe, dump_yaml
+from prefkit.recipe import LoadedRecipe
+from prefkit.runs import (
+    QuietReporter,
+    Reporter,
+    begin_run,
+    describe_data,
+    last_logged,
+    make_accelerator,
+    open_run_dir,
+    restore,
+    summary_head,
+    write_summary,
+)
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -170,7 +175,7 @@ def train_online(loaded: LoadedRecipe, *, resume: bool = False, reporter: Report
                  registry=None) -> dict[str, Any]:
     """Train with an online objective (``ppo_kl``); returns the run summary also written to ``run.json``."""
     from prefkit.data import prepare_dataset
-    from prefkit.models import load_model, load_tokenizer, resolve_model_dir
+    from prefkit.models import load_model
     from prefkit.rewards import build_reward
     from prefkit.sampling import generate
     from prefkit_builtins.ppo_kl import (
@@ -207,41 +212,24 @@ def train_online(loaded: LoadedRecipe, *, resume: bool = False, reporter: Report
             f"(rollout_batch_size {params.rollout_batch_size} x sampling.num_samples {sampling.num_samples} "
             f"= {per_rollout} sequences)"
         )
-    resolved = loaded.resolved_dict()
-    resolved_yaml = dump_yaml(resolved)
-    run_dir = Path(recipe.output_dir)
-    checkpoint = prepare_run_dir(run_dir, resolved, resume)
-    precision = resolve_precision(cfg.precision)
-    wall_start = time.perf_counter()
+    setup = begin_run(loaded, resume, registry)
 
     # Prompts first: a bad row fails here, before any model is loaded.
-    cache_dir = recipe.resolved_cache_dir()
-    model_dir = resolve_model_dir(recipe.model, loaded.model_options, cache_dir, registry=registry)
-    tokenizer = load_tokenizer(recipe.model, model_dir, gguf_file=recipe.model.gguf_file)
-    prompts = prepare_dataset(recipe.data, tokenizer, "prompts", split="train", registry=registry)
-    r = prompts.report
-    reporter.message(
-        f"prompts {r.source} ({r.split}): {r.rows_kept} of {r.rows_read} rows kept; "
-        f"{r.rows_truncated} truncated, {r.rows_dropped_overlong} dropped as too long, "
-        f"{r.rows_skipped_bad} bad rows skipped; chat template {'on' if r.chat_template else 'off'}"
-    )
+    prompts = prepare_dataset(recipe.data, setup.tokenizer, "prompts", split="train", registry=registry)
+    reporter.message(describe_data("prompts", prompts.report))
     if recipe.data.eval:
         reporter.message(f"{objective.name} does not evaluate on data.eval during training; use `prefkit compare`")
 
-    set_seed(recipe.seed)
-    AcceleratorState._reset_state()  # runs in one process may differ in precision
-    accelerator = Accelerator(mixed_precision=precision.accelerate, cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(setup)
     if accelerator.num_processes > 1:
         raise PrefkitError(f"{objective.name} runs in a single process for now; start it without `accelerate launch`")
     device = accelerator.device
     # The reward function next: a missing package or reward model fails before anything is written.
-    scorer = build_reward(recipe.reward, loaded.reward_params, cache_dir=cache_dir, device=device, registry=registry)
+    scorer = build_reward(recipe.reward, loaded.reward_params, cache_dir=setup.cache_dir, device=device,
+                          registry=registry)
+    metrics_log = open_run_dir(setup)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.resolved.yaml").write_text(resolved_yaml)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
-
-    handle = load_model(recipe.model, loaded.model_options, cache_dir, head="lm", registry=registry)
+    handle = load_model(recipe.model, loaded.model_options, setup.cache_dir, head="lm", registry=registry)
     policy = handle.model.to(device)
     # The reference: with LoRA, the same model with its adapter disabled; otherwise a frozen copy
     # of the initial weights (taken before any checkpoint is loaded).
@@ -258,19 +246,14 @@ def train_online(loaded: LoadedRecipe, *, resume: bool = False, reporter: Report
     normaliser = RunningMoments() if params.normalize_reward else None
     sample_seed = recipe.seed if sampling.seed is None else sampling.seed
 
+    state = restore(setup, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
+                    metrics_log=metrics_log, reporter=reporter, resume=resume)
     step, tokens_seen, trained_seconds = 0, 0, 0.0
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model=accelerator.unwrap_model(model), optimizer=optimizer,
-                                scheduler=scheduler)
+    if state is not None:
         step, tokens_seen, trained_seconds = state["step"], state["tokens_seen"], state["trained_seconds"]
         kl_ctl.load_state_dict(state["kl_controller"])
         if normaliser is not None:
             normaliser.load_state_dict(state["reward_normaliser"])
-        metrics_log.truncate_after(step)
-        reporter.message(f"resumed from {checkpoint} (step {step})")
-    elif resume:
-        metrics_log.truncate_after(0)
-        reporter.message("no checkpoint to resume from; starting at step 0")
 
     unwrapped = accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -382,39 +365,30 @@ def train_online(loaded: LoadedRecipe, *, resume: bool = False, reporter: Report
             if not (math.isfinite(record["loss"]) and math.isfinite(record["kl"])):
                 raise PrefkitError(f"loss or KL became non-finite at step {step}; lower train.lr or raise kl_coef")
         if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
-            save_checkpoint(run_dir, step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
-                            keep=cfg.keep_checkpoints, recipe_yaml=resolved_yaml,
+            save_checkpoint(setup.run_dir, step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
+                            keep=cfg.keep_checkpoints, recipe_yaml=setup.resolved_yaml,
                             state={"tokens_seen": tokens_seen, "trained_seconds": trained_seconds,
                                    "kl_controller": kl_ctl.state_dict(),
                                    "reward_normaliser": normaliser.state_dict() if normaliser else None})
     reporter.finish()
 
-    if not last_metrics:
-        previous = metrics_log.read()
-        last_metrics = previous[-1] if previous else {}
     summary = {
-        "prefkit_version": prefkit.__version__,
-        "plugins": plugin_versions(registry),
-        "objective": objective.name,
-        "objective_params": resolved["objective"]["params"],
-        "model": {"source": recipe.model.source, "path": handle.path, "lora": recipe.model.lora is not None,
-                  "weights_fingerprint": handle.weights_fingerprint},
+        **summary_head(setup, handle, objective, registry),
         "data": {"train": prompts.report.__dict__, "train_fingerprint": prompts.fingerprint(), "eval": None},
-        "reward": resolved["reward"],
-        "sampling": resolved["sampling"],
-        "precision": precision.name,
+        "reward": setup.resolved["reward"],
+        "sampling": setup.resolved["sampling"],
         "device": str(device),
         "reference_cache": "none",  # the online reference is run live on every rollout
         "steps": step,
         "examples_per_step": per_rollout,
         "kl_coef": kl_ctl.value,
         "train_seconds": round(trained_seconds, 3),
-        "wall_seconds": round(time.perf_counter() - wall_start, 3),
+        "wall_seconds": round(time.perf_counter() - setup.started, 3),
         "tokens_per_s": round(tokens_seen / trained_seconds, 1) if trained_seconds else None,
-        "final_metrics": last_metrics,
+        "final_metrics": last_logged(metrics_log, last_metrics),
     }
-    save_final(unwrapped, handle.tokenizer, run_dir / "final")
-    (run_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str))
+    save_final(unwrapped, handle.tokenizer, setup.run_dir / "final")
+    write_summary(setup.run_dir, summary)
     return summary
 
 

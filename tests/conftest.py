@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -13,3 +14,13 @@ def prefkit_cache(tmp_path, monkeypatch):
     root = tmp_path / "prefkit-cache"
     monkeypatch.setenv("PREFKIT_CACHE", str(root))
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny-model ops are too small to gain from threads; on a busy 2-core machine two threads make
+    them ten times slower. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -7,7 +7,6 @@ import string
 from pathlib import Path
 
 import pytest
-import torch
 
 from prefkit.errors import RecipeError
 from prefkit.models import load_model
@@ -18,14 +17,7 @@ from prefkit.rewards import build_reward
 from prefkit.sampling import best_of_n, generate, sample_recipe, score_samples
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to gain from threads; on a busy 2-core machine two
-    threads make them ten times slower. Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 PROMPTS = ["Hi", "What is the capital of France?", "Tell me about bees.", "Count to three."]

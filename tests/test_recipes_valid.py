@@ -1,8 +1,10 @@
-"""Every recipe under recipes/ (found recursively) validates."""
+"""Every recipe under recipes/ (found recursively) validates: run recipes with the run loader,
+compare recipes (a top-level `arms:` list) with the compare loader."""
 
 from pathlib import Path
 
 import pytest
+import yaml
 
 from prefkit.recipe import load_recipe
 
@@ -16,5 +18,9 @@ def test_recipes_are_found():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_recipe_validates(path):
-    loaded = load_recipe(path)
-    assert loaded.recipe.output_dir
+    if "arms" in (yaml.safe_load(path.read_text()) or {}):
+        from prefkit.compare_recipe import load_compare
+
+        assert load_compare(path).arms
+    else:
+        assert load_recipe(path).recipe.output_dir

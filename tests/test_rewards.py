@@ -18,14 +18,7 @@ from prefkit.tiny import build_tiny_tokenizer
 from prefkit_builtins.rewards import chars_of, fit, words_of
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to gain from threads; on a busy 2-core machine two
-    threads make them ten times slower. Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(name: str, **params) -> CheckedScorer:

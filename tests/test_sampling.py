@@ -18,14 +18,7 @@ from prefkit.recipe import ModelConfig, SamplingConfig
 from prefkit.sampling import Sample, _cut, end_token_ids, generate, sample_uniforms
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to gain from threads; on a busy 2-core machine two
-    threads make them ten times slower. Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ["Hi", "What is the capital of France, please?", "Tell me a story about a bee."]
 
