@@ -125,17 +125,157 @@ def rewards() -> None:
 
 @app.command()
 def objectives() -> None:
-    """List every registered objective with the plugin that registered it."""
+    """List every registered objective with the plugin that registered it (broken plugins marked)."""
     from prefkit.plugins import load_registry
 
     registry = load_registry()
     rows = []
     for name in sorted(registry.objectives):
         info = registry.owner("objectives", name)
-        rows.append([name, f"{info.distribution} {info.version} ({info.name})", registry.objectives[name].description])
+        rows.append([name, info.label, registry.objectives[name].description])
+    for info in registry.broken_plugins():
+        for kind, name, why in info.rejected:
+            if kind == "objectives":
+                rows.append([f"{name} (BROKEN)", info.label, info.cause(why)])
+        general = info.general_problems()
+        if general:  # e.g. it failed to import: which objectives it holds is unknown
+            rows.append(["(BROKEN)", info.label, info.cause(general[0])])
     ui.table("objectives", ["objective", "plugin", "description"], rows)
     for problem in registry.problems:
         ui.warning(problem)
+
+
+@app.command()
+def plugins(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines instead of a table."),
+) -> None:
+    """List every plugin found: distribution, version, status and what it registered.
+
+    PREFKIT_PLUGINS (comma-separated entry point or distribution names) restricts which
+    third-party plugins load; empty loads none besides the built-ins.
+    """
+    import json
+
+    from prefkit.plugins import KIND_WORDS, load_registry
+
+    registry = load_registry()
+    if as_json:
+        typer.echo(json.dumps(registry.to_dict(), indent=2))
+        return
+    rows = []
+    for info in registry.plugins.values():
+        registered = "; ".join(f"{KIND_WORDS[kind]}s: {', '.join(names)}"
+                               for kind, names in info.registered.items() if names)
+        rows.append([info.name, info.distribution, info.version, info.status.upper() if info.broken else info.status,
+                     registered or "-"])
+    ui.table("plugins", ["plugin", "distribution", "version", "status", "registered"], rows)
+    for problem in registry.problems:
+        ui.warning(problem)
+
+
+@app.command("new-objective")
+def new_objective(
+    name: str = typer.Argument(..., help="The objective's name, as recipes will write it (e.g. simpo)."),
+    directory: str = typer.Option(".", "--directory", "-d", help="Where to create the package folder."),
+) -> None:
+    """Write the skeleton of a plugin package for a new objective (it passes its own test)."""
+    from pathlib import Path
+
+    from prefkit.scaffold import new_objective as scaffold
+
+    try:
+        created = scaffold(name, Path(directory))
+    except PrefkitError as exc:
+        _fail(exc)
+    lines = [f"created {created}/"] + [f"  {p.relative_to(created)}" for p in sorted(created.rglob("*")) if p.is_file()]
+    lines.append(f"next: edit {created / (created.name.replace('-', '_') + '.py')}, then: pytest {created}")
+    for line in lines:
+        ui.console.print(line, markup=False, highlight=False)
+
+
+# --------------------------------------------------------------------------- compare and label
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+@app.command()
+def compare(
+    recipe: str = typer.Argument(..., help="The compare recipe YAML file: arms, shared budget, evaluation."),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="dotted.key=value overrides, e.g. output_dir=/tmp/c arms.dpo-b0.1.params.beta=0.2"),
+    validate_only: bool = typer.Option(False, "--validate", help="Check the recipe and every arm; load no model."),
+) -> None:
+    """Train several objectives on the same data, seed and budget, then evaluate them identically."""
+    from prefkit.compare_recipe import load_compare
+    from prefkit.harness import run_compare
+
+    _report_plugin_problems()
+    try:
+        loaded = load_compare(recipe, overrides or [])
+        if validate_only:
+            arms = ", ".join(f"{a.name} ({a.loaded.objective.name})" for a in loaded.arms)
+            ui.console.print(f"{recipe}: valid compare recipe; arms: {arms}", highlight=False)
+            return
+        reporter = ui.RichReporter()
+        try:
+            rows = run_compare(loaded, reporter=reporter)
+        finally:
+            reporter.finish()
+    except PrefkitError as exc:
+        _fail(exc, 2 if validate_only else 1)
+    set_params = {arm.name: dict(arm.arm.params) for arm in loaded.arms}  # as written in the recipe
+    table_rows = []
+    for row in rows:
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in {**set_params.get(row["arm"], {}), **{
+            f"train.{k}": v for k, v in row["train_overrides"].items()}}.items())
+        if row["reward"] and row["arm"] in set_params:
+            params = ", ".join(filter(None, [params, f"reward={row['reward']}"]))
+        kl = _fmt(row["kl"]) + (" (bound)" if row["kl_method"] != "mc_samples" else "")
+        table_rows.append([row["arm"], row["objective"], params,
+                           _fmt(row["temperature"]), f"{_fmt(row['gold_reward'])} ± {_fmt(row['gold_reward_std'], 2)}",
+                           kl, _fmt(row["win_rate"], 3), _fmt(row["length"], 3), str(row["train_steps"])])
+    ev = loaded.compare.evaluation
+    ui.table(f"compare: gold {ev.gold.name}, win rate vs {ev.win_against}",
+             ["arm", "objective", "params", "T", "gold reward", "KL", "win rate", "length", "steps"], table_rows)
+    ui.console.print(f"compare directory: {loaded.compare.output_dir} (report.md, results.jsonl, results.csv, "
+                     "frontier.png, winrate.png)", highlight=False)
+
+
+@app.command()
+def label(
+    samples: str = typer.Argument(..., help="The samples JSONL written by `prefkit sample`."),
+    output: Optional[str] = typer.Option(None, "--output", "-o",
+                                         help="The pairs JSONL to write (default: pairs.jsonl beside SAMPLES)."),
+    reward: Optional[str] = typer.Option(
+        None, "--reward", help="The gold reward function (`prefkit rewards`); without it the file's scores are used."),
+    reward_params: Optional[List[str]] = typer.Option(
+        None, "--reward-param", help="A key=value parameter of the reward (repeatable; values read as YAML)."),
+    mode: str = typer.Option("best-worst", "--mode", help="best-worst (one pair per prompt) or all-pairs."),
+    rescore: bool = typer.Option(False, "--rescore", help="Score with --reward even when the file has scores."),
+    margin: bool = typer.Option(True, "--margin/--no-margin", help="Write the score difference as `margin`."),
+) -> None:
+    """Label preference pairs from sampled completions with a gold reward (ties dropped)."""
+    from pathlib import Path
+
+    from prefkit.labeling import label_samples, reward_from_options
+
+    _report_plugin_problems()
+    try:
+        reward_cfg, params = reward_from_options(reward, reward_params) if reward else (None, None)
+        if reward is None and reward_params:
+            raise PrefkitError("--reward-param needs --reward")
+        target = Path(output) if output else Path(samples).with_name("pairs.jsonl")
+        report = label_samples(samples, target, reward=reward_cfg, reward_params=params, mode=mode,
+                               rescore=rescore, margin=margin)
+    except PrefkitError as exc:
+        _fail(exc, 1)
+    ui.table("label", ["", "value"], [[k, _fmt(v)] for k, v in report.to_dict().items()])
 
 
 def entrypoint() -> None:  # pragma: no cover - used by ``python -m prefkit``

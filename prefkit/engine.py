@@ -36,6 +36,7 @@ from prefkit.runs import (
     make_accelerator,
     open_run_dir,
     restore,
+    start_run_trackers,
     summary_head,
     write_summary,
 )
@@ -176,6 +177,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
 
     metrics_log = open_run_dir(setup)
     accelerator = make_accelerator(setup)
+    trackers = start_run_trackers(setup, accelerator)
     handle = load_model(recipe.model, loaded.model_options, setup.cache_dir, head=needs.head, registry=registry)
     model = handle.model.to(accelerator.device)
     pad_id = handle.tokenizer.pad_token_id
@@ -247,6 +249,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                                        batch_size=cfg.batch_size, pad_id=pad_id, accelerator=accelerator))
             if accelerator.is_main_process:
                 metrics_log.write(record)
+                trackers.log(record, step)
             reporter.step(step, record)
             last_metrics = record
             window = Averager()
@@ -258,6 +261,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                             state={"micro_batches": micro, "tokens_seen": tokens_seen,
                                    "trained_seconds": trained_seconds})
     reporter.finish()
+    trackers.finish()
 
     accelerator.wait_for_everyone()
     summary = {

@@ -2,17 +2,30 @@
 
 Plugins are found through the ``prefkit`` entry point group; the built-in objectives, model
 sources and datasets are registered by the same mechanism. Each plugin's hook
-implementations are called one plugin at a time, so every registered name is attributed
-to the plugin that registered it, and a plugin that fails is reported by name without
-taking the others down.
+implementations are called one plugin at a time (built-ins first, then the others by entry
+point name), so every registered name is attributed to the plugin that registered it.
+
+A broken plugin is harmless: a plugin that fails to import, raises inside a hook, registers a
+name that is already taken, registers something invalid, or implements a hook that does not
+exist (a misspelling) gets one clear message naming the plugin and the cause, in
+``Registry.problems`` and in its own ``PluginInfo.problems``; every other plugin keeps working.
+
+``PREFKIT_PLUGINS`` restricts which third-party plugins load: a comma-separated list of entry
+point (or distribution) names. Unset loads all; empty loads none besides the built-ins.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
+import inspect
+import os
+import re
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 from pydantic import BaseModel
@@ -20,14 +33,24 @@ from pydantic import BaseModel
 from prefkit import hookspecs
 
 ENTRY_POINT_GROUP = "prefkit"
+ENV_VAR = "PREFKIT_PLUGINS"
+BUILTIN_DISTRIBUTION = "prefkit"
 
-# hook name -> (registry attribute, what one registration must be)
+# hook name -> registry attribute
 KINDS = {
     "register_objectives": "objectives",
     "register_models": "model_sources",
     "register_datasets": "datasets",
     "register_reward_functions": "reward_functions",
 }
+# registry attribute -> what one item is called in messages
+KIND_WORDS = {
+    "objectives": "objective",
+    "model_sources": "model source",
+    "datasets": "dataset",
+    "reward_functions": "reward function",
+}
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 @dataclass
@@ -35,7 +58,55 @@ class PluginInfo:
     name: str  # entry point name
     distribution: str
     version: str
-    registered: dict[str, list[str]] = field(default_factory=dict)
+    module: str = ""  # what the entry point points at, e.g. "prefkit_builtins.dpo"
+    builtin: bool = False  # shipped with prefkit itself
+    registered: dict[str, list[str]] = field(default_factory=dict)  # kind -> names
+    problems: list[str] = field(default_factory=list)  # the messages about this plugin
+    rejected: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, name, why) it could not register
+    loaded: bool = True  # False: not imported (failed, or left out by PREFKIT_PLUGINS)
+    disabled: bool = False  # left out by PREFKIT_PLUGINS
+
+    @property
+    def broken(self) -> bool:
+        return bool(self.problems)
+
+    @property
+    def status(self) -> str:
+        if self.disabled:
+            return "disabled"
+        return "broken" if self.problems else "ok"
+
+    def cause(self, message: str) -> str:
+        """A message of this plugin without its ``plugin 'NAME' (DIST VERSION):`` prefix."""
+        return message.removeprefix(f"plugin {self.name!r} ({self.source}): ")
+
+    def general_problems(self) -> list[str]:
+        """Problems not about one registered item (import, hook errors, misspelled hooks, ...)."""
+        specific = {why for _, _, why in self.rejected}
+        return [p for p in self.problems if p not in specific]
+
+    @property
+    def source(self) -> str:
+        """``distribution version``."""
+        return f"{self.distribution} {self.version}" if self.version else self.distribution
+
+    @property
+    def label(self) -> str:
+        """``distribution version (entry point)``, as shown in listings."""
+        return f"{self.source} ({self.name})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "module": self.module,
+            "builtin": self.builtin,
+            "status": self.status,
+            "registered": {kind: list(self.registered.get(kind, [])) for kind in KIND_WORDS},
+            "rejected": [{"kind": kind, "name": name, "problem": why} for kind, name, why in self.rejected],
+            "problems": list(self.problems),
+        }
 
 
 @dataclass
@@ -45,36 +116,169 @@ class Registry:
     datasets: dict[str, Any] = field(default_factory=dict)
     reward_functions: dict[str, Any] = field(default_factory=dict)
     owners: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> plugin
-    plugins: dict[str, PluginInfo] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
+    plugins: dict[str, PluginInfo] = field(default_factory=dict)  # every plugin found, broken ones too
+    problems: list[str] = field(default_factory=list)  # every message, in the order found
+    selection: str | None = None  # the value of PREFKIT_PLUGINS when the registry was built
 
     def owner(self, kind: str, name: str) -> PluginInfo:
         return self.plugins[self.owners[(kind, name)]]
+
+    def broken_plugins(self) -> list[PluginInfo]:
+        return [info for info in self.plugins.values() if info.broken]
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``prefkit plugins --json`` prints."""
+        return {
+            "env": {ENV_VAR: self.selection},
+            "plugins": [info.to_dict() for info in self.plugins.values()],
+            "problems": list(self.problems),
+        }
+
+    def _problem(self, plugin: PluginInfo | None, message: str) -> str:
+        text = f"plugin {plugin.name!r} ({plugin.source}): {message}" if plugin else message
+        self.problems.append(text)
+        if plugin is not None:
+            plugin.problems.append(text)
+        return text
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _where(exc: BaseException) -> str:
+    """`` (at file.py:12)`` for the innermost frame of an exception, or for a SyntaxError's line."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" (at {exc.filename}:{exc.lineno})"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f" (at {frame.filename}:{frame.lineno})"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _takes(function: Callable, *args: Any) -> bool:
+    """Whether ``function`` can be called with ``len(args)`` positional arguments."""
+    try:
+        inspect.signature(function).bind(*args)
+    except TypeError:
+        return False
+    except ValueError:  # no signature (a builtin): assume yes
+        return True
+    return True
+
+
+def _check_params_model(params: Any, owner: str) -> str | None:
+    if params is None:
+        return f"{owner} has no `Params` model; set `Params` to a subclass of prefkit.objectives.ObjectiveParams"
+    if not (isinstance(params, type) and issubclass(params, BaseModel)):
+        return (
+            f"{owner} has `Params` = {params!r}, which is not a pydantic model; "
+            "subclass prefkit.objectives.ObjectiveParams"
+        )
+    if params.model_config.get("extra") != "forbid":
+        return (
+            f"{owner}'s `Params` ({params.__name__}) accepts unknown keys, so a misspelled recipe key would be "
+            "ignored; subclass prefkit.objectives.ObjectiveParams (or set model_config extra='forbid')"
+        )
+    return None
+
+
+def _check_needs(item: Any) -> str | None:
+    """Call ``needs()`` with the default params (when they exist) and check what comes back."""
+    from typing import get_args
+
+    from prefkit.objectives import DataKind, ModelHead, Needs
+
+    try:
+        params = item.Params()
+    except Exception:
+        return None  # required params: needs() is checked when a recipe gives them
+    try:
+        needs = item.needs(params)
+    except Exception as exc:
+        return f"objective {item.name!r}: needs() raised {_describe(exc)}{_where(exc)}"
+    if not isinstance(needs, Needs):
+        return f"objective {item.name!r}: needs() returned {type(needs).__name__}, not a prefkit.objectives.Needs"
+    if needs.data not in get_args(DataKind):
+        return f"objective {item.name!r}: Needs.data is {needs.data!r}; expected one of {', '.join(get_args(DataKind))}"
+    if needs.head not in get_args(ModelHead):
+        return f"objective {item.name!r}: Needs.head is {needs.head!r}; expected one of {', '.join(get_args(ModelHead))}"
+    for flag in ("reference", "reward", "generation", "value_head"):
+        if not isinstance(getattr(needs, flag), bool):
+            return f"objective {item.name!r}: Needs.{flag} is {getattr(needs, flag)!r}, not True or False"
+    return None
 
 
 def _check_objective(item: Any) -> str | None:
     from prefkit.objectives import Objective
 
+    if isinstance(item, type):
+        return f"register_objectives got the class {item.__name__}; register an instance: register({item.__name__}())"
     if not isinstance(item, Objective):
         return f"register_objectives got {type(item).__name__}, not a prefkit.objectives.Objective instance"
     if not isinstance(getattr(item, "name", None), str) or not item.name:
         return f"{type(item).__name__} has no string `name`"
-    params = getattr(item, "Params", None)
-    if not (isinstance(params, type) and issubclass(params, BaseModel)):
-        return f"objective {item.name!r} has no pydantic `Params` model"
+    if not NAME_PATTERN.match(item.name):
+        return f"objective name {item.name!r} may hold only letters, digits, '_', '-' and '.'"
+    problem = _check_params_model(getattr(item, "Params", None), f"objective {item.name!r}")
+    if problem:
+        return problem
     if not isinstance(getattr(item, "description", None), str):
         return f"objective {item.name!r} has no string `description`"
     if getattr(item, "kind", None) not in ("offline", "online", "inference"):
         return f"objective {item.name!r} has kind {getattr(item, 'kind', None)!r}; expected offline, online or inference"
-    if item.kind == "offline" and type(item).loss is Objective.loss:
-        return f"objective {item.name!r} is offline but defines no `loss`"
-    return None
+    if not _takes(item.needs, None):
+        return f"objective {item.name!r}: needs() must take one argument, the params"
+    if item.kind == "offline":
+        if type(item).loss is Objective.loss:
+            return f"objective {item.name!r} is offline but defines no `loss`"
+        if not _takes(item.loss, None, None):
+            return f"objective {item.name!r}: loss() must take two arguments, (params, inputs)"
+    return _check_needs(item)
 
 
 def _check_named(item: Any, kind: str) -> str | None:
+    word = KIND_WORDS[kind]
+    if isinstance(item, type):
+        return f"got the class {item.__name__}; register an instance: register({item.__name__}(...))"
     if not isinstance(getattr(item, "name", None), str) or not item.name:
-        return f"{kind}: {type(item).__name__} has no string `name`"
+        expected = _expected_type(kind)
+        hint = f"; register a {expected.__module__}.{expected.__name__}" if expected else ""
+        return f"a {type(item).__name__} object has no string `name`{hint}"
+    if not NAME_PATTERN.match(item.name):
+        return f"{word} name {item.name!r} may hold only letters, digits, '_', '-' and '.'"
+    expected = _expected_type(kind)
+    if expected is not None and not isinstance(item, expected):
+        return f"{word} {item.name!r} is a {type(item).__name__}, not a {expected.__module__}.{expected.__name__}"
+    if kind in ("model_sources", "reward_functions"):
+        params = getattr(item, "Params", None)
+        if not (isinstance(params, type) and issubclass(params, BaseModel)):
+            return f"{word} {item.name!r} has no pydantic `Params` model"
     return None
+
+
+def _expected_type(kind: str) -> type | None:
+    if kind == "model_sources":
+        from prefkit.models import ModelSource
+
+        return ModelSource
+    if kind == "datasets":
+        from prefkit.data import NamedDataset
+
+        return NamedDataset
+    if kind == "reward_functions":
+        from prefkit.rewards import RewardFunction
+
+        return RewardFunction
+    return None
+
+
+# ----------------------------------------------------------------------------- loading
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -83,65 +287,190 @@ def get_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
+def hook_names() -> list[str]:
+    """Every hook a plugin can implement (the functions marked ``@hookspec``)."""
+    return sorted(
+        name for name, value in vars(hookspecs).items()
+        if callable(value) and hasattr(value, "prefkit_spec")
+    )
+
+
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
     return sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
 
 
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def selected_names() -> set[str] | None:
+    """The names in ``PREFKIT_PLUGINS`` (normalised), or None when it is unset (load all)."""
+    value = os.environ.get(ENV_VAR)
+    if value is None:
+        return None
+    return {_normalise(part.strip()) for part in value.split(",") if part.strip()}
+
+
+def _info_for(ep: importlib.metadata.EntryPoint) -> PluginInfo:
+    dist = ep.dist
+    distribution = dist.name if dist is not None else "?"
+    version = dist.version if dist is not None else "?"
+    return PluginInfo(ep.name, distribution, version, module=ep.value,
+                      builtin=_normalise(distribution) == BUILTIN_DISTRIBUTION)
+
+
 def build_registry(extra_plugins: dict[str, Any] | None = None) -> Registry:
-    """Load every entry point plugin (plus ``extra_plugins``, name -> module, for tests)."""
-    registry = Registry()
+    """Load every entry point plugin (plus ``extra_plugins``, name -> module, for tests).
+
+    Never raises for a broken plugin: its problems are collected in ``Registry.problems`` and in
+    its ``PluginInfo.problems``, and everything it registered before failing is left out.
+    """
+    registry = Registry(selection=os.environ.get(ENV_VAR))
     pm = get_plugin_manager()
+    wanted = selected_names()
 
-    for ep in _entry_points():
-        dist = ep.dist
-        info = PluginInfo(ep.name, dist.name if dist else "?", dist.version if dist else "?")
-        try:
-            module = ep.load()
-            pm.register(module, name=ep.name)
-        except Exception as exc:  # a broken plugin must not take the others down
-            registry.problems.append(f"plugin {ep.name!r} ({info.distribution}) failed to load: {exc!r}")
+    found = [(_info_for(ep), ep) for ep in _entry_points()]
+    found.sort(key=lambda pair: (not pair[0].builtin, pair[0].name))  # built-ins first: they keep their names
+    matched: set[str] = set()
+    order: list[tuple[PluginInfo, Any]] = []
+    for info, ep in found:
+        if info.name in registry.plugins:
+            other = registry.plugins[info.name]
+            info.name = f"{info.name}@{info.distribution}"
+            registry.plugins[info.name] = info
+            info.loaded = False
+            registry._problem(info, f"its entry point name is already used by {other.distribution}; not loaded")
             continue
-        registry.plugins[ep.name] = info
-    for name, module in (extra_plugins or {}).items():
-        pm.register(module, name=name)
-        registry.plugins[name] = PluginInfo(name, "<in-process>", "")
+        registry.plugins[info.name] = info
+        if not info.builtin and wanted is not None:
+            keys = {_normalise(info.name), _normalise(info.distribution)}
+            matched |= keys & wanted
+            if not keys & wanted:
+                info.loaded, info.disabled = False, True
+                continue
+        try:
+            plugin = ep.load()
+        except (Exception, SystemExit) as exc:  # a broken plugin must not take the others down
+            info.loaded = False
+            registry._problem(info, f"failed to import {ep.value}: {_describe(exc)}{_where(exc)}")
+            continue
+        if _register(registry, pm, info, plugin):
+            order.append((info, plugin))
+    for name, plugin in (extra_plugins or {}).items():
+        info = PluginInfo(name, "<in-process>", "", module=getattr(plugin, "__name__", repr(plugin)))
+        registry.plugins[name] = info
+        if _register(registry, pm, info, plugin):
+            order.append((info, plugin))
 
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        registry.problems.append(f"plugin {exc.plugin_name!r}: {exc}")
+    if wanted is not None:
+        for name in sorted(wanted - matched):
+            installed = ", ".join(sorted(i.name for i in registry.plugins.values() if not i.builtin)) or "none"
+            registry._problem(None, f"{ENV_VAR} names {name!r}, which is not an installed plugin "
+                                    f"(third-party plugins installed: {installed})")
 
-    for hook_name, kind in KINDS.items():
-        hook = getattr(pm.hook, hook_name)
-        for impl in hook.get_hookimpls():
-            _collect(registry, kind, impl.plugin_name, impl.function)
+    for info, plugin in order:
+        for hook_name, kind in KINDS.items():
+            for impl in getattr(pm.hook, hook_name).get_hookimpls():
+                if impl.plugin is plugin and impl.plugin_name == info.name:
+                    _collect(registry, kind, info, impl)
     return registry
 
 
-def _collect(registry: Registry, kind: str, plugin: str, function: Callable) -> None:
-    table: dict[str, Any] = getattr(registry, kind)
-    pending: list[Any] = []
+def _register(registry: Registry, pm: pluggy.PluginManager, info: PluginInfo, plugin: Any) -> bool:
+    """Register one plugin object with pluggy; report bad or misspelled hook implementations."""
     try:
-        function(register=pending.append)
-    except Exception as exc:
-        registry.problems.append(f"plugin {plugin!r} raised in {kind} hook: {exc!r}")
+        pm.register(plugin, name=info.name)
+    except pluggy.PluginValidationError as exc:
+        _unregister(pm, plugin)
+        info.loaded = False
+        registry._problem(info, f"invalid hook implementation: {_signature_problem(pm, plugin, exc)}")
+        return False
+    except ValueError as exc:  # the same object under two entry point names
+        info.loaded = False
+        registry._problem(info, f"cannot be registered: {exc}")
+        return False
+    specs = hook_names()
+    for caller in pm.get_hookcallers(plugin) or []:
+        if caller.has_spec():
+            continue
+        impls = [impl for impl in caller.get_hookimpls() if impl.plugin is plugin and not impl.optionalhook]
+        if not impls:
+            continue
+        close = difflib.get_close_matches(caller.name, specs, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; the hooks are: {', '.join(specs)}"
+        registry._problem(info, f"implements {caller.name!r}, which is not a prefkit hook{hint}")
+    implemented = {caller.name for caller in pm.get_hookcallers(plugin) or []}
+    for name in specs:
+        if name not in implemented and callable(getattr(plugin, name, None)):
+            registry._problem(
+                info,
+                f"defines {name}() without the @hookimpl marker, so it is never called; "
+                "add `from prefkit.hookspecs import hookimpl` and decorate it with @hookimpl",
+            )
+    return True
+
+
+def _signature_problem(pm: pluggy.PluginManager, plugin: Any, exc: Exception) -> str:
+    """Which hook implementation takes arguments its hook does not pass, in plain words."""
+    for attr in dir(plugin):
+        opts = pm.parse_hookimpl_opts(plugin, attr)
+        spec = getattr(hookspecs, (opts or {}).get("specname") or attr, None) if opts is not None else None
+        if spec is None:
+            continue
+        try:
+            impl_args = list(inspect.signature(getattr(plugin, attr)).parameters)
+        except (TypeError, ValueError):
+            continue
+        spec_args = list(inspect.signature(spec).parameters)
+        extra = [arg for arg in impl_args if arg not in spec_args]
+        if extra:
+            return (f"{attr}({', '.join(impl_args)}) takes {', '.join(map(repr, extra))}, which the hook does not "
+                    f"pass; the hook passes ({', '.join(spec_args)})")
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def _unregister(pm: pluggy.PluginManager, plugin: Any) -> None:
+    try:
+        pm.unregister(plugin)
+    except Exception:  # pragma: no cover - half-registered plugins are simply ignored
+        pass
+
+
+def _collect(registry: Registry, kind: str, info: PluginInfo, impl: Any) -> None:
+    table: dict[str, Any] = getattr(registry, kind)
+    word = KIND_WORDS[kind]
+    hook_name = next(name for name, k in KINDS.items() if k == kind)
+    pending: list[Any] = []
+    available = {"register": pending.append}
+    try:
+        impl.function(**{arg: available[arg] for arg in impl.argnames})
+    except (Exception, SystemExit) as exc:
+        registry._problem(info, f"raised in {hook_name}: {_describe(exc)}{_where(exc)}; "
+                                f"nothing it registered there is used")
         return
     for item in pending:
-        problem = _check_objective(item) if kind == "objectives" else _check_named(item, kind)
+        try:
+            problem = _check_objective(item) if kind == "objectives" else _check_named(item, kind)
+            name = getattr(item, "name", None)
+        except Exception as exc:  # an object so odd that checking it fails
+            problem, name = f"checking {type(item).__name__} raised {_describe(exc)}{_where(exc)}", None
         if problem:
-            registry.problems.append(f"plugin {plugin!r}: {problem}")
+            text = registry._problem(info, f"invalid {word}: {problem}")
+            if isinstance(name, str) and name:
+                info.rejected.append((kind, name, text))
             continue
-        if item.name in table:
-            other = registry.owners[(kind, item.name)]
-            registry.problems.append(
-                f"plugin {plugin!r} registers {kind[:-1].replace('_', ' ')} {item.name!r}, "
-                f"already registered by plugin {other!r}; keeping {other!r}'s"
+        if name in table:
+            other = registry.plugins[registry.owners[(kind, name)]]
+            text = registry._problem(
+                info,
+                f"registers {word} {name!r}, which plugin {other.name!r} ({other.source}) "
+                f"already registered; keeping {other.name!r}'s (rename yours)",
             )
+            info.rejected.append((kind, name, text))
             continue
-        table[item.name] = item
-        registry.owners[(kind, item.name)] = plugin
-        if plugin in registry.plugins:
-            registry.plugins[plugin].registered.setdefault(kind, []).append(item.name)
+        table[name] = item
+        registry.owners[(kind, name)] = info.name
+        info.registered.setdefault(kind, []).append(name)
 
 
 @lru_cache(maxsize=1)

@@ -108,6 +108,10 @@ class TrainConfig(Strict):
     save_every: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     reference_cache: bool = Field(True, description="Store reference log-probs on disk and reuse them.")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers besides metrics.jsonl; off by default."
+    )
+    project: str = Field("prefkit", description="The trackers' project (wandb project, MLflow experiment).")
 
 
 class Recipe(Strict):

@@ -48,6 +48,7 @@ from prefkit.runs import (
     make_accelerator,
     open_run_dir,
     restore,
+    start_run_trackers,
     summary_head,
     write_summary,
 )
@@ -228,6 +229,7 @@ def train_online(loaded: LoadedRecipe, *, resume: bool = False, reporter: Report
     scorer = build_reward(recipe.reward, loaded.reward_params, cache_dir=setup.cache_dir, device=device,
                           registry=registry)
     metrics_log = open_run_dir(setup)
+    trackers = start_run_trackers(setup, accelerator)
 
     handle = load_model(recipe.model, loaded.model_options, setup.cache_dir, head="lm", registry=registry)
     policy = handle.model.to(device)
@@ -359,6 +361,7 @@ def train_online(loaded: LoadedRecipe, *, resume: bool = False, reporter: Report
         if step % cfg.log_every == 0 or step == total_steps:
             record = {"step": step, "epoch": round(order.epoch_of(step), 4), **window.result(), "lr": lr}
             metrics_log.write(record)
+            trackers.log(record, step)
             reporter.step(step, record)
             last_metrics = record
             window = Averager()
@@ -371,6 +374,7 @@ def train_online(loaded: LoadedRecipe, *, resume: bool = False, reporter: Report
                                    "kl_controller": kl_ctl.state_dict(),
                                    "reward_normaliser": normaliser.state_dict() if normaliser else None})
     reporter.finish()
+    trackers.finish()
 
     summary = {
         **summary_head(setup, handle, objective, registry),

@@ -24,11 +24,12 @@ from prefkit.checkpoint import latest_checkpoint, load_checkpoint
 from prefkit.errors import PrefkitError
 from prefkit.metrics import MetricsLog
 from prefkit.recipe import LoadedRecipe, dump_yaml
+from prefkit.trackers import Trackers, check_trackers, start_trackers
 
 
 # Keys that may differ between a checkpoint's recipe and the recipe used to resume it.
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.save_every", "train.log_every",
-                     "train.eval_every", "train.keep_checkpoints"}
+                     "train.eval_every", "train.keep_checkpoints", "train.trackers", "train.project"}
 
 
 class Reporter(Protocol):
@@ -129,6 +130,7 @@ def begin_run(loaded: LoadedRecipe, resume: bool, registry=None) -> RunSetup:
     resolved = loaded.resolved_dict()
     run_dir = Path(recipe.output_dir)
     checkpoint = prepare_run_dir(run_dir, resolved, resume)
+    check_trackers(recipe.train.trackers)
     precision = resolve_precision(recipe.train.precision)
     started = time.perf_counter()
     cache_dir = recipe.resolved_cache_dir()
@@ -150,6 +152,13 @@ def make_accelerator(setup: RunSetup) -> Accelerator:
     set_seed(setup.loaded.recipe.seed)
     AcceleratorState._reset_state()
     return Accelerator(mixed_precision=setup.precision.accelerate, cpu=not torch.cuda.is_available())
+
+
+def start_run_trackers(setup: RunSetup, accelerator: Accelerator) -> Trackers:
+    """TensorBoard / W&B / MLflow as the recipe asks (none by default); metrics.jsonl is always written."""
+    train = setup.loaded.recipe.train
+    return start_trackers(train.trackers, run_dir=setup.run_dir, project=train.project, config=setup.resolved,
+                          main_process=accelerator.is_main_process)
 
 
 def open_run_dir(setup: RunSetup) -> MetricsLog:

@@ -16,10 +16,13 @@ def prefkit_cache(tmp_path, monkeypatch):
     return root
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny-model ops are too small to gain from threads; on a busy 2-core machine two threads make
-    them ten times slower. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tiny-model ops are too small to gain from threads, and on a busy 2-core machine two threads
+    make them ten times slower: the fast suite runs on one. Slow (SmolLM2) tests keep torch's default."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

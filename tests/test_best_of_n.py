@@ -17,7 +17,6 @@ from prefkit.rewards import build_reward
 from prefkit.sampling import best_of_n, generate, sample_recipe, score_samples
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 PROMPTS = ["Hi", "What is the capital of France?", "Tell me about bees.", "Count to three."]

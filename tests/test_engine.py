@@ -155,7 +155,9 @@ def test_resume_after_sigkill_logs_identical_losses(tmp_path):
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "prefkit", "run", str(TINY), f"output_dir={killed}", *common]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the same thread count as this process: CPU kernels may sum in another order with another count
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step-10").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.002)

@@ -18,7 +18,6 @@ from prefkit.tiny import build_tiny_tokenizer
 from prefkit_builtins.rewards import chars_of, fit, words_of
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(name: str, **params) -> CheckedScorer:

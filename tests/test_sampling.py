@@ -18,7 +18,6 @@ from prefkit.recipe import ModelConfig, SamplingConfig
 from prefkit.sampling import Sample, _cut, end_token_ids, generate, sample_uniforms
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ["Hi", "What is the capital of France, please?", "Tell me a story about a bee."]
 

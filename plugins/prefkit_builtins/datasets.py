@@ -30,6 +30,12 @@ SHIPPED = [
         files={"train": DATA_DIR / "tiny_chat_train.jsonl"},
     ),
     NamedDataset(
+        name="sentiment-prompts",
+        description="120 hand-written movie-review openings (prompt only) for the controlled-sentiment "
+        "experiment: train 100, test 20.",
+        files={"train": DATA_DIR / "sentiment_prompts_train.jsonl", "test": DATA_DIR / "sentiment_prompts_test.jsonl"},
+    ),
+    NamedDataset(
         name="tiny-sft",
         description="A tiny prompt/completion set for supervised fine-tuning.",
         files={"train": DATA_DIR / "tiny_sft_train.jsonl"},

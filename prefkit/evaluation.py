@@ -1,0 +1,172 @@
+"""Measuring a policy: the estimators (pure functions) and sampling/scoring a policy on prompts.
+
+The harness (:mod:`prefkit.harness`) measures every policy the same way:
+
+- **gold reward**: the mean (and standard deviation) of a gold reward function over the samples;
+- **KL(π‖π_ref)**: a Monte-Carlo estimate from samples ``y ~ π``: for each sample, the sum over its
+  completion tokens of ``log π(y_t|x,y<t) − log π_ref(y_t|x,y<t)`` (:func:`sequence_kl`), averaged
+  over samples. Its expectation under π is exactly the sequence-level KL(π‖π_ref) the DPO paper
+  reports; single samples may be negative. For best-of-N the policy's log-prob has no closed form,
+  so the harness reports the analytic bound ``log N − (N−1)/N`` (:func:`best_of_n_kl`;
+  Stiennon et al. 2020, Beirami et al. 2024, https://arxiv.org/abs/2401.01879);
+- **win rate**: the share of pairs (policy sample, baseline) the judge prefers the policy's, a tie
+  counting ½, with the A/B order randomised per pair (:func:`win_rate`);
+- **length**: completion tokens, the end token included.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+# A judge of one pair shown in a given order: the probability that the FIRST is preferred
+# (1.0, 0.0, or 0.5 for a tie). A position-biased judge (an LLM asked "A or B?") fits here.
+PairJudge = Callable[[float, float], float]
+
+
+# ----------------------------------------------------------------------------- estimators
+
+
+def sequence_kl(policy_token_logps: torch.Tensor, ref_token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample log-ratio ``Σ_t mask·(log π(y_t|·) − log π_ref(y_t|·))``: ``[B, T]`` -> ``[B]``, fp32.
+
+    For samples ``y ~ π`` the mean of this over samples is an unbiased Monte-Carlo estimate of the
+    sequence-level KL(π‖π_ref). Identical policies give exactly 0.
+    """
+    if policy_token_logps.shape != ref_token_logps.shape or policy_token_logps.shape != mask.shape:
+        raise ValueError(
+            f"shapes differ: policy {tuple(policy_token_logps.shape)}, reference {tuple(ref_token_logps.shape)}, "
+            f"mask {tuple(mask.shape)}"
+        )
+    diff = policy_token_logps.float() - ref_token_logps.float()
+    return (diff * mask.to(diff.dtype)).sum(-1)
+
+
+def best_of_n_kl(n: int) -> float:
+    """The analytic KL(π_bon‖π_ref) bound of best-of-``n``: ``log n − (n−1)/n`` (0 for n = 1).
+
+    Stiennon et al. 2020 (appendix G.3) give it as the KL of best-of-n; Beirami et al. 2024
+    (https://arxiv.org/abs/2401.01879) prove it is an upper bound on the true KL.
+    """
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    return math.log(n) - (n - 1) / n
+
+
+def scalar_judge(first: float, second: float) -> float:
+    """The judge for scalar scores: 1 if the first scores higher, 0 if lower, 0.5 for a tie."""
+    if first > second:
+        return 1.0
+    if first < second:
+        return 0.0
+    return 0.5
+
+
+def pair_outcomes(scores_a: Sequence[float], scores_b: Sequence[float], *, seed: int,
+                  judge: PairJudge = scalar_judge) -> list[float]:
+    """For each pair, A's outcome: 1 win, 0.5 tie, 0 loss (or the judge's probability).
+
+    Each pair is shown to ``judge`` in an order drawn from ``seed`` (A first or B first, with
+    probability ½ each), and the judge's verdict is mapped back to A. For a scalar judge the order
+    changes nothing; a position-biased judge gets its bias averaged out.
+    """
+    if len(scores_a) != len(scores_b):
+        raise ValueError(f"{len(scores_a)} scores for A but {len(scores_b)} for B")
+    swap = np.random.default_rng(seed).random(len(scores_a)) < 0.5
+    out = []
+    for a, b, swapped in zip(scores_a, scores_b, swap):
+        if swapped:
+            out.append(1.0 - float(judge(b, a)))
+        else:
+            out.append(float(judge(a, b)))
+    return out
+
+
+def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], *, seed: int,
+             judge: PairJudge = scalar_judge) -> float:
+    """Share of pairs where A beats B, a tie counting ½; the A/B order is randomised per pair.
+
+    Identical inputs give exactly 0.5; A better in every pair gives 1.0.
+    """
+    outcomes = pair_outcomes(scores_a, scores_b, seed=seed, judge=judge)
+    if not outcomes:
+        raise ValueError("no pairs to compare")
+    return float(sum(outcomes) / len(outcomes))
+
+
+def mean(values: Sequence[float]) -> float:
+    """The mean (nan for no values)."""
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def std(values: Sequence[float]) -> float:
+    """The sample standard deviation (n − 1 in the denominator); 0.0 for fewer than 2 values."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+def completion_token_logps(model: torch.nn.Module, prompt_ids: Sequence[list[int]],
+                           completion_ids: Sequence[list[int]], *, pad_id: int,
+                           batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of each completion given its prompt under ``model`` (fp32, no gradients).
+
+    Returns ``(logps, mask)``, both ``[N, L]`` with ``L`` the longest completion: row ``i`` holds
+    completion ``i``'s token log-probs left-aligned, zero (and mask False) beyond its length.
+    The model is put in eval mode for the call and returned to its previous mode.
+    """
+    from prefkit.batching import collate
+    from prefkit.data import TokenizedExample
+    from prefkit.logprobs import token_logps
+
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
+    n = len(completion_ids)
+    width = max((len(c) for c in completion_ids), default=0)
+    out = torch.zeros((n, width), dtype=torch.float32)
+    mask = torch.zeros((n, width), dtype=torch.bool)
+    if n == 0 or width == 0:
+        return out, mask
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                idx = list(range(start, min(start + batch_size, n)))
+                examples = [TokenizedExample(i, list(prompt_ids[i]), list(completion_ids[i]), None) for i in idx]
+                batch = collate(examples, idx, pad_id, paired=False).to(device)
+                values = token_logps(model, batch).cpu()
+                completion = batch.completion_mask.cpu()
+                for row, i in enumerate(idx):
+                    picked = values[row][completion[row]]
+                    out[i, : picked.numel()] = picked
+                    mask[i, : picked.numel()] = True
+    finally:
+        model.train(was_training)
+    return out, mask
+
+
+def sample_kl(policy: torch.nn.Module, reference: torch.nn.Module, prompt_ids: Sequence[list[int]],
+              completion_ids: Sequence[list[int]], *, pad_id: int, batch_size: int) -> list[float]:
+    """:func:`sequence_kl` of each sample (completion of its prompt) between ``policy`` and ``reference``."""
+    policy_logps, mask = completion_token_logps(policy, prompt_ids, completion_ids, pad_id=pad_id,
+                                                batch_size=batch_size)
+    if reference is policy:
+        ref_logps = policy_logps
+    else:
+        ref_logps, _ = completion_token_logps(reference, prompt_ids, completion_ids, pad_id=pad_id,
+                                              batch_size=batch_size)
+    return sequence_kl(policy_logps, ref_logps, mask).tolist()
+
+
+def score(scorer: Any, prompts: Sequence[Any], completions: Sequence[str]) -> list[float]:
+    """Scores from a reward function's scorer (raw prompts: strings or message lists)."""
+    if not completions:
+        return []
+    return [float(s) for s in scorer(list(prompts), list(completions))]

@@ -1,0 +1,190 @@
+"""Compare recipes: every shipped one validates; bad ones name the arm's path; docs/compare.md matches."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from prefkit.cli import app
+from prefkit.compare_recipe import (
+    Arm,
+    CompareRecipe,
+    EvaluationConfig,
+    is_compare_document,
+    load_compare,
+)
+from prefkit.errors import RecipeError
+from prefkit.recipe import load_recipe, read_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+COMPARES = [p for p in RECIPES if is_compare_document(read_yaml(p))]
+SENTIMENT_RUNS = [p for p in sorted((ROOT / "recipes" / "sentiment").glob("*.yaml")) if p not in COMPARES]
+DOCS = ROOT / "docs" / "compare.md"
+runner = CliRunner()
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(ROOT / "recipes"))
+
+
+def test_the_compare_recipes_are_found():
+    assert {rel(p) for p in COMPARES} >= {"compare_tiny.yaml", "sentiment/compare.yaml", "sentiment/compare_tiny.yaml"}
+    assert {p.name for p in SENTIMENT_RUNS} >= {"sample.yaml", "bt_reward.yaml", "sample_tiny.yaml", "bt_reward_tiny.yaml"}
+
+
+@pytest.mark.parametrize("path", COMPARES, ids=rel)
+def test_compare_recipe_validates(path):
+    loaded = load_compare(path)
+    assert loaded.arms and loaded.compare.output_dir
+    for arm in loaded.arms:
+        assert Path(arm.loaded.recipe.output_dir) == Path(loaded.compare.output_dir) / "arms" / arm.name
+
+
+@pytest.mark.parametrize("path", SENTIMENT_RUNS, ids=rel)
+def test_sentiment_run_recipe_validates(path):
+    assert load_recipe(path).recipe.output_dir
+
+
+def test_the_sentiment_compare_has_every_arm_of_the_flagship():
+    loaded = load_compare(ROOT / "recipes" / "sentiment" / "compare.yaml")
+    objectives = {a.loaded.objective.name for a in loaded.arms}
+    assert objectives == {"dpo", "ppo_kl", "unlikelihood", "preferred_ft", "best_of_n"}
+    assert sorted(a.loaded.params.beta for a in loaded.arms if a.loaded.objective.name == "dpo") == [0.05, 0.1, 0.5]
+    assert sorted(a.loaded.params.n for a in loaded.arms if a.loaded.objective.name == "best_of_n") == [1, 4, 16, 64]
+    ppo_rewards = {a.loaded.recipe.reward.name for a in loaded.arms if a.loaded.objective.name == "ppo_kl"}
+    assert ppo_rewards == {"reward_model", "sentiment"}
+    assert loaded.compare.evaluation.gold.name == "sentiment"
+
+
+def test_the_sentiment_prompts_dataset():
+    from prefkit.data import prepare_dataset
+    from prefkit.plugins import load_registry
+    from prefkit.recipe import DataConfig
+    from prefkit.tiny import build_tiny_tokenizer
+
+    dataset = load_registry().datasets["sentiment-prompts"]
+    prompts = {}
+    for split, size in (("train", 100), ("test", 20)):
+        data = prepare_dataset(DataConfig(train="sentiment-prompts", train_split=split), build_tiny_tokenizer(),
+                               "prompts")
+        assert data.report.rows_kept == size and data.report.rows_skipped_bad == 0
+        prompts[split] = {ex.prompt for ex in data.examples}
+    assert len(prompts["train"]) == 100 and len(prompts["test"]) == 20
+    assert not prompts["train"] & prompts["test"]  # held out
+    assert set(dataset.files) == {"train", "test"}
+
+
+def bad(tmp_path, change) -> str:
+    data = yaml.safe_load((ROOT / "recipes" / "compare_tiny.yaml").read_text())
+    change(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError) as info:
+        load_compare(path)
+    assert str(path) in str(info.value)
+    return str(info.value)
+
+
+def test_errors_name_the_arm_path(tmp_path):
+    def change(data):
+        data["arms"][1]["params"]["beta"] = -1
+        data["arms"][2]["train"]["bogus"] = 1
+        data["arms"][6]["params"]["n"] = 0
+        data["arms"][0]["params"]["betta"] = 0.1
+
+    message = bad(tmp_path, change)
+    assert "arms.1.params.beta" in message and "arms.2.train.bogus: unknown key" in message
+    assert "arms.6.params.n" in message and "arms.0.params.betta: unknown key" in message
+
+
+def test_errors_in_shared_blocks_and_evaluation(tmp_path):
+    def change(data):
+        data["model"]["options"]["bogus"] = 1
+        data["evaluation"]["gold"]["params"]["unit"] = "letter"
+        data["arms"][3]["objective"] = "nope"
+
+    message = bad(tmp_path, change)
+    assert message.count("model.options.bogus") == 1  # once, not once per arm
+    assert "evaluation.gold.params.unit" in message and "arms.3.objective: unknown objective 'nope'" in message
+
+
+def test_names_rewards_and_objectives_are_checked(tmp_path):
+    message = bad(tmp_path, lambda d: d["arms"][1].update(name="dpo-b0.1"))
+    assert "arms.1.name: 'dpo-b0.1' is already the name of arms.0" in message
+    message = bad(tmp_path, lambda d: d["arms"][1].update(name="reference"))
+    assert "arms.1.name" in message
+    message = bad(tmp_path, lambda d: d.pop("reward"))
+    assert "arms.2.reward: objective 'ppo_kl' needs a reward source" in message and "arms.5.reward" in message
+    message = bad(tmp_path, lambda d: d["arms"].append({"name": "rm", "objective": "bt_reward"}))
+    assert "arms.7.objective" in message and "reward model" in message
+    message = bad(tmp_path, lambda d: d["evaluation"].pop("gold"))
+    assert "evaluation.gold: required key is missing" in message
+    message = bad(tmp_path, lambda d: d["evaluation"].update(temperatures=[1.0, -1.0]))
+    assert "evaluation.temperatures" in message
+
+
+def test_a_shared_reward_goes_only_to_arms_that_need_one():
+    loaded = load_compare(ROOT / "recipes" / "compare_tiny.yaml")
+    rewards = {a.name: a.loaded.recipe.reward for a in loaded.arms}
+    assert rewards["dpo-b0.1"] is None and rewards["bon-4"].name == "keywords"
+
+
+def test_the_validate_option_of_the_command(tmp_path):
+    result = runner.invoke(app, ["compare", "--validate", str(ROOT / "recipes" / "compare_tiny.yaml")])
+    assert result.exit_code == 0 and "valid compare recipe" in result.output and "bon-4" in result.output
+    result = runner.invoke(app, ["compare", "--validate", str(ROOT / "recipes" / "compare_tiny.yaml"),
+                                 "arms.dpo-b0.5.params.beta=0"])
+    assert result.exit_code == 2 and "arms.1.params.beta" in result.output and "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------- docs/compare.md
+
+
+SECTIONS = {"Top level": CompareRecipe, "`arms`": Arm, "`evaluation`": EvaluationConfig}
+
+
+def section(text: str, heading: str) -> str:
+    start = text.index(f"## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
+
+
+def test_every_compare_key_is_documented_with_its_default():
+    text = DOCS.read_text()
+    for heading, model in SECTIONS.items():
+        part = section(text, heading)
+        rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]*) \|", part, re.M))
+        assert set(rows) == set(model.model_fields), heading
+        for name, field in model.model_fields.items():
+            documented = rows[name].strip()
+            if field.is_required():
+                assert documented == "required", name
+            elif field.default_factory is not None:
+                default = field.default_factory()
+                if isinstance(default, list):
+                    assert documented == "`[" + ", ".join(str(v) for v in default) + "]`", name
+                elif isinstance(default, dict):
+                    assert documented == "`{}`", name
+                else:
+                    assert documented == "all defaults", name
+            else:
+                value = documented.strip("`")
+                default = field.default
+                if isinstance(default, bool) or default is None:
+                    assert value == {None: "null", True: "true", False: "false"}[default], name
+                elif isinstance(default, (int, float)):
+                    assert float(value) == default, name
+                else:
+                    assert value == str(default), name
+
+
+def test_the_result_columns_are_documented():
+    from prefkit.harness import RESULT_COLUMNS
+
+    part = DOCS.read_text().split("The result columns:")[1]
+    documented = set(re.findall(r"`(\w+)`", "\n".join(line.split("|")[1] for line in part.splitlines()
+                                                       if line.startswith("| `"))))
+    assert documented == set(RESULT_COLUMNS)

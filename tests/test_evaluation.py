@@ -1,0 +1,160 @@
+"""The harness's estimators against cases computed by hand (prefkit/evaluation.py)."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prefkit.evaluation import (
+    best_of_n_kl,
+    completion_token_logps,
+    mean,
+    pair_outcomes,
+    sample_kl,
+    scalar_judge,
+    sequence_kl,
+    std,
+    win_rate,
+)
+
+
+
+
+# ----------------------------------------------------------------------------- KL
+
+
+def test_sequence_kl_by_hand():
+    # (-1 - -1.5) + (-2 - -2.5) = 0.5 + 0.5 = 1.0
+    kl = sequence_kl(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -2.5]]), torch.tensor([[True, True]]))
+    assert kl.tolist() == [1.0]
+
+
+def test_sequence_kl_of_identical_policies_is_zero():
+    logps = torch.tensor([[-0.3, -1.7, -2.2], [-0.9, -0.1, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    assert sequence_kl(logps, logps.clone(), mask).tolist() == [0.0, 0.0]
+
+
+def test_sequence_kl_reads_only_masked_tokens_and_may_be_negative():
+    policy = torch.tensor([[-2.0, -1.0, -9.0]])
+    ref = torch.tensor([[-1.0, -0.5, -0.1]])
+    # only the first two tokens count: (-2 + 1) + (-1 + 0.5) = -1.5
+    assert sequence_kl(policy, ref, torch.tensor([[True, True, False]])).tolist() == [-1.5]
+
+
+def test_sequence_kl_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="shapes differ"):
+        sequence_kl(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_the_sample_mean_estimates_the_kl_of_two_distributions():
+    """One-token 'sequences' drawn from p: the mean log-ratio approaches KL(p||q) computed exactly."""
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.3, 0.5])
+    exact = float((p * (p / q).log()).sum())  # 0.5 ln 2.5 + 0.2 ln 0.4 = 0.2749...
+    assert exact == pytest.approx(0.5 * math.log(2.5) + 0.2 * math.log(0.4))
+    draws = torch.from_numpy(np.random.default_rng(0).choice(3, size=200_000, p=p.numpy()))
+    per_sample = sequence_kl(p.log()[draws][:, None], q.log()[draws][:, None], torch.ones(len(draws), 1, dtype=torch.bool))
+    assert float(per_sample.mean()) == pytest.approx(exact, abs=0.01)
+
+
+def test_best_of_n_kl_is_the_analytic_bound():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(4) == pytest.approx(math.log(4) - 3 / 4)
+    assert best_of_n_kl(64) == pytest.approx(math.log(64) - 63 / 64)
+    assert best_of_n_kl(16) > best_of_n_kl(4) > best_of_n_kl(2) > 0
+    with pytest.raises(ValueError):
+        best_of_n_kl(0)
+
+
+# ----------------------------------------------------------------------------- win rate
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 12345])
+def test_identical_inputs_give_exactly_one_half(seed):
+    scores = [0.1, 0.9, 0.5, 0.5, 0.3, 2.0, -1.0]
+    assert win_rate(scores, list(scores), seed=seed) == 0.5
+
+
+def test_win_rate_by_hand():
+    assert win_rate([3, 1], [2, 2], seed=0) == 0.5  # one win, one loss
+    assert win_rate([3, 3, 3], [1, 2, 0], seed=0) == 1.0
+    assert win_rate([0, 0], [1, 1], seed=0) == 0.0
+    assert win_rate([1, 2, 3, 4], [1, 0, 5, 4], seed=3) == (0.5 + 1 + 0 + 0.5) / 4
+
+
+def test_the_order_does_not_matter_for_a_scalar_judge_but_is_randomised():
+    a, b = [1.0, 2.0, 0.0, 5.0] * 10, [0.0, 2.0, 1.0, 1.0] * 10
+    assert pair_outcomes(a, b, seed=0) == pair_outcomes(a, b, seed=99) == [scalar_judge(x, y) for x, y in zip(a, b)]
+
+
+def test_a_position_biased_judge_has_its_bias_averaged_out():
+    def first_always_wins(first, second):
+        return 1.0
+
+    outcomes = pair_outcomes([0.0] * 2000, [0.0] * 2000, seed=0, judge=first_always_wins)
+    assert set(outcomes) == {0.0, 1.0}  # shown first: win; shown second: loss
+    assert abs(sum(outcomes) / len(outcomes) - 0.5) < 0.05
+    # the same seed shows every pair in the same order
+    assert outcomes == pair_outcomes([1.0] * 2000, [2.0] * 2000, seed=0, judge=first_always_wins)
+
+
+def test_win_rate_refuses_unequal_or_empty_inputs():
+    with pytest.raises(ValueError):
+        win_rate([1.0], [1.0, 2.0], seed=0)
+    with pytest.raises(ValueError):
+        win_rate([], [], seed=0)
+
+
+def test_mean_and_std_helpers():
+    assert mean([1.0, 2.0, 3.0]) == 2.0
+    assert math.isnan(mean([]))
+    assert std([1.0, 2.0, 3.0]) == pytest.approx(1.0)  # sample std (n - 1)
+    assert std([5.0]) == 0.0
+
+
+# ----------------------------------------------------------------------------- on a model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from prefkit.models import load_model
+    from prefkit.recipe import ModelConfig
+
+    handle = load_model(ModelConfig(source="tiny-llama", options={"seed": 0}), None,
+                        Path(tmp_path_factory.mktemp("cache")))
+    return handle.model.eval(), handle.tokenizer
+
+
+def _manual_logps(model, prompt, completion):
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    logps = torch.log_softmax(logits, -1)
+    return [float(logps[len(prompt) + i - 1, token]) for i, token in enumerate(completion)]
+
+
+def test_completion_token_logps_match_a_full_forward(tiny):
+    model, _ = tiny
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    completions = [[20, 21, 22], [23], [24, 25]]
+    logps, mask = completion_token_logps(model, prompts, completions, pad_id=0, batch_size=2)
+    assert mask.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        assert logps[i, : len(c)].tolist() == pytest.approx(_manual_logps(model, p, c), abs=1e-5)
+        assert logps[i, len(c):].abs().sum() == 0
+
+
+def test_sample_kl_of_a_policy_with_itself_is_zero_and_otherwise_the_log_ratio(tiny):
+    model, _ = tiny
+    prompts, completions = [[5, 6], [7, 8, 9]], [[30, 31, 32], [33, 34]]
+    assert sample_kl(model, model, prompts, completions, pad_id=0, batch_size=4) == [0.0, 0.0]
+    other = type(model)(model.config)
+    other.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()})
+    other.eval()
+    kls = sample_kl(other, model, prompts, completions, pad_id=0, batch_size=1)
+    for kl, p, c in zip(kls, prompts, completions):
+        expected = sum(_manual_logps(other, p, c)) - sum(_manual_logps(model, p, c))
+        assert kl == pytest.approx(expected, abs=1e-4)

@@ -1,0 +1,170 @@
+"""`prefkit label`: pairs from hand-made samples (prefkit/labeling.py)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from prefkit.cli import app
+from prefkit.errors import DataError, PrefkitError
+from prefkit.labeling import (
+    label_samples,
+    make_pairs,
+    read_samples,
+    reward_from_options,
+)
+from prefkit.recipe import DataConfig, RewardConfig
+
+runner = CliRunner()
+
+
+def write_samples(path: Path, rows: list[dict], summary: dict | None = None) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary is not None:
+        path.with_name(f"{path.stem}.summary.json").write_text(json.dumps(summary))
+    return path
+
+
+def rows_for(prompt, index, scored):
+    """scored: list of (completion, score or None)."""
+    out = []
+    for k, (text, score) in enumerate(scored):
+        row = {"prompt_index": index, "sample_index": k, "prompt": prompt, "completion": text,
+               "finished": True, "num_tokens": len(text)}
+        if score is not None:
+            row["score"] = score
+        out.append(row)
+    return out
+
+
+SAMPLES = (
+    rows_for("Review A:", 0, [("fine", 0.5), ("great", 0.9), ("awful", 0.1), ("okay", 0.5)])
+    + rows_for("Review B:", 1, [("same", 0.4), ("same too", 0.4)])  # a tie: no pair
+    + rows_for("Review C:", 2, [("good", 0.7), ("", 0.9), ("bad", 0.2)])  # the empty one is dropped
+)
+
+
+def read_pairs(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_best_worst_pairs_by_hand(tmp_path):
+    samples = write_samples(tmp_path / "samples.jsonl", SAMPLES)
+    report = label_samples(samples, tmp_path / "pairs.jsonl", reward=None, mode="best-worst")
+    pairs = read_pairs(tmp_path / "pairs.jsonl")
+    assert pairs == [
+        {"prompt": "Review A:", "chosen": "great", "rejected": "awful", "margin": pytest.approx(0.8)},
+        {"prompt": "Review C:", "chosen": "good", "rejected": "bad", "margin": pytest.approx(0.5)},
+    ]
+    assert (report.samples_read, report.prompts, report.pairs) == (9, 3, 2)
+    assert (report.ties_dropped, report.empty_dropped, report.prompts_without_pair) == (1, 1, 1)
+    assert not report.rescored
+    summary = json.loads((tmp_path / "pairs.summary.json").read_text())
+    assert summary["pairs"] == 2 and summary["mode"] == "best-worst"
+
+
+def test_all_pairs_drops_ties_and_orders_each_pair(tmp_path):
+    completions = read_samples(write_samples(tmp_path / "s.jsonl", SAMPLES))
+    pairs, counts = make_pairs(completions, "all-pairs")
+    # Review A: 4 completions -> 6 pairs, one tie (fine/okay at 0.5) -> 5; B: 1 tie; C: good vs bad -> 1
+    assert len(pairs) == 6 and counts["ties_dropped"] == 2 and counts["empty_dropped"] == 1
+    assert all(p["margin"] > 0 for p in pairs)
+    a_pairs = {(p["chosen"], p["rejected"]) for p in pairs if p["prompt"] == "Review A:"}
+    assert a_pairs == {("great", "fine"), ("fine", "awful"), ("great", "awful"), ("great", "okay"),
+                       ("okay", "awful")}
+
+
+def test_the_same_text_is_a_tie_whatever_its_scores(tmp_path):
+    rows = rows_for("P", 0, [("twin", 0.1), ("twin", 0.9)])
+    pairs, counts = make_pairs(read_samples(write_samples(tmp_path / "s.jsonl", rows)), "best-worst")
+    assert pairs == [] and counts["ties_dropped"] == 1
+
+
+def test_rescoring_with_a_gold_reward(tmp_path):
+    rows = rows_for("P", 0, [("eee", 0.0), ("abc", 0.9), ("xyz", 0.5)])  # scores the reward will replace
+    samples = write_samples(tmp_path / "samples.jsonl", rows)
+    reward, params = reward_from_options("keywords", ["targets=[e]", "unit=char"])
+    report = label_samples(samples, tmp_path / "pairs.jsonl", reward=reward, reward_params=params, rescore=True)
+    assert report.rescored
+    # keywords share of "e": eee 1.0, abc 0.0, xyz 0.0 -> best eee, worst abc (first of the tied worst)
+    assert read_pairs(tmp_path / "pairs.jsonl") == [{"prompt": "P", "chosen": "eee", "rejected": "abc", "margin": 1.0}]
+
+
+def test_scores_without_a_column_need_a_reward(tmp_path):
+    samples = write_samples(tmp_path / "samples.jsonl", rows_for("P", 0, [("a", None), ("b", None)]))
+    with pytest.raises(PrefkitError, match="--reward"):
+        label_samples(samples, tmp_path / "pairs.jsonl", reward=None)
+
+
+def test_a_different_reward_than_the_samples_were_scored_with_rescores(tmp_path):
+    rows = rows_for("P", 0, [("eee", 0.0), ("abc", 0.9)])
+    samples = write_samples(tmp_path / "samples.jsonl", rows, summary={"reward": "sentiment"})
+    reward, params = reward_from_options("keywords", ["targets=[e]", "unit=char"])
+    report = label_samples(samples, tmp_path / "pairs.jsonl", reward=reward, reward_params=params)
+    assert report.rescored and read_pairs(tmp_path / "pairs.jsonl")[0]["chosen"] == "eee"
+    # the same reward as the summary records: the column is reused
+    samples = write_samples(tmp_path / "samples.jsonl", rows, summary={"reward": "keywords"})
+    report = label_samples(samples, tmp_path / "pairs.jsonl", reward=reward, reward_params=params)
+    assert not report.rescored and read_pairs(tmp_path / "pairs.jsonl")[0]["chosen"] == "abc"
+
+
+def test_conversational_prompts_give_conversational_pairs(tmp_path):
+    prompt = [{"role": "user", "content": "Tell me about the film."}]
+    samples = write_samples(tmp_path / "s.jsonl", rows_for(prompt, 0, [("Loved it.", 0.9), ("Hated it.", 0.1)]))
+    label_samples(samples, tmp_path / "pairs.jsonl", reward=None, margin=False)
+    assert read_pairs(tmp_path / "pairs.jsonl") == [{
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "Loved it."}],
+        "rejected": [{"role": "assistant", "content": "Hated it."}],
+    }]
+
+
+def test_the_pairs_file_is_valid_preference_data(tmp_path):
+    from prefkit.data import prepare_dataset
+    from prefkit.tiny import build_tiny_tokenizer
+
+    samples = write_samples(tmp_path / "samples.jsonl", SAMPLES)
+    label_samples(samples, tmp_path / "pairs.jsonl", reward=None, mode="all-pairs")
+    data = prepare_dataset(DataConfig(train=str(tmp_path / "pairs.jsonl")), build_tiny_tokenizer(), "pairs")
+    assert data.report.rows_kept == 6 and data.report.rows_skipped_bad == 0
+    assert all(ex.margin is not None and ex.margin > 0 for ex in data.examples)
+
+
+def test_bad_sample_rows_are_named_by_line(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"prompt": "P", "completion": "a"}\nnot json\n{"prompt": "P"}\n{"prompt": "P", "completion": "b", "score": "high"}\n')
+    with pytest.raises(DataError) as info:
+        read_samples(path)
+    message = str(info.value)
+    assert "line 2" in message and "line 3" in message and "'completion'" in message and "line 4" in message
+    with pytest.raises(DataError, match="file not found"):
+        read_samples(tmp_path / "missing.jsonl")
+
+
+def test_reward_options_are_checked():
+    with pytest.raises(PrefkitError, match="unknown reward function"):
+        reward_from_options("nope", [])
+    with pytest.raises(PrefkitError, match="unit"):
+        reward_from_options("keywords", ["targets=[e]", "unit=letter"])
+    with pytest.raises(PrefkitError, match="bogus: unknown parameter"):
+        reward_from_options("keywords", ["targets=[e]", "bogus=1"])
+    cfg, params = reward_from_options("keywords", ["targets=[e, a]", "mode=count"])
+    assert cfg == RewardConfig(name="keywords", params={"targets": ["e", "a"], "mode": "count"})
+    assert params.targets == ["e", "a"]
+
+
+def test_the_label_command(tmp_path):
+    samples = write_samples(tmp_path / "samples.jsonl", SAMPLES)
+    out = tmp_path / "out" / "pairs.jsonl"
+    result = runner.invoke(app, ["label", str(samples), "--mode", "all-pairs", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len(read_pairs(out)) == 6 and "ties_dropped" in result.output
+    result = runner.invoke(app, ["label", str(samples), "--reward", "keywords", "--reward-param", "targets=[e]",
+                                 "--reward-param", "unit=char", "--rescore"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "pairs.jsonl").is_file()  # the default output: beside the samples
+    result = runner.invoke(app, ["label", str(samples), "--mode", "sideways"])
+    assert result.exit_code == 1 and "best-worst" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["label", str(tmp_path / "missing.jsonl")])
+    assert result.exit_code == 1 and "file not found" in result.output
