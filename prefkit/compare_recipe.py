@@ -43,6 +43,7 @@ from prefkit.recipe import (
     SamplingConfig,
     Strict,
     TrainConfig,
+    _plugin_block,
     _problems,
     parse_override,
     read_yaml,
@@ -260,14 +261,13 @@ def _arm_path(path: str, i: int, arm: Arm) -> str:
 
 
 def _reward_params(cfg: RewardConfig, registry, path: str) -> tuple[Any, list[tuple[str, str]]]:
-    function = registry.reward_functions.get(cfg.name)
-    if function is None:
-        known = ", ".join(sorted(registry.reward_functions)) or "none"
-        return None, [(f"{path}.name", f"unknown reward function {cfg.name!r}; registered: {known}")]
+    """The reward function's validated params, or the problems (at ``path.name`` / ``path.params``)."""
     try:
-        return function.Params.model_validate(cfg.params), []
-    except ValidationError as exc:
-        return None, _problems(exc, f"{path}.params")
+        _, params = _plugin_block(registry.reward_functions, cfg.name, cfg.params, "", kind="reward function",
+                                  name_path=f"{path}.name", params_path=f"{path}.params")
+    except RecipeError as exc:
+        return None, exc.problems
+    return params, []
 
 
 def validate_compare(data: dict[str, Any], where: str, registry=None) -> LoadedCompare:
