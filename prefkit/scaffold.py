@@ -50,7 +50,7 @@ testpaths = ["tests"]
 MODULE = '''\
 """The `__NAME__` objective for prefkit.
 
-TODO: say what the objective does, and cite its paper.
+Write here what the objective does, and cite its paper.
 
 The math lives in :func:`__NAME___loss`, a pure function of tensors that a test can call with
 hand-computed numbers; :class:`__CLASS__` adapts it to the engine's
@@ -70,7 +70,7 @@ from prefkit.objectives import LossInputs, LossOutput, Needs, Objective, Objecti
 def __NAME___loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, *, beta: float) -> torch.Tensor:
     """Per-example losses ``[B]`` in fp32 from summed answer log-probs ``[B]``.
 
-    TODO: replace this placeholder (-log sigmoid(beta * (chosen - rejected))) with your math.
+    Placeholder math to replace with yours: -log sigmoid(beta * (chosen - rejected)).
     """
     return -F.logsigmoid(beta * (chosen_logps.float() - rejected_logps.float()))
 
@@ -83,7 +83,7 @@ class __CLASS__Params(ObjectiveParams):
 
 class __CLASS__(Objective):
     name = "__NAME__"
-    description = "TODO: one line shown by `prefkit objectives`."
+    description = "One line shown by `prefkit objectives` (write yours)."
     Params = __CLASS__Params
 
     def needs(self, params: __CLASS__Params) -> Needs:
