@@ -236,7 +236,7 @@ def compare(
             f"train.{k}": v for k, v in row["train_overrides"].items()}}.items())
         if row["reward"] and row["arm"] in set_params:
             params = ", ".join(filter(None, [params, f"reward={row['reward']}"]))
-        kl = _fmt(row["kl"]) + (" (bound)" if row["kl_method"] != "mc_samples" else "")
+        kl = _fmt(row["kl"]) + (" (bound)" if row["kl_method"] == "bon_analytic" else "")
         table_rows.append([row["arm"], row["objective"], params,
                            _fmt(row["temperature"]), f"{_fmt(row['gold_reward'])} ± {_fmt(row['gold_reward_std'], 2)}",
                            kl, _fmt(row["win_rate"], 3), _fmt(row["length"], 3), str(row["train_steps"])])

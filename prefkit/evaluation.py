@@ -3,10 +3,13 @@
 The harness (:mod:`prefkit.harness`) measures every policy the same way:
 
 - **gold reward**: the mean (and standard deviation) of a gold reward function over the samples;
-- **KL(π‖π_ref)**: a Monte-Carlo estimate from samples ``y ~ π``: for each sample, the sum over its
-  completion tokens of ``log π(y_t|x,y<t) − log π_ref(y_t|x,y<t)`` (:func:`sequence_kl`), averaged
-  over samples. Its expectation under π is exactly the sequence-level KL(π‖π_ref) the DPO paper
-  reports; single samples may be negative. For best-of-N the policy's log-prob has no closed form,
+- **KL(π‖π_ref)**: from samples ``y ~ π``: for each sample, the sum over its completion tokens of
+  the exact KL between the two models' next-token distributions at that position,
+  ``Σ_t KL(π(·|x,y<t) ‖ π_ref(·|x,y<t))`` (:func:`token_kl`), averaged over samples. By the chain
+  rule its expectation under π is exactly the sequence-level KL(π‖π_ref) the DPO paper reports; it
+  is never negative and has a far smaller variance than the plain log-ratio estimate
+  ``Σ_t log π(y_t|·) − log π_ref(y_t|·)`` (:func:`sequence_kl`), which is reported beside it as
+  ``kl_mc``. For best-of-N the policy's log-prob has no closed form,
   so the harness reports the analytic bound ``log N − (N−1)/N`` (:func:`best_of_n_kl`;
   Stiennon et al. 2020, Beirami et al. 2024, https://arxiv.org/abs/2401.01879);
 - **win rate**: the share of pairs (policy sample, baseline) the judge prefers the policy's, a tie
@@ -44,6 +47,18 @@ def sequence_kl(policy_token_logps: torch.Tensor, ref_token_logps: torch.Tensor,
         )
     diff = policy_token_logps.float() - ref_token_logps.float()
     return (diff * mask.to(diff.dtype)).sum(-1)
+
+
+def token_kl(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """KL(π(·)‖π_ref(·)) between next-token distributions given as full log-prob rows: ``[..., V] -> [...]``.
+
+    ``Σ_v π(v)·(log π(v) − log π_ref(v))`` in fp32, clamped at 0 (a KL is never negative; only
+    rounding makes it so). Identical rows give exactly 0.
+    """
+    if policy_logps.shape != ref_logps.shape:
+        raise ValueError(f"shapes differ: policy {tuple(policy_logps.shape)}, reference {tuple(ref_logps.shape)}")
+    p, q = policy_logps.float(), ref_logps.float()
+    return (p.exp() * (p - q)).sum(-1).clamp_min(0.0)
 
 
 def best_of_n_kl(n: int) -> float:
@@ -153,16 +168,47 @@ def completion_token_logps(model: torch.nn.Module, prompt_ids: Sequence[list[int
 
 
 def sample_kl(policy: torch.nn.Module, reference: torch.nn.Module, prompt_ids: Sequence[list[int]],
-              completion_ids: Sequence[list[int]], *, pad_id: int, batch_size: int) -> list[float]:
-    """:func:`sequence_kl` of each sample (completion of its prompt) between ``policy`` and ``reference``."""
-    policy_logps, mask = completion_token_logps(policy, prompt_ids, completion_ids, pad_id=pad_id,
-                                                batch_size=batch_size)
-    if reference is policy:
-        ref_logps = policy_logps
-    else:
-        ref_logps, _ = completion_token_logps(reference, prompt_ids, completion_ids, pad_id=pad_id,
-                                              batch_size=batch_size)
-    return sequence_kl(policy_logps, ref_logps, mask).tolist()
+              completion_ids: Sequence[list[int]], *, pad_id: int, batch_size: int) -> tuple[list[float], list[float]]:
+    """Two estimates of KL(π‖π_ref) on each sample (a completion of its prompt): ``(kl, kl_mc)``.
+
+    ``kl[i]`` is the sum over completion ``i``'s tokens of the exact next-token KL
+    (:func:`token_kl`); ``kl_mc[i]`` the sum of the sampled tokens' log-ratios (:func:`sequence_kl`).
+    Both are 0 when ``reference is policy``. One forward pass of each model per batch, logits only
+    at the completion positions, fp32 log-softmax; the models are returned to their previous mode.
+    """
+    from prefkit.batching import collate
+    from prefkit.data import TokenizedExample
+    from prefkit.logprobs import answer_logits
+
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
+    n = len(completion_ids)
+    kl, kl_mc = torch.zeros(n, dtype=torch.float32), torch.zeros(n, dtype=torch.float32)
+    if reference is policy or n == 0:
+        return kl.tolist(), kl_mc.tolist()
+    device = next(policy.parameters()).device
+    modes = (policy.training, reference.training)
+    policy.eval()
+    reference.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                idx = list(range(start, min(start + batch_size, n)))
+                examples = [TokenizedExample(i, list(prompt_ids[i]), list(completion_ids[i]), None) for i in idx]
+                batch = collate(examples, idx, pad_id, paired=False).to(device)
+                where = batch.completion_mask.to(batch.input_ids.device)
+                targets = batch.input_ids[where].unsqueeze(-1)
+                rows = torch.tensor(idx)[where.nonzero()[:, 0].cpu()]  # the sample each answer token belongs to
+                with torch.autocast(device_type=device.type, enabled=False):
+                    p = torch.log_softmax(answer_logits(policy, batch).float(), dim=-1)
+                    q = torch.log_softmax(answer_logits(reference, batch).float(), dim=-1)
+                    kl.index_add_(0, rows, token_kl(p, q).cpu())
+                    kl_mc.index_add_(0, rows, (p.gather(-1, targets) - q.gather(-1, targets)).squeeze(-1).cpu())
+                del p, q
+    finally:
+        policy.train(modes[0])
+        reference.train(modes[1])
+    return kl.tolist(), kl_mc.tolist()
 
 
 def score(scorer: Any, prompts: Sequence[Any], completions: Sequence[str]) -> list[float]:

@@ -47,11 +47,11 @@ from prefkit.evaluation import best_of_n_kl, mean, pair_outcomes, sample_kl, sco
 from prefkit.recipe import DataConfig, SamplingConfig, dump_yaml
 from prefkit.runs import RESUMABLE_CHANGES, QuietReporter, Reporter, _flatten
 
-EVAL_FORMAT = 1  # bump when the evaluation records change meaning
+EVAL_FORMAT = 2  # bump when the evaluation records change meaning (2: exact per-token KL, kl_mc beside it)
 RESULT_COLUMNS = ["arm", "objective", "params", "reward", "train_overrides", "temperature", "gold_reward",
-                  "gold_reward_std", "kl", "kl_std", "kl_method", "win_rate", "win_against", "length",
+                  "gold_reward_std", "kl", "kl_std", "kl_method", "kl_mc", "win_rate", "win_against", "length",
                   "n_prompts", "n_samples", "train_steps", "train_seconds"]
-KL_SAMPLES = "mc_samples"  # Monte-Carlo estimate from the policy's own samples
+KL_SAMPLES = "token_kl"  # Σ_t exact next-token KL on the policy's own samples
 KL_BEST_OF_N = "bon_analytic"  # log N - (N-1)/N
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -405,18 +405,18 @@ class Evaluator:
         gold = score(self.gold, shown, texts)
         judged = gold if self.judge is self.gold else score(self.judge, shown, texts)
         if bon_n is not None:
-            kls, method = [best_of_n_kl(bon_n)] * len(flat), KL_BEST_OF_N
+            kls, kls_mc, method = [best_of_n_kl(bon_n)] * len(flat), [None] * len(flat), KL_BEST_OF_N
         else:
-            kls = sample_kl(policy, self.reference, [prompt_ids[p] for p, _, _ in flat],
+            kls, kls_mc = sample_kl(policy, self.reference, [prompt_ids[p] for p, _, _ in flat],
                             [s.token_ids for _, _, s in flat], pad_id=self.pad_id, batch_size=self.ev.batch_size)
             method = KL_SAMPLES
         baseline = self.baseline_scores(temperature)
         outcomes = pair_outcomes(judged, baseline, seed=_win_seed(self.seed, ti))
         records = []
-        for (p, k, s), g, j, b, kl, win in zip(flat, gold, judged, baseline, kls, outcomes):
+        for (p, k, s), g, j, b, kl, kl_mc, win in zip(flat, gold, judged, baseline, kls, kls_mc, outcomes):
             record = {"fingerprint": fingerprint, "temperature": temperature, "prompt_index": p, "sample_index": k,
                       "completion": s.text, "num_tokens": s.num_tokens, "finished": s.finished, "gold": g,
-                      "judge": j, "baseline_judge": b, "win": win, "kl": kl, "kl_method": method}
+                      "judge": j, "baseline_judge": b, "win": win, "kl": kl, "kl_mc": kl_mc, "kl_method": method}
             if bon_n is not None:
                 record["candidate_index"] = s.sample_index
             records.append(record)
@@ -434,6 +434,7 @@ def aggregate(name: str, objective: str, params: dict, reward: str | None, train
         at = [r for r in records if r["temperature"] == temperature]
         gold = [r["gold"] for r in at]
         kls = [r["kl"] for r in at]
+        kls_mc = [r["kl_mc"] for r in at if r.get("kl_mc") is not None]
         rows.append({
             "arm": name,
             "objective": objective,
@@ -446,6 +447,7 @@ def aggregate(name: str, objective: str, params: dict, reward: str | None, train
             "kl": mean(kls),
             "kl_std": std(kls),
             "kl_method": at[0]["kl_method"] if at else KL_SAMPLES,
+            "kl_mc": mean(kls_mc) if kls_mc else None,
             "win_rate": mean([r["win"] for r in at]),
             "win_against": win_against,
             "length": mean([r["num_tokens"] for r in at]),

@@ -20,20 +20,29 @@ def _position_mask(completion_mask: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def answer_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The logits that predict each completion token, ``[K, V]`` for the K completion tokens of the
+    batch in row-major order (the order of ``input_ids[completion_mask]``); only those positions
+    go through the LM head."""
+    keep = _position_mask(batch.completion_mask).to(batch.input_ids.device)
+    wanted = int(batch.completion_mask.sum())
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep, use_cache=False)
+    logits = out.logits
+    if logits.dim() != 2 or logits.shape[0] != wanted:
+        # A model without boolean logits_to_keep support returned full (or other) logits: select here.
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = full[keep]
+    return logits
+
+
 def token_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Per-token log p(token) on completion tokens, fp32, shape [R, T]; zero elsewhere.
 
     Entry ``[r, t]`` is the log-prob of ``input_ids[r, t]`` given the tokens before it, so it is
     aligned with ``batch.completion_mask``.
     """
-    keep = _position_mask(batch.completion_mask).to(batch.input_ids.device)
     targets = batch.input_ids[batch.completion_mask.to(batch.input_ids.device)]
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep, use_cache=False)
-    logits = out.logits
-    if logits.dim() != 2 or logits.shape[0] != targets.numel():
-        # A model without boolean logits_to_keep support returned full (or other) logits: select here.
-        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        logits = full[keep]
+    logits = answer_logits(model, batch)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         logps = F.log_softmax(logits.float(), dim=-1)
         picked = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

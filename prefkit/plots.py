@@ -83,7 +83,7 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path | str) -> Path:
             ax.scatter([r["kl"] for r in points], [r["gold_reward"] for r in points], s=110 if reference else 70,
                        label=objective, marker=style["marker"], color=style["color"], edgecolors="black",
                        linewidths=0.5, zorder=5 if reference else 3)
-            bound = [r for r in points if r["kl_method"] != "mc_samples"]
+            bound = [r for r in points if r["kl_method"] == "bon_analytic"]
             if bound:  # an analytic bound, not a measurement: ringed
                 ax.scatter([r["kl"] for r in bound], [r["gold_reward"] for r in bound], s=190, marker="o",
                            facecolors="none", edgecolors=style["color"], linewidths=1.0, zorder=2)

@@ -43,7 +43,7 @@ def _changed_params(row: dict[str, Any], loaded: LoadedCompare) -> dict[str, Any
 
 
 def results_table(rows: list[dict[str, Any]], loaded: LoadedCompare | None = None) -> str:
-    header = ["arm", "objective", "params", "T", "gold reward", "± std", "KL", "KL method", "win rate",
+    header = ["arm", "objective", "params", "T", "gold reward", "± std", "KL", "KL method", "KL (log-ratio)", "win rate",
               "length", "samples", "steps", "train s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -54,6 +54,7 @@ def results_table(rows: list[dict[str, Any]], loaded: LoadedCompare | None = Non
             params = {**params, "reward": row["reward"]}
         cells = [row["arm"], row["objective"], _cell(params), _cell(row["temperature"]),
                  _cell(row["gold_reward"]), _cell(row["gold_reward_std"]), _cell(row["kl"]), row["kl_method"],
+                 "–" if row.get("kl_mc") is None else _cell(row["kl_mc"]),
                  _cell(row["win_rate"]), _cell(row["length"]), str(row["n_samples"]), str(row["train_steps"]),
                  _cell(row["train_seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -133,10 +134,12 @@ def write_report(path: Path | str, loaded: LoadedCompare, rows: list[dict[str, A
         "",
         "## Notes",
         "",
-        "- **KL** (`mc_samples`): for each sample y of the policy, Σ_t [log π(y_t|x,y<t) − log π_ref(y_t|x,y<t)] "
-        "over the completion tokens, averaged over samples: a Monte-Carlo estimate of the sequence-level "
-        "KL(π‖π_ref). The log-probs are the models' own (temperature 1), so at other temperatures it is "
-        "E_{y~π_T}[log π(y)/π_ref(y)]; single samples can be negative.",
+        "- **KL** (`token_kl`): for each sample y of the policy, Σ_t KL(π(·|x,y<t) ‖ π_ref(·|x,y<t)), the exact "
+        "KL of the two models' next-token distributions summed over the completion, averaged over samples: "
+        "an estimate of the sequence-level KL(π‖π_ref) that is never negative and far less noisy than the "
+        "log-ratio Σ_t [log π(y_t|·) − log π_ref(y_t|·)], shown beside it as *KL (log-ratio)*. The models' "
+        "own distributions (temperature 1) are used, so at another sampling temperature the number is "
+        "measured along π_T's samples rather than being the KL of π_T.",
         "- **KL of best-of-N** (`bon_analytic`): the policy's log-prob has no closed form, so the analytic "
         "bound log N − (N−1)/N is reported (Stiennon et al. 2020; Beirami et al. 2024, "
         "https://arxiv.org/abs/2401.01879, show it is an upper bound). Hollow rings on the frontier mark it.",

@@ -16,6 +16,7 @@ from prefkit.evaluation import (
     scalar_judge,
     sequence_kl,
     std,
+    token_kl,
     win_rate,
 )
 
@@ -47,6 +48,28 @@ def test_sequence_kl_reads_only_masked_tokens_and_may_be_negative():
 def test_sequence_kl_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match="shapes differ"):
         sequence_kl(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_token_kl_by_hand():
+    """KL([0.5, 0.3, 0.2] || [0.2, 0.3, 0.5]) = 0.5 ln 2.5 + 0.3 ln 1 + 0.2 ln 0.4
+                                            = 0.5 * 0.9162907 - 0.2 * 0.9162907 = 0.2748872,
+    and the reverse, 0.2 ln 0.4 + 0.5 ln 2.5, is the same number (the pair is a mirror image);
+    KL([0.9, 0.1] || [0.5, 0.5]) = 0.9 ln 1.8 + 0.1 ln 0.2 = 0.5290080 - 0.1609438 = 0.3680642."""
+    p = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    q = torch.tensor([[0.2, 0.3, 0.5]]).log()
+    assert token_kl(p, q).tolist() == pytest.approx([0.2748872], abs=1e-6)
+    assert token_kl(q, p).tolist() == pytest.approx([0.2748872], abs=1e-6)
+    two = token_kl(torch.tensor([[0.9, 0.1], [0.5, 0.5]]).log(), torch.tensor([[0.5, 0.5], [0.5, 0.5]]).log())
+    assert two.tolist() == pytest.approx([0.3680642, 0.0], abs=1e-6)
+
+
+def test_token_kl_of_identical_rows_is_exactly_zero_and_never_negative():
+    logps = torch.log_softmax(torch.randn(4, 7, 11, generator=torch.Generator().manual_seed(0)), -1)
+    assert token_kl(logps, logps.clone()).abs().sum().item() == 0.0
+    other = torch.log_softmax(torch.randn(4, 7, 11, generator=torch.Generator().manual_seed(1)), -1)
+    assert (token_kl(logps, other) >= 0).all()
+    with pytest.raises(ValueError, match="shapes differ"):
+        token_kl(logps, other[:, :3])
 
 
 def test_the_sample_mean_estimates_the_kl_of_two_distributions():
@@ -147,14 +170,22 @@ def test_completion_token_logps_match_a_full_forward(tiny):
         assert logps[i, len(c):].abs().sum() == 0
 
 
-def test_sample_kl_of_a_policy_with_itself_is_zero_and_otherwise_the_log_ratio(tiny):
+def test_sample_kl_of_a_policy_with_itself_is_zero_and_otherwise_token_kl_and_the_log_ratio(tiny):
     model, _ = tiny
     prompts, completions = [[5, 6], [7, 8, 9]], [[30, 31, 32], [33, 34]]
-    assert sample_kl(model, model, prompts, completions, pad_id=0, batch_size=4) == [0.0, 0.0]
+    assert sample_kl(model, model, prompts, completions, pad_id=0, batch_size=4) == ([0.0, 0.0], [0.0, 0.0])
     other = type(model)(model.config)
     other.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()})
     other.eval()
-    kls = sample_kl(other, model, prompts, completions, pad_id=0, batch_size=1)
-    for kl, p, c in zip(kls, prompts, completions):
-        expected = sum(_manual_logps(other, p, c)) - sum(_manual_logps(model, p, c))
-        assert kl == pytest.approx(expected, abs=1e-4)
+    kls, kls_mc = sample_kl(other, model, prompts, completions, pad_id=0, batch_size=1)
+    for kl, kl_mc, p, c in zip(kls, kls_mc, prompts, completions):
+        expected_mc = sum(_manual_logps(other, p, c)) - sum(_manual_logps(model, p, c))
+        assert kl_mc == pytest.approx(expected_mc, abs=1e-4)
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            lp = torch.log_softmax(other(input_ids=ids).logits[0].float(), -1)[len(p) - 1 : len(p) + len(c) - 1]
+            lq = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)[len(p) - 1 : len(p) + len(c) - 1]
+        expected = float((lp.exp() * (lp - lq)).sum())
+        assert kl > 0 and kl == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    batched = sample_kl(other, model, prompts, completions, pad_id=0, batch_size=4)  # padding: rounding only
+    assert batched[0] == pytest.approx(kls, abs=1e-5) and batched[1] == pytest.approx(kls_mc, abs=1e-4)
