@@ -126,47 +126,6 @@ def std(values: Sequence[float]) -> float:
 # ----------------------------------------------------------------------------- policies
 
 
-def completion_token_logps(model: torch.nn.Module, prompt_ids: Sequence[list[int]],
-                           completion_ids: Sequence[list[int]], *, pad_id: int,
-                           batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of each completion given its prompt under ``model`` (fp32, no gradients).
-
-    Returns ``(logps, mask)``, both ``[N, L]`` with ``L`` the longest completion: row ``i`` holds
-    completion ``i``'s token log-probs left-aligned, zero (and mask False) beyond its length.
-    The model is put in eval mode for the call and returned to its previous mode.
-    """
-    from prefkit.batching import collate
-    from prefkit.data import TokenizedExample
-    from prefkit.logprobs import token_logps
-
-    if len(prompt_ids) != len(completion_ids):
-        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
-    n = len(completion_ids)
-    width = max((len(c) for c in completion_ids), default=0)
-    out = torch.zeros((n, width), dtype=torch.float32)
-    mask = torch.zeros((n, width), dtype=torch.bool)
-    if n == 0 or width == 0:
-        return out, mask
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, n, batch_size):
-                idx = list(range(start, min(start + batch_size, n)))
-                examples = [TokenizedExample(i, list(prompt_ids[i]), list(completion_ids[i]), None) for i in idx]
-                batch = collate(examples, idx, pad_id, paired=False).to(device)
-                values = token_logps(model, batch).cpu()
-                completion = batch.completion_mask.cpu()
-                for row, i in enumerate(idx):
-                    picked = values[row][completion[row]]
-                    out[i, : picked.numel()] = picked
-                    mask[i, : picked.numel()] = True
-    finally:
-        model.train(was_training)
-    return out, mask
-
-
 def sample_kl(policy: torch.nn.Module, reference: torch.nn.Module, prompt_ids: Sequence[list[int]],
               completion_ids: Sequence[list[int]], *, pad_id: int, batch_size: int) -> tuple[list[float], list[float]]:
     """Two estimates of KL(π‖π_ref) on each sample (a completion of its prompt): ``(kl, kl_mc)``.

@@ -52,7 +52,10 @@ def test_the_sentiment_compare_has_every_arm_of_the_flagship():
     loaded = load_compare(ROOT / "recipes" / "sentiment" / "compare.yaml")
     objectives = {a.loaded.objective.name for a in loaded.arms}
     assert objectives == {"dpo", "ppo_kl", "unlikelihood", "preferred_ft", "best_of_n"}
-    assert sorted(a.loaded.params.beta for a in loaded.arms if a.loaded.objective.name == "dpo") == [0.05, 0.1, 0.5]
+    dpo = [(a.loaded.params.beta, a.loaded.recipe.train.lr) for a in loaded.arms if a.loaded.objective.name == "dpo"]
+    shared_lr = loaded.compare.train.lr
+    assert sorted(beta for beta, lr in dpo if lr == shared_lr) == [0.05, 0.1, 0.5]  # the beta sweep, shared budget
+    assert sorted(beta for beta, lr in dpo if lr != shared_lr) == [0.1, 0.5]  # docs/sentiment.md: lr 1e-4
     assert sorted(a.loaded.params.n for a in loaded.arms if a.loaded.objective.name == "best_of_n") == [1, 4, 16, 64]
     ppo_rewards = {a.loaded.recipe.reward.name for a in loaded.arms if a.loaded.objective.name == "ppo_kl"}
     assert ppo_rewards == {"reward_model", "sentiment"}

@@ -66,3 +66,17 @@ def test_documented_defaults_match_the_code():
                 assert value == "[" + ", ".join(str(v) for v in default) + "]", (key, value)
             else:
                 assert value == str(default), (key, value)
+
+
+def test_relative_links_and_images_in_the_docs_point_at_files_that_exist():
+    root = DOCS.parent
+    pages = [root / "README.md", *DOCS.rglob("*.md"), *(root / "recipes").rglob("*.md")]
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold commands, not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+                continue  # a web address or an anchor on the same page
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.relative_to(root)}: {target}")
+    assert not broken, broken

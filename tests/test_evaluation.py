@@ -9,7 +9,6 @@ import torch
 
 from prefkit.evaluation import (
     best_of_n_kl,
-    completion_token_logps,
     mean,
     pair_outcomes,
     sample_kl,
@@ -157,17 +156,6 @@ def _manual_logps(model, prompt, completion):
         logits = model(input_ids=ids).logits[0].float()
     logps = torch.log_softmax(logits, -1)
     return [float(logps[len(prompt) + i - 1, token]) for i, token in enumerate(completion)]
-
-
-def test_completion_token_logps_match_a_full_forward(tiny):
-    model, _ = tiny
-    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
-    completions = [[20, 21, 22], [23], [24, 25]]
-    logps, mask = completion_token_logps(model, prompts, completions, pad_id=0, batch_size=2)
-    assert mask.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        assert logps[i, : len(c)].tolist() == pytest.approx(_manual_logps(model, p, c), abs=1e-5)
-        assert logps[i, len(c):].abs().sum() == 0
 
 
 def test_sample_kl_of_a_policy_with_itself_is_zero_and_otherwise_token_kl_and_the_log_ratio(tiny):
