@@ -45,12 +45,14 @@ from prefkit.compare_recipe import REFERENCE_ARM, LoadedArm, LoadedCompare
 from prefkit.errors import DataError, PrefkitError
 from prefkit.evaluation import best_of_n_kl, mean, pair_outcomes, sample_kl, score, std
 from prefkit.recipe import DataConfig, SamplingConfig, dump_yaml
+from prefkit.checkpoint import checkpoint_steps
 from prefkit.runs import RESUMABLE_CHANGES, QuietReporter, Reporter, _flatten
 
 EVAL_FORMAT = 2  # bump when the evaluation records change meaning (2: exact per-token KL, kl_mc beside it)
 RESULT_COLUMNS = ["arm", "objective", "params", "reward", "train_overrides", "temperature", "gold_reward",
                   "gold_reward_std", "kl", "kl_std", "kl_method", "kl_mc", "win_rate", "win_against", "length",
                   "n_prompts", "n_samples", "train_steps", "train_seconds"]
+EXTENDS_TRAINING = {"train.max_steps", "train.epochs"}  # changes that make a finished arm train on
 KL_SAMPLES = "token_kl"  # Σ_t exact next-token KL on the policy's own samples
 KL_BEST_OF_N = "bon_analytic"  # log N - (N-1)/N
 _UMASK = os.umask(0)
@@ -218,9 +220,16 @@ def train_arm(arm: LoadedArm, *, reporter: Reporter, registry: Any) -> dict[str,
             f"arm {arm.name}: {run_dir} was trained with another recipe (it differs in {shown}); "
             f"delete {run_dir} to train the arm again, or give the arm another name (nothing was changed)"
         )
-    if summary_file.is_file() and not changed:
+    more_steps = set(changed) & EXTENDS_TRAINING
+    if summary_file.is_file() and not more_steps:  # other resumable keys (logging, checkpoints) train nothing
         reporter.message(f"arm {arm.name}: finished before ({summary_file}); not trained again")
         status = "finished"
+    elif summary_file.is_file() and not checkpoint_steps(run_dir):
+        raise PrefkitError(
+            f"arm {arm.name}: finished, and the recipe now asks for more training ({', '.join(sorted(more_steps))}), "
+            f"but {run_dir} has no checkpoint left to continue from; delete {run_dir} to train the arm again "
+            f"(nothing was changed)"
+        )
     else:
         started = run_dir.is_dir() and any(run_dir.iterdir())
         reporter.message(f"arm {arm.name}: {'resuming' if started else 'training'} {arm.loaded.objective.name} "

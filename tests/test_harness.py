@@ -170,6 +170,23 @@ def test_an_interrupted_compare_retrains_only_the_unfinished_arm(tiny_run, tmp_p
     assert numbers(again) == numbers(rows)  # retrained on CPU: the same weights, the same numbers
 
 
+def test_a_finished_arm_is_not_retrained_for_a_logging_or_checkpoint_change(tiny_run, tmp_path, monkeypatch):
+    _, rows, out, cache = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for checkpoints in (copy / "arms").glob("*/checkpoints"):
+        shutil.rmtree(checkpoints)  # as after `rm -r arms/*/checkpoints` to free the disk
+    before = (copy / "arms" / "dpo-b0.1" / "metrics.jsonl").read_bytes()
+    trained = []
+    monkeypatch.setattr(engine, "train", lambda loaded, **kwargs: trained.append(loaded.recipe.output_dir))
+    _, again = compare(copy, cache, "train.keep_checkpoints=1", "train.log_every=5")
+    assert trained == [] and numbers(again) == numbers(rows)
+    assert (copy / "arms" / "dpo-b0.1" / "metrics.jsonl").read_bytes() == before
+    with pytest.raises(PrefkitError, match=r"arm dpo-b0.1: finished, .*train.max_steps.* no checkpoint left"):
+        compare(copy, cache, "train.max_steps=12")
+    assert trained == []
+
+
 def test_the_same_compare_twice_gives_the_same_numbers(tiny_run, tmp_path):
     _, rows, _, _ = tiny_run
     _, again = compare(tmp_path / "c2", tmp_path / "fresh-cache")
