@@ -41,11 +41,11 @@ import numpy as np
 import torch
 
 from prefkit import engine
+from prefkit.checkpoint import checkpoint_steps
 from prefkit.compare_recipe import REFERENCE_ARM, LoadedArm, LoadedCompare
 from prefkit.errors import DataError, PrefkitError
 from prefkit.evaluation import best_of_n_kl, mean, pair_outcomes, sample_kl, score, std
 from prefkit.recipe import DataConfig, SamplingConfig, dump_yaml
-from prefkit.checkpoint import checkpoint_steps
 from prefkit.runs import RESUMABLE_CHANGES, QuietReporter, Reporter, _flatten
 
 EVAL_FORMAT = 2  # bump when the evaluation records change meaning (2: exact per-token KL, kl_mc beside it)
