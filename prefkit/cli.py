@@ -9,7 +9,7 @@ import typer
 
 import prefkit
 from prefkit import ui
-from prefkit.errors import PrefkitError
+from prefkit.api.errors import PrefkitError
 
 app = typer.Typer(
     help="Align language models with preference data.",
@@ -37,11 +37,18 @@ def _fail(exc: PrefkitError, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _report_plugin_problems() -> None:
+def _registry():
+    """The plugins of this process (entry points are read once); problems are warned about."""
     from prefkit.plugins import load_registry
 
-    for problem in load_registry().problems:
+    return load_registry()
+
+
+def _report_plugin_problems():
+    registry = _registry()
+    for problem in registry.problems:
         ui.warning(problem)
+    return registry
 
 
 @app.command()
@@ -50,14 +57,16 @@ def validate(
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value overrides."),
 ) -> None:
     """Check a recipe and its objective's parameters without loading any model."""
+    from prefkit.loops import check_recipe
     from prefkit.recipe import load_recipe
 
-    _report_plugin_problems()
+    registry = _report_plugin_problems()
     try:
-        loaded = load_recipe(recipe, overrides or [])
+        loaded = load_recipe(recipe, overrides or [], registry=registry)
+        check_recipe(loaded)
     except PrefkitError as exc:
         _fail(exc)
-    ui.console.print(f"{recipe}: valid (objective {loaded.objective.name})")
+    ui.console.print(f"{recipe}: valid (objective {loaded.objective.name}, {loaded.objective.kind})")
 
 
 @app.command()
@@ -67,15 +76,15 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in output_dir."),
 ) -> None:
     """Train with the objective the recipe names."""
-    from prefkit.engine import train
+    from prefkit.loops import train
     from prefkit.recipe import load_recipe
 
-    _report_plugin_problems()
+    registry = _report_plugin_problems()
     try:
-        loaded = load_recipe(recipe, overrides or [])
+        loaded = load_recipe(recipe, overrides or [], registry=registry)
         reporter = ui.RichReporter()
         try:
-            summary = train(loaded, resume=resume, reporter=reporter)
+            summary = train(loaded, resume=resume, reporter=reporter, registry=registry)
         finally:
             reporter.finish()
     except PrefkitError as exc:
@@ -94,12 +103,12 @@ def sample(
     from pathlib import Path
 
     from prefkit.recipe import load_recipe
-    from prefkit.sampling import sample_recipe
+    from prefkit.models.sampling import sample_recipe
 
-    _report_plugin_problems()
+    registry = _report_plugin_problems()
     try:
-        loaded = load_recipe(recipe, overrides or [])
-        summary = sample_recipe(loaded, Path(output) if output else None)
+        loaded = load_recipe(recipe, overrides or [], registry=registry)
+        summary = sample_recipe(loaded, Path(output) if output else None, registry=registry)
     except PrefkitError as exc:
         _fail(exc, 1)
     rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in summary.items()
@@ -110,9 +119,7 @@ def sample(
 @app.command()
 def rewards() -> None:
     """List every registered reward function with the plugin that registered it."""
-    from prefkit.plugins import load_registry
-
-    registry = load_registry()
+    registry = _registry()
     rows = []
     for name in sorted(registry.reward_functions):
         info = registry.owner("reward_functions", name)
@@ -125,24 +132,35 @@ def rewards() -> None:
 
 @app.command()
 def objectives() -> None:
-    """List every registered objective with the plugin that registered it (broken plugins marked)."""
-    from prefkit.plugins import load_registry
-
-    registry = load_registry()
+    """List every registered objective with its kind and the plugin that registered it (broken plugins marked)."""
+    registry = _registry()
     rows = []
     for name in sorted(registry.objectives):
         info = registry.owner("objectives", name)
-        rows.append([name, info.label, registry.objectives[name].description])
+        objective = registry.objectives[name]
+        rows.append([name, objective.kind, info.label, objective.description])
     for info in registry.broken_plugins():
         for kind, name, why in info.rejected:
             if kind == "objectives":
-                rows.append([f"{name} (BROKEN)", info.label, info.cause(why)])
+                rows.append([f"{name} (BROKEN)", "", info.label, info.cause(why)])
         general = info.general_problems()
         if general:  # e.g. it failed to import: which objectives it holds is unknown
-            rows.append(["(BROKEN)", info.label, info.cause(general[0])])
-    ui.table("objectives", ["objective", "plugin", "description"], rows)
+            rows.append(["(BROKEN)", "", info.label, info.cause(general[0])])
+    ui.table("objectives", ["objective", "kind", "plugin", "description"], rows)
     for problem in registry.problems:
         ui.warning(problem)
+
+
+@app.command("data-kinds")
+def data_kinds() -> None:
+    """List every registered data kind: its completions, extra columns and plugin."""
+    registry = _registry()
+    rows = []
+    for name in sorted(registry.data_kinds):
+        kind = registry.data_kinds[name]
+        rows.append([name, ", ".join(kind.completions) or "-", ", ".join(kind.columns) or "-",
+                     registry.owner("data_kinds", name).label, kind.description])
+    ui.table("data kinds", ["data kind", "completions", "columns", "plugin", "description"], rows)
 
 
 @app.command()
@@ -156,9 +174,9 @@ def plugins(
     """
     import json
 
-    from prefkit.plugins import KIND_WORDS, load_registry
+    from prefkit.plugins import KIND_WORDS
 
-    registry = load_registry()
+    registry = _registry()
     if as_json:
         typer.echo(json.dumps(registry.to_dict(), indent=2))
         return
@@ -184,7 +202,7 @@ def new_objective(
     from prefkit.scaffold import new_objective as scaffold
 
     try:
-        created = scaffold(name, Path(directory))
+        created = scaffold(name, Path(directory), registry=_registry())
     except PrefkitError as exc:
         _fail(exc)
     lines = [f"created {created}/"] + [f"  {p.relative_to(created)}" for p in sorted(created.rglob("*")) if p.is_file()]
@@ -212,19 +230,19 @@ def compare(
     validate_only: bool = typer.Option(False, "--validate", help="Check the recipe and every arm; load no model."),
 ) -> None:
     """Train several objectives on the same data, seed and budget, then evaluate them identically."""
-    from prefkit.compare_recipe import load_compare
-    from prefkit.harness import run_compare
+    from prefkit.compare.recipe import load_compare
+    from prefkit.compare.harness import run_compare
 
-    _report_plugin_problems()
+    registry = _report_plugin_problems()
     try:
-        loaded = load_compare(recipe, overrides or [])
+        loaded = load_compare(recipe, overrides or [], registry=registry)
         if validate_only:
             arms = ", ".join(f"{a.name} ({a.loaded.objective.name})" for a in loaded.arms)
             ui.console.print(f"{recipe}: valid compare recipe; arms: {arms}", highlight=False)
             return
         reporter = ui.RichReporter()
         try:
-            rows = run_compare(loaded, reporter=reporter)
+            rows = run_compare(loaded, reporter=reporter, registry=registry)
         finally:
             reporter.finish()
     except PrefkitError as exc:
@@ -236,7 +254,7 @@ def compare(
             f"train.{k}": v for k, v in row["train_overrides"].items()}}.items())
         if row["reward"] and row["arm"] in set_params:
             params = ", ".join(filter(None, [params, f"reward={row['reward']}"]))
-        kl = _fmt(row["kl"]) + (" (bound)" if row["kl_method"] == "bon_analytic" else "")
+        kl = _fmt(row["kl"]) + (" (analytic)" if row["kl_method"] != "token_kl" else "")
         table_rows.append([row["arm"], row["objective"], params,
                            _fmt(row["temperature"]), f"{_fmt(row['gold_reward'])} ± {_fmt(row['gold_reward_std'], 2)}",
                            kl, _fmt(row["win_rate"], 3), _fmt(row["length"], 3), str(row["train_steps"])])
@@ -263,16 +281,16 @@ def label(
     """Label preference pairs from sampled completions with a gold reward (ties dropped)."""
     from pathlib import Path
 
-    from prefkit.labeling import label_samples, reward_from_options
+    from prefkit.compare.labeling import label_samples, reward_from_options
 
-    _report_plugin_problems()
+    registry = _report_plugin_problems()
     try:
-        reward_cfg, params = reward_from_options(reward, reward_params) if reward else (None, None)
+        reward_cfg, params = reward_from_options(reward, reward_params, registry) if reward else (None, None)
         if reward is None and reward_params:
             raise PrefkitError("--reward-param needs --reward")
         target = Path(output) if output else Path(samples).with_name("pairs.jsonl")
         report = label_samples(samples, target, reward=reward_cfg, reward_params=params, mode=mode,
-                               rescore=rescore, margin=margin)
+                               rescore=rescore, margin=margin, registry=registry)
     except PrefkitError as exc:
         _fail(exc, 1)
     ui.table("label", ["", "value"], [[k, _fmt(v)] for k, v in report.to_dict().items()])

@@ -30,7 +30,7 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel
 
-from prefkit import hookspecs
+from prefkit.api import hookspecs
 
 ENTRY_POINT_GROUP = "prefkit"
 ENV_VAR = "PREFKIT_PLUGINS"
@@ -39,6 +39,7 @@ BUILTIN_DISTRIBUTION = "prefkit"
 # hook name -> registry attribute
 KINDS = {
     "register_objectives": "objectives",
+    "register_data_kinds": "data_kinds",
     "register_models": "model_sources",
     "register_datasets": "datasets",
     "register_reward_functions": "reward_functions",
@@ -46,6 +47,7 @@ KINDS = {
 # registry attribute -> what one item is called in messages
 KIND_WORDS = {
     "objectives": "objective",
+    "data_kinds": "data kind",
     "model_sources": "model source",
     "datasets": "dataset",
     "reward_functions": "reward function",
@@ -112,6 +114,7 @@ class PluginInfo:
 @dataclass
 class Registry:
     objectives: dict[str, Any] = field(default_factory=dict)
+    data_kinds: dict[str, Any] = field(default_factory=dict)
     model_sources: dict[str, Any] = field(default_factory=dict)
     datasets: dict[str, Any] = field(default_factory=dict)
     reward_functions: dict[str, Any] = field(default_factory=dict)
@@ -161,10 +164,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _takes(function: Callable, *args: Any) -> bool:
-    """Whether ``function`` can be called with ``len(args)`` positional arguments."""
+def _takes(function: Callable, *args: Any, **kwargs: Any) -> bool:
+    """Whether ``function`` can be called with ``len(args)`` positional arguments (and ``kwargs``)."""
     try:
-        inspect.signature(function).bind(*args)
+        inspect.signature(function).bind(*args, **kwargs)
     except TypeError:
         return False
     except ValueError:  # no signature (a builtin): assume yes
@@ -174,16 +177,16 @@ def _takes(function: Callable, *args: Any) -> bool:
 
 def _check_params_model(params: Any, owner: str) -> str | None:
     if params is None:
-        return f"{owner} has no `Params` model; set `Params` to a subclass of prefkit.objectives.ObjectiveParams"
+        return f"{owner} has no `Params` model; set `Params` to a subclass of prefkit.api.objective.ObjectiveParams"
     if not (isinstance(params, type) and issubclass(params, BaseModel)):
         return (
             f"{owner} has `Params` = {params!r}, which is not a pydantic model; "
-            "subclass prefkit.objectives.ObjectiveParams"
+            "subclass prefkit.api.objective.ObjectiveParams"
         )
     if params.model_config.get("extra") != "forbid":
         return (
             f"{owner}'s `Params` ({params.__name__}) accepts unknown keys, so a misspelled recipe key would be "
-            "ignored; subclass prefkit.objectives.ObjectiveParams (or set model_config extra='forbid')"
+            "ignored; subclass prefkit.api.objective.ObjectiveParams (or set model_config extra='forbid')"
         )
     return None
 
@@ -192,7 +195,7 @@ def _check_needs(item: Any) -> str | None:
     """Call ``needs()`` with the default params (when they exist) and check what comes back."""
     from typing import get_args
 
-    from prefkit.objectives import DataKind, ModelHead, Needs
+    from prefkit.api import ModelHead, Needs
 
     try:
         params = item.Params()
@@ -203,24 +206,29 @@ def _check_needs(item: Any) -> str | None:
     except Exception as exc:
         return f"objective {item.name!r}: needs() raised {_describe(exc)}{_where(exc)}"
     if not isinstance(needs, Needs):
-        return f"objective {item.name!r}: needs() returned {type(needs).__name__}, not a prefkit.objectives.Needs"
-    if needs.data not in get_args(DataKind):
-        return f"objective {item.name!r}: Needs.data is {needs.data!r}; expected one of {', '.join(get_args(DataKind))}"
+        return f"objective {item.name!r}: needs() returned {type(needs).__name__}, not a prefkit.api.Needs"
+    if not isinstance(needs.data, str) or not needs.data:
+        return f"objective {item.name!r}: Needs.data is {needs.data!r}; expected the name of a data kind"
     if needs.head not in get_args(ModelHead):
         return f"objective {item.name!r}: Needs.head is {needs.head!r}; expected one of {', '.join(get_args(ModelHead))}"
-    for flag in ("reference", "reward", "generation", "value_head"):
+    for flag in ("reference", "reference_tokens", "mismatched", "reward", "generation", "hidden_states"):
         if not isinstance(getattr(needs, flag), bool):
             return f"objective {item.name!r}: Needs.{flag} is {getattr(needs, flag)!r}, not True or False"
     return None
 
 
+# The class each kind of objective subclasses, and the methods it must define.
+_KIND_CLASSES = {"offline": ("Objective", ("loss",)), "online": ("OnlineObjective", ("prepare", "loss")),
+                 "inference": ("InferenceObjective", ("sample",))}
+
+
 def _check_objective(item: Any) -> str | None:
-    from prefkit.objectives import Objective
+    from prefkit import api
 
     if isinstance(item, type):
         return f"register_objectives got the class {item.__name__}; register an instance: register({item.__name__}())"
-    if not isinstance(item, Objective):
-        return f"register_objectives got {type(item).__name__}, not a prefkit.objectives.Objective instance"
+    if not isinstance(item, api.Objective):
+        return f"register_objectives got {type(item).__name__}, not a prefkit.api.Objective instance"
     if not isinstance(getattr(item, "name", None), str) or not item.name:
         return f"{type(item).__name__} has no string `name`"
     if not NAME_PATTERN.match(item.name):
@@ -230,16 +238,37 @@ def _check_objective(item: Any) -> str | None:
         return problem
     if not isinstance(getattr(item, "description", None), str):
         return f"objective {item.name!r} has no string `description`"
-    if getattr(item, "kind", None) not in ("offline", "online", "inference"):
-        return f"objective {item.name!r} has kind {getattr(item, 'kind', None)!r}; expected offline, online or inference"
+    kind = getattr(item, "kind", None)
+    if kind not in _KIND_CLASSES:
+        return f"objective {item.name!r} has kind {kind!r}; expected offline, online or inference"
+    class_name, methods = _KIND_CLASSES[kind]
+    base = getattr(api, class_name)
+    if not isinstance(item, base):
+        return f"objective {item.name!r} is {kind}; subclass prefkit.api.{class_name}"
     if not _takes(item.needs, None):
         return f"objective {item.name!r}: needs() must take one argument, the params"
-    if item.kind == "offline":
-        if type(item).loss is Objective.loss:
-            return f"objective {item.name!r} is offline but defines no `loss`"
-        if not _takes(item.loss, None, None):
-            return f"objective {item.name!r}: loss() must take two arguments, (params, inputs)"
+    for method in methods:
+        if getattr(type(item), method) is getattr(base, method):
+            return f"objective {item.name!r} is {kind} but defines no `{method}`"
+        arity = {"loss": 2, "prepare": 3, "sample": 7}[method]
+        if not _takes(getattr(item, method), *([None] * arity), **({"seed": 0} if method == "sample" else {})):
+            wanted = {"loss": "(params, inputs)", "prepare": "(params, rollout, state)",
+                      "sample": "(params, model, tokenizer, prompt_ids, prompts, scorer, cfg, *, seed, ...)"}[method]
+            return f"objective {item.name!r}: {method}() must take {wanted}"
     return _check_needs(item)
+
+
+def _check_data_kind(item: Any) -> str | None:
+    from prefkit.api import DataKind
+
+    if type(item).check_row is DataKind.check_row:
+        return f"data kind {item.name!r} defines no check_row()"
+    completions = getattr(item, "completions", None)
+    if not isinstance(completions, tuple) or not all(isinstance(c, str) and c for c in completions):
+        return f"data kind {item.name!r}: `completions` must be a tuple of names, got {completions!r}"
+    if not isinstance(getattr(item, "columns", None), dict):
+        return f"data kind {item.name!r}: `columns` must be a dict of column name -> description"
+    return None
 
 
 def _check_named(item: Any, kind: str) -> str | None:
@@ -259,23 +288,16 @@ def _check_named(item: Any, kind: str) -> str | None:
         params = getattr(item, "Params", None)
         if not (isinstance(params, type) and issubclass(params, BaseModel)):
             return f"{word} {item.name!r} has no pydantic `Params` model"
+    if kind == "data_kinds":
+        return _check_data_kind(item)
     return None
 
 
 def _expected_type(kind: str) -> type | None:
-    if kind == "model_sources":
-        from prefkit.models import ModelSource
+    from prefkit import api
 
-        return ModelSource
-    if kind == "datasets":
-        from prefkit.data import NamedDataset
-
-        return NamedDataset
-    if kind == "reward_functions":
-        from prefkit.rewards import RewardFunction
-
-        return RewardFunction
-    return None
+    return {"model_sources": api.ModelSource, "datasets": api.NamedDataset, "reward_functions": api.RewardFunction,
+            "data_kinds": api.DataKind}.get(kind)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -373,7 +395,26 @@ def build_registry(extra_plugins: dict[str, Any] | None = None) -> Registry:
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
                 if impl.plugin is plugin and impl.plugin_name == info.name:
                     _collect(registry, kind, info, impl)
+    _check_data_kinds_exist(registry)
     return registry
+
+
+def _check_data_kinds_exist(registry: Registry) -> None:
+    """An objective whose default needs name a data kind nobody registered is left out."""
+    for name, objective in list(registry.objectives.items()):
+        try:
+            data = objective.needs(objective.Params()).data
+        except Exception:
+            continue  # required params: checked when a recipe gives them
+        if data not in registry.data_kinds:
+            info = registry.owner("objectives", name)
+            known = ", ".join(sorted(registry.data_kinds)) or "none"
+            text = registry._problem(info, f"invalid objective: objective {name!r} needs data kind {data!r}, "
+                                           f"which no plugin registers (data kinds: {known})")
+            info.rejected.append(("objectives", name, text))
+            del registry.objectives[name]
+            del registry.owners[("objectives", name)]
+            info.registered["objectives"].remove(name)
 
 
 def _register(registry: Registry, pm: pluggy.PluginManager, info: PluginInfo, plugin: Any) -> bool:
@@ -405,7 +446,7 @@ def _register(registry: Registry, pm: pluggy.PluginManager, info: PluginInfo, pl
             registry._problem(
                 info,
                 f"defines {name}() without the @hookimpl marker, so it is never called; "
-                "add `from prefkit.hookspecs import hookimpl` and decorate it with @hookimpl",
+                "add `from prefkit.api import hookimpl` and decorate it with @hookimpl",
             )
     return True
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from prefkit.errors import RecipeError
+from prefkit.api.errors import RecipeError
 
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
@@ -138,7 +138,7 @@ class LoadedRecipe:
 
     recipe: Recipe
     path: str
-    objective: Any  # prefkit.objectives.Objective
+    objective: Any  # prefkit.api.objective.Objective
     params: Any  # the objective's Params instance
     model_options: Any  # the named model source's Params instance, or None
     reward_params: Any = None  # the reward function's Params instance, or None
@@ -241,16 +241,14 @@ def _plugin_block(table: dict, name: str, raw: dict, where: str, *, kind: str, n
         raise RecipeError(where, _problems(exc, params_path)) from None
 
 
-def validate_recipe(data: dict[str, Any], where: str, registry=None) -> LoadedRecipe:
-    """Validate a recipe document and its plugin parameter blocks. Raises RecipeError."""
-    from prefkit.plugins import load_registry
-
+def validate_recipe(data: dict[str, Any], where: str, registry: Any) -> LoadedRecipe:
+    """Validate a recipe document and its plugin parameter blocks against ``registry`` (a
+    :class:`prefkit.plugins.Registry`). Raises RecipeError."""
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(where, _problems(exc)) from None
 
-    registry = registry or load_registry()
     objective, params = _plugin_block(registry.objectives, recipe.objective.name, recipe.objective.params, where,
                                       kind="objective", name_path="objective.name", params_path="objective.params")
 
@@ -267,13 +265,18 @@ def validate_recipe(data: dict[str, Any], where: str, registry=None) -> LoadedRe
     if recipe.reward is not None:
         _, reward_params = _plugin_block(registry.reward_functions, recipe.reward.name, recipe.reward.params, where,
                                          kind="reward function", name_path="reward.name", params_path="reward.params")
-    elif objective.needs(params).reward:
+    needs = objective.needs(params)
+    if recipe.reward is None and needs.reward:
         raise RecipeError(where, [("reward", f"objective {objective.name!r} needs a reward source")])
+    if needs.data not in registry.data_kinds:
+        known = ", ".join(sorted(registry.data_kinds)) or "none"
+        raise RecipeError(where, [("objective.name", f"objective {objective.name!r} needs data kind {needs.data!r}, "
+                                                     f"which no plugin registers (data kinds: {known})")])
     return LoadedRecipe(recipe=recipe, path=where, objective=objective, params=params,
                         model_options=model_options, reward_params=reward_params)
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, registry=None) -> LoadedRecipe:
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, *, registry: Any) -> LoadedRecipe:
     """Read, override and validate a recipe file. Raises RecipeError naming file and key paths."""
     data = read_yaml(path)
     try:

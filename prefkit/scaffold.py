@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from prefkit.errors import PrefkitError
+from prefkit.api.errors import PrefkitError
 
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -54,7 +54,7 @@ Write here what the objective does, and cite its paper.
 
 The math lives in :func:`__NAME___loss`, a pure function of tensors that a test can call with
 hand-computed numbers; :class:`__CLASS__` adapts it to the engine's
-:class:`~prefkit.objectives.LossInputs`.
+:class:`~prefkit.api.LossInputs`.
 """
 
 from __future__ import annotations
@@ -63,8 +63,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from prefkit.hookspecs import hookimpl
-from prefkit.objectives import LossInputs, LossOutput, Needs, Objective, ObjectiveParams
+from prefkit.api import LossInputs, LossOutput, Needs, Objective, ObjectiveParams, hookimpl
 
 
 def __NAME___loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, *, beta: float) -> torch.Tensor:
@@ -202,20 +201,17 @@ def render(name: str) -> dict[str, str]:
     }
 
 
-def new_objective(name: str, directory: Path | str = ".", *, check_registry: bool = True) -> Path:
+def new_objective(name: str, directory: Path | str = ".", *, registry: Any = None) -> Path:
     """Write the skeleton package ``prefkit-NAME/`` into ``directory``; return its folder.
 
-    Refuses a name that is not a lower-case identifier, one an installed plugin already
+    Refuses a name that is not a lower-case identifier, one ``registry`` (when given) already
     registers (prefkit would refuse the second one), and a folder that already exists.
     """
     if not NAME.match(name):
         raise PrefkitError(
             f"objective name {name!r}: use lower-case letters, digits and '_', starting with a letter (e.g. simpo)"
         )
-    if check_registry:
-        from prefkit.plugins import load_registry
-
-        registry = load_registry()
+    if registry is not None:  # refuse a name an installed plugin already registers
         if name in registry.objectives:
             owner = registry.owner("objectives", name)
             raise PrefkitError(f"an objective named {name!r} is already registered by {owner.label}; pick another name")

@@ -6,7 +6,7 @@ any test you can use the fixtures
 - ``tiny_tokenizer``: a byte-level tokenizer with a ChatML chat template (260 tokens);
 - ``tiny_model``: a random-initialised 2-layer Llama (hidden size 64) for that tokenizer;
 - ``tiny_reward_model``: the same backbone with a scalar head (``Needs(head="scalar")``);
-- ``tiny_pair_batch`` / ``tiny_sft_batch``: a :class:`prefkit.batching.Batch` of three short
+- ``tiny_pair_batch`` / ``tiny_sft_batch``: a :class:`prefkit.data.batching.Batch` of three short
   preference pairs / prompt-completion examples, tokenized through the chat template exactly as
   the engine does it;
 - ``install_plugin``: writes a throwaway installed distribution (``*.dist-info`` with entry
@@ -39,14 +39,20 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from prefkit.batching import Batch
-    from prefkit.objectives import LossInputs, LossOutput, Needs, Objective
+    from prefkit.data.batching import Batch
+    from prefkit.api import LossInputs, LossOutput, Needs, Objective
 
 PAIR_ROWS = [
     {"prompt": "What is two plus two?", "chosen": "Four.", "rejected": "Five, I am quite sure of it."},
     {"prompt": "Say hello to Ana.", "chosen": "Hello, Ana! Nice to meet you.", "rejected": "No."},
     {"prompt": "What colour is the sky on a clear day?", "chosen": "Blue.", "rejected": "Green with purple dots."},
 ]
+UNPAIRED_ROWS = [
+    {"prompt": "What is two plus two?", "completion": "Four.", "label": True},
+    {"prompt": "Say hello to Ana.", "completion": "No.", "label": False},
+    {"prompt": "What colour is the sky on a clear day?", "completion": "Blue.", "label": True},
+]
+PROMPT_ROWS = [{"prompt": "What is two plus two?"}, {"prompt": "Say hello to Ana."}, {"prompt": "Name a colour."}]
 SFT_ROWS = [
     {"prompt": "What is two plus two?", "completion": "Four."},
     {"prompt": "Say hello to Ana.", "completion": "Hello, Ana! Nice to meet you."},
@@ -63,7 +69,7 @@ class ConformanceError(AssertionError):
 
 def build_tokenizer():
     """The tiny byte-level tokenizer (pad token set, right padding), as the engine would load it."""
-    from prefkit.tiny import build_tiny_tokenizer
+    from prefkit.models.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(chat_template=True)
     tokenizer.padding_side = "right"
@@ -76,7 +82,7 @@ def build_model(tokenizer, head: str = "lm", seed: int = 0):
     import torch
     from transformers import LlamaForSequenceClassification
 
-    from prefkit.tiny import build_tiny_model
+    from prefkit.models.tiny import build_tiny_model
 
     model = build_tiny_model(vocab_size=len(tokenizer), seed=seed, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)
@@ -95,55 +101,73 @@ def build_model(tokenizer, head: str = "lm", seed: int = 0):
     return model
 
 
-def build_batch(tokenizer, rows: list[dict] | None = None, kind: str = "pairs", *, max_length: int = 128,
-                max_prompt_length: int = 64) -> Batch:
-    """Rows (dicts in the standard or conversational format) -> a padded :class:`Batch`, through the
-    same row checks, chat template and truncation as a real dataset."""
-    from prefkit.batching import collate
-    from prefkit.data import check_rows, detect_format, encode_examples, fit_lengths
+def _registry():
+    from prefkit.plugins import load_registry
 
+    return load_registry()
+
+
+def build_batch(tokenizer, rows: list[dict] | None = None, kind: str = "pairs", *, max_length: int = 128,
+                max_prompt_length: int = 64, mismatched: bool = False, registry: Any = None) -> Batch:
+    """Rows (dicts in the standard or conversational format) -> a padded :class:`Batch`, through the
+    data kind's row checks (``kind``, a registered data kind), the chat template and truncation, as
+    a real dataset. ``registry`` defaults to this process's plugins."""
+    from prefkit.data.batching import collate
+    from prefkit.data.prepare import MISMATCHED, add_mismatched, encode_examples, fit_lengths
+    from prefkit.data.rows import check_rows, detect_format
+
+    data_kind = (registry or _registry()).data_kinds[kind]
     if rows is None:
-        rows = PAIR_ROWS if kind == "pairs" else SFT_ROWS
-    fmt = detect_format(rows)
-    checked = check_rows(rows, kind, fmt)
+        rows = {"pairs": PAIR_ROWS, "sft": SFT_ROWS, "unpaired": UNPAIRED_ROWS, "prompts": PROMPT_ROWS}.get(kind)
+        if rows is None:
+            raise ValueError(f"no default rows for data kind {kind!r}; pass rows=")
+    fmt = detect_format(rows, data_kind.text_fields)
+    checked = check_rows(rows, data_kind, fmt)
     if checked.problems:
         raise ValueError(f"bad test rows: {checked.problems}")
     chat = bool(getattr(tokenizer, "chat_template", None))
     encoded = encode_examples(checked.examples, tokenizer, chat, "prefkit.testing")
     examples = [fit_lengths(enc, max_length, max_prompt_length).example for enc in encoded]
-    return collate(examples, list(range(len(examples))), tokenizer.pad_token_id, paired=kind == "pairs")
+    names = tuple(data_kind.completions)
+    if mismatched:
+        add_mismatched(examples, names[0], max_length)
+        names += (MISMATCHED,)
+    return collate(examples, list(range(len(examples))), tokenizer.pad_token_id, names)
 
 
-def reference_logps(model, batch: Batch) -> tuple[Any, Any]:
+def reference_logps(model, batch: Batch) -> dict[str, Any]:
     """Summed log-probs of the batch's answers under ``model``, without gradients (as the
-    engine's reference pass): ``(chosen [B], rejected [B] or None)``."""
+    engine's reference pass): completion name -> ``[B]``."""
     import torch
 
-    from prefkit.logprobs import sequence_logps, token_logps
+    from prefkit.models.logprobs import sequence_logps, token_logps
 
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            sums = sequence_logps(token_logps(model, batch), batch.completion_mask).float()
+            values = token_logps(model, batch).float()
     finally:
         model.train(was_training)
-    b = batch.num_examples
-    return sums[:b], (sums[b:] if batch.paired else None)
+    sums = sequence_logps(values, batch.completion_mask)
+    return {name: sums[batch.rows_of(name)] for name in batch.names}, {name: values[batch.rows_of(name)]
+                                                                       for name in batch.names}
 
 
 def make_loss_inputs(model, batch: Batch, needs: Needs, reference_model=None) -> LossInputs:
     """What the engine hands an objective's loss for this batch: the policy forward
-    (:func:`prefkit.engine.loss_inputs`), plus reference log-probs when ``needs.reference``
+    (:func:`prefkit.loops.offline.loss_inputs`), plus reference log-probs when ``needs.reference``
     (from ``reference_model``, by default ``model`` itself before any update, as in the engine)."""
-    from prefkit.engine import loss_inputs
+    from prefkit.loops.offline import loss_inputs
 
     ref = None
     if needs.reference:
         ref = reference_logps(reference_model if reference_model is not None else model, batch)
     inputs = loss_inputs(model, batch, needs)
     if ref is not None:
-        inputs.ref_chosen_logps, inputs.ref_rejected_logps = ref
+        inputs.ref_logps = ref[0]
+        if needs.reference_tokens:
+            inputs.ref_token_logps = ref[1]
     return inputs
 
 
@@ -232,7 +256,7 @@ def _check_params(objective: Objective, params: Any, result_checks: list[str]) -
     except ValidationError:
         pass
     else:
-        _fail(objective, "its Params accept an unknown key; subclass prefkit.objectives.ObjectiveParams")
+        _fail(objective, "its Params accept an unknown key; subclass prefkit.api.objective.ObjectiveParams")
     result_checks.append("params_refuse_unknown_keys")
     return params, text
 
@@ -240,22 +264,23 @@ def _check_params(objective: Objective, params: Any, result_checks: list[str]) -
 def _check_needs(objective: Objective, params: Any, result_checks: list[str]) -> Needs:
     from typing import get_args
 
-    from prefkit.objectives import DataKind, ModelHead, Needs
+    from prefkit.api import ModelHead, Needs
 
     needs = objective.needs(params)
     if not isinstance(needs, Needs):
-        _fail(objective, f"needs() returned {type(needs).__name__}, not a prefkit.objectives.Needs")
-    if needs.data not in get_args(DataKind):
-        _fail(objective, f"Needs.data is {needs.data!r}; expected one of {get_args(DataKind)}")
+        _fail(objective, f"needs() returned {type(needs).__name__}, not a prefkit.api.Needs")
+    kinds = _registry().data_kinds
+    if needs.data not in kinds:
+        _fail(objective, f"Needs.data is {needs.data!r}, which no plugin registers; data kinds: {sorted(kinds)}")
     if needs.head not in get_args(ModelHead):
         _fail(objective, f"Needs.head is {needs.head!r}; expected one of {get_args(ModelHead)}")
     if objective.kind == "offline":
-        extra = [flag for flag in ("reward", "generation", "value_head") if getattr(needs, flag)]
+        extra = [flag for flag in ("reward", "generation", "hidden_states") if getattr(needs, flag)]
         if extra:
             _fail(objective, f"it is offline but declares Needs {', '.join(extra)}, which the offline engine "
                              "never builds; such objectives are kind='online'")
-        if needs.data == "prompts":
-            _fail(objective, "it is offline but asks for prompts-only data; offline losses train on pairs or sft")
+        if not kinds[needs.data].completions:
+            _fail(objective, f"it is offline but asks for {needs.data!r} data, which has no completions to score")
         if needs.head == "scalar" and needs.reference:
             _fail(objective, "it declares a scalar head and a reference: reference log-probs need an LM head")
     result_checks.append("needs")
@@ -292,7 +317,7 @@ def check_objective(objective: Objective, params: Any = None, *, seed: int = 0) 
     """
     import torch
 
-    from prefkit.objectives import LossOutput
+    from prefkit.api import LossOutput
     from prefkit.plugins import _check_objective
 
     problem = _check_objective(objective)
@@ -302,24 +327,26 @@ def check_objective(objective: Objective, params: Any = None, *, seed: int = 0) 
     params, text = _check_params(objective, params, checks)
     needs = _check_needs(objective, params, checks)
     result = ConformanceResult(params=params, needs=needs, yaml=text, checked=checks)
-    if objective.kind != "offline":
-        return result  # online and inference objectives run in their own loops, not through loss()
+    if objective.kind == "online":
+        return _check_online(objective, params, result, seed=seed)
+    if objective.kind == "inference":
+        return _check_inference(objective, params, result, seed=seed)
 
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, needs.head, seed=seed)
-    batch = build_batch(tokenizer, kind=needs.data)
+    batch = build_batch(tokenizer, kind=needs.data, mismatched=needs.mismatched)
     b = batch.num_examples
     inputs = make_loss_inputs(model, batch, needs)
     try:
         out = objective.loss(params, inputs)
     except Exception as exc:
-        given = sorted(k for k, v in vars(inputs).items() if v is not None)
+        given = inputs.given()
         raise ConformanceError(
             f"objective {objective.name!r}: loss() raised {type(exc).__name__}: {exc}\n"
             f"  it declared {needs}, for which the engine provides only: {', '.join(given)}"
         ) from exc
     if not isinstance(out, LossOutput):
-        _fail(objective, f"loss() returned {type(out).__name__}, not a prefkit.objectives.LossOutput")
+        _fail(objective, f"loss() returned {type(out).__name__}, not a prefkit.api.objective.LossOutput")
     losses = out.losses
     if not isinstance(losses, torch.Tensor) or losses.shape != (b,):
         shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
@@ -360,9 +387,9 @@ def check_objective(objective: Objective, params: Any = None, *, seed: int = 0) 
     if needs.reference:
         shifted = make_loss_inputs(model, batch, needs)
         generator = torch.Generator().manual_seed(seed)
-        shifted.ref_chosen_logps = shifted.ref_chosen_logps + torch.rand(b, generator=generator) + 0.5
-        if shifted.ref_rejected_logps is not None:
-            shifted.ref_rejected_logps = shifted.ref_rejected_logps - torch.rand(b, generator=generator) - 0.5
+        for k, name in enumerate(batch.names):  # the first completion's up, the others' down
+            sign = 1.0 if k == 0 else -1.0
+            shifted.ref_logps[name] = shifted.ref_logps[name] + sign * (torch.rand(b, generator=generator) + 0.5)
         with torch.no_grad():
             moved = objective.loss(params, shifted).losses
         if torch.allclose(moved, losses.detach()):
@@ -385,6 +412,84 @@ def check_objective(objective: Objective, params: Any = None, *, seed: int = 0) 
     checks.append("gradients")
 
     result.output, result.loss = out, float(loss.detach())
+    return result
+
+
+def _check_online(objective: Objective, params: Any, result: ConformanceResult, *, seed: int) -> ConformanceResult:
+    """One real iteration of the online loop on the tiny model (tiny-prefs prompts, a keyword reward):
+    it must validate, run prepare() and loss() through the loop, and log a finite loss, so the check
+    fails wherever ``prefkit run`` would."""
+    import json
+    import math
+    import tempfile
+
+    import torch
+
+    from prefkit.loops import check_recipe
+    from prefkit.loops.online import train
+    from prefkit.recipe import validate_recipe
+
+    registry = _registry()
+    least = max(2, objective.min_samples_per_prompt(params))
+    with tempfile.TemporaryDirectory(prefix="prefkit-conformance-") as tmp:
+        document = {
+            "output_dir": f"{tmp}/run", "seed": seed, "cache_dir": f"{tmp}/cache",
+            "model": {"source": "tiny-llama", "options": {"hidden_size": 64, "num_layers": 2, "seed": seed}},
+            "data": {"train": "tiny-prefs", "max_length": 96, "max_prompt_length": 64, "max_rows": 4},
+            "objective": {"name": objective.name,
+                          "params": {**params.model_dump(mode="json"), "rollout_batch_size": 2,
+                                     "update_epochs": 1, "mini_batch_size": None}},
+            "reward": {"name": "keywords", "params": {"targets": ["e"], "unit": "char", "mode": "share"}},
+            "sampling": {"max_new_tokens": 6, "num_samples": least, "batch_size": 8},
+            "train": {"max_steps": 1, "batch_size": 4, "lr": 1e-3, "scheduler": "constant", "log_every": 1},
+        }
+        try:
+            loaded = validate_recipe(document, f"conformance run of {objective.name}", registry)
+            check_recipe(loaded)
+            if objective.name not in registry.objectives:  # an objective not (yet) installed: check it as given
+                loaded.objective = objective
+            train(loaded, registry=registry)
+        except Exception as exc:
+            raise ConformanceError(f"objective {objective.name!r}: one iteration of the online loop failed: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+        records = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl")]
+        if len(records) != 1 or not math.isfinite(records[0].get("loss", math.nan)):
+            _fail(objective, f"the online loop logged no finite loss: {records}")
+        result.loss = float(records[0]["loss"])
+        result.checked.append("online_loop_one_iteration")
+    return result
+
+
+def _check_inference(objective: Objective, params: Any, result: ConformanceResult, *, seed: int) -> ConformanceResult:
+    """``sample()`` on the tiny model returns ``num_samples`` outputs per prompt, and ``kl()`` and
+    ``samples_per_output()`` say something a harness can use."""
+    import math
+
+    from prefkit.models.sampling import Sample
+    from prefkit.recipe import SamplingConfig
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, "lm", seed=seed)
+    prompt_ids = [tokenizer(r["prompt"])["input_ids"] for r in PROMPT_ROWS[:2]]
+    prompts = [r["prompt"] for r in PROMPT_ROWS[:2]]
+
+    def scorer(ps, cs):
+        return [float(c.count("e")) for c in cs]
+
+    cfg = SamplingConfig(max_new_tokens=4, num_samples=2, batch_size=8)
+    try:
+        groups = objective.sample(params, model, tokenizer, prompt_ids, prompts, scorer, cfg, seed=seed,
+                                  num_samples=2)
+    except Exception as exc:
+        raise ConformanceError(f"objective {objective.name!r}: sample() raised {type(exc).__name__}: {exc}") from exc
+    if len(groups) != 2 or any(len(g) != 2 or not all(isinstance(s, Sample) for s in g) for g in groups):
+        _fail(objective, "sample() must return, for each prompt, num_samples prefkit.models.sampling.Sample objects")
+    kl = objective.kl(params)
+    if kl is not None and not (math.isfinite(float(kl)) and float(kl) >= 0):
+        _fail(objective, f"kl() returned {kl!r}; expected None or a finite number >= 0")
+    if not isinstance(objective.samples_per_output(params), int) or objective.samples_per_output(params) < 1:
+        _fail(objective, "samples_per_output() must return a positive int")
+    result.checked.append("inference_sample")
     return result
 
 

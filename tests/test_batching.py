@@ -4,17 +4,18 @@ from types import SimpleNamespace
 
 import torch
 
-from prefkit.batching import BatchOrder, collate
+from prefkit.data.batching import BatchOrder, collate
 
 PAD = 0
 
 
 def ex(prompt, chosen, rejected=None, margin=None):
-    return SimpleNamespace(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected, margin=margin)
+    completions = {"chosen": chosen} if rejected is None else {"chosen": chosen, "rejected": rejected}
+    return SimpleNamespace(prompt_ids=prompt, completions=completions, columns={} if margin is None else {"margin": margin})
 
 
 def test_pairs_put_chosen_then_rejected_rows_with_right_padding():
-    batch = collate([ex([11, 12], [21], [31, 32, 33]), ex([13], [22, 23], [34])], [7, 3], PAD, paired=True)
+    batch = collate([ex([11, 12], [21], [31, 32, 33]), ex([13], [22, 23], [34])], [7, 3], PAD, ("chosen", "rejected"))
     # rows: prompt+chosen for both examples, then prompt+rejected; width = longest row (2+3 = 5)
     assert batch.input_ids.tolist() == [
         [11, 12, 21, PAD, PAD],
@@ -32,14 +33,15 @@ def test_pairs_put_chosen_then_rejected_rows_with_right_padding():
     ]
     assert batch.indices.tolist() == [7, 3]
     assert batch.num_examples == 2 and batch.num_tokens == 3 + 3 + 5 + 2
-    assert batch.margin is None
+    assert batch.columns == {}
+    assert batch.rows_of("rejected") == slice(2, 4)
 
 
 def test_sft_rows_and_margins():
-    batch = collate([ex([1], [2, 3], margin=0.5), ex([4, 5], [6], margin=1.0)], [0, 1], PAD, paired=False)
+    batch = collate([ex([1], [2, 3], margin=0.5), ex([4, 5], [6], margin=1.0)], [0, 1], PAD, ("chosen",))
     assert batch.input_ids.shape == (2, 3)
     assert batch.completion_mask.int().tolist() == [[0, 1, 1], [0, 0, 1]]
-    assert torch.equal(batch.margin, torch.tensor([0.5, 1.0]))
+    assert torch.equal(batch.columns["margin"], torch.tensor([0.5, 1.0]))
 
 
 def test_batch_order_depends_only_on_seed_and_counter():

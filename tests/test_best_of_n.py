@@ -1,6 +1,8 @@
-"""Best-of-N: the objective plugin, prefkit.sampling.best_of_n, and sample_recipe end to end."""
+"""Best-of-N: the objective plugin, prefkit.models.sampling.best_of_n, and sample_recipe end to end."""
 
 from __future__ import annotations
+
+import math
 
 import json
 import string
@@ -8,13 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from prefkit.errors import RecipeError
-from prefkit.models import load_model
-from prefkit.objectives import LossInputs, Needs
+from prefkit.api.errors import RecipeError
+from prefkit.models.loading import load_model
+from prefkit.api.objective import LossInputs, Needs
 from prefkit.plugins import load_registry
 from prefkit.recipe import ModelConfig, RewardConfig, SamplingConfig, load_recipe
-from prefkit.rewards import build_reward
-from prefkit.sampling import best_of_n, generate, sample_recipe, score_samples
+from prefkit.models.rewards import build_reward
+from prefkit.models.sampling import best_of_n, generate, sample_recipe, score_samples
+
+from prefkit.plugins import load_registry
+
+REGISTRY = load_registry()  # the installed plugins, passed explicitly
 
 
 
@@ -34,7 +40,7 @@ def tiny(tmp_path_factory):
 def letters():
     """The share of lowercase letters among a completion's characters (the tiny model emits random bytes)."""
     config = RewardConfig(name="keywords", params={"targets": list(string.ascii_lowercase), "unit": "char"})
-    return build_reward(config, None, cache_dir="unused", device="cpu")
+    return build_reward(config, None, cache_dir="unused", device="cpu", registry=REGISTRY)
 
 
 SAMPLING = SamplingConfig(max_new_tokens=8, batch_size=32)
@@ -54,15 +60,16 @@ def test_best_of_n_is_a_registered_inference_objective():
     for bad in ({"n": 0}, {"n": 129}, {"n": 4, "beta": 0.1}):
         with pytest.raises(ValueError):
             objective.Params.model_validate(bad)
-    with pytest.raises(TypeError, match="has no offline loss"):
+    assert objective.kl(params) == pytest.approx(math.log(16) - 15 / 16) and objective.samples_per_output(params) == 16
+    with pytest.raises(TypeError, match="defines no loss"):
         objective.loss(params, LossInputs())
 
 
 def test_a_best_of_n_recipe_needs_a_reward():
     with pytest.raises(RecipeError, match="objective 'best_of_n' needs a reward source"):
-        load_recipe(RECIPES / "best_of_n_tiny.yaml", ["reward=null"])
+        load_recipe(RECIPES / "best_of_n_tiny.yaml", ["reward=null"], registry=REGISTRY)
     with pytest.raises(RecipeError, match="objective.params.n"):
-        load_recipe(RECIPES / "best_of_n_tiny.yaml", ["objective.params.n=500"])
+        load_recipe(RECIPES / "best_of_n_tiny.yaml", ["objective.params.n=500"], registry=REGISTRY)
 
 
 # --------------------------------------------------------------------------- selection
@@ -120,8 +127,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def test_sample_recipe_best_of_n_end_to_end(tmp_path):
-    loaded = load_recipe(RECIPES / "best_of_n_tiny.yaml", [f"output_dir={tmp_path / 'run'}"])
-    summary = sample_recipe(loaded)
+    loaded = load_recipe(RECIPES / "best_of_n_tiny.yaml", [f"output_dir={tmp_path / 'run'}"], registry=REGISTRY)
+    summary = sample_recipe(loaded, registry=REGISTRY)
     output = tmp_path / "run" / "samples.jsonl"
     rows = read_jsonl(output)
     assert len(rows) == 16 == summary["prompts"] == summary["samples"]  # tiny-prefs test split: 16 prompts
@@ -138,7 +145,7 @@ def test_sample_recipe_best_of_n_end_to_end(tmp_path):
     on_disk = json.loads((tmp_path / "run" / "samples.summary.json").read_text())
     assert on_disk == summary
     # the same recipe samples the same completions
-    again = sample_recipe(loaded, tmp_path / "again.jsonl")
+    again = sample_recipe(loaded, tmp_path / "again.jsonl", registry=REGISTRY)
     assert [r["completion"] for r in read_jsonl(tmp_path / "again.jsonl")] == [r["completion"] for r in rows]
     assert again["output"] == str(tmp_path / "again.jsonl")
 
@@ -146,12 +153,12 @@ def test_sample_recipe_best_of_n_end_to_end(tmp_path):
 def test_sample_recipe_plain_sampling_scores_every_sample(tmp_path):
     overrides = ["objective.name=dpo", "objective.params={}", "sampling.num_samples=2", "sampling.max_new_tokens=4",
                  "data.eval=null", "data.max_rows=3"]
-    loaded = load_recipe(RECIPES / "best_of_n_tiny.yaml", overrides)
-    summary = sample_recipe(loaded, tmp_path / "out.jsonl")
+    loaded = load_recipe(RECIPES / "best_of_n_tiny.yaml", overrides, registry=REGISTRY)
+    summary = sample_recipe(loaded, tmp_path / "out.jsonl", registry=REGISTRY)
     rows = read_jsonl(tmp_path / "out.jsonl")
     assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [(p, s) for p in range(3) for s in range(2)]
     assert all("score" in r and "candidate_index" not in r for r in rows)
     assert summary["samples"] == 6 and summary["data"] == "tiny-prefs (train)"
-    unscored = sample_recipe(load_recipe(RECIPES / "best_of_n_tiny.yaml", [*overrides, "reward=null"]),
-                             tmp_path / "plain.jsonl")
+    unscored = sample_recipe(load_recipe(RECIPES / "best_of_n_tiny.yaml", [*overrides, "reward=null"], registry=REGISTRY),
+                             tmp_path / "plain.jsonl", registry=REGISTRY)
     assert unscored["mean_score"] is None and all("score" not in r for r in read_jsonl(tmp_path / "plain.jsonl"))

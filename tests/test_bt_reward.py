@@ -7,8 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefkit.objectives import LossInputs
+from prefkit.api.objective import LossInputs
 from prefkit_builtins.bt_reward import BTReward, BTRewardParams, bt_loss
+
+from prefkit.plugins import load_registry
+
+REGISTRY = load_registry()  # the installed plugins, passed explicitly
 
 ROOT = Path(__file__).resolve().parent.parent
 T = torch.tensor
@@ -70,15 +74,15 @@ def test_params_refuse_unknown_keys_and_negative_centering():
 def test_tiny_reward_model_learns_the_preference(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from prefkit.batching import collate
-    from prefkit.data import prepare_dataset
-    from prefkit.engine import train
-    from prefkit.logprobs import sequence_rewards
-    from prefkit.models import load_tokenizer
+    from prefkit.data.batching import collate
+    from prefkit.data.prepare import prepare_dataset
+    from prefkit.loops import train
+    from prefkit.models.logprobs import sequence_rewards
+    from prefkit.models.loading import load_tokenizer
     from prefkit.recipe import load_recipe
 
-    loaded = load_recipe(ROOT / "recipes" / "bt_reward_tiny.yaml", [f"output_dir={tmp_path / 'rm'}"])
-    summary = train(loaded)
+    loaded = load_recipe(ROOT / "recipes" / "bt_reward_tiny.yaml", [f"output_dir={tmp_path / 'rm'}"], registry=REGISTRY)
+    summary = train(loaded, registry=REGISTRY)
     assert summary["reference_cache"] == "none"
     assert summary["final_metrics"]["eval/accuracy"] >= 0.9
     records = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
@@ -87,8 +91,8 @@ def test_tiny_reward_model_learns_the_preference(tmp_path):
     # final/ is a sequence-classification model that ranks held-out pairs the same way
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "final").eval()
     tokenizer = load_tokenizer(loaded.recipe.model, str(tmp_path / "rm" / "final"))
-    test = prepare_dataset(loaded.recipe.data, tokenizer, "pairs", split="eval")
-    batch = collate(test.examples, list(range(len(test.examples))), tokenizer.pad_token_id, paired=True)
+    test = prepare_dataset(loaded.recipe.data, tokenizer, REGISTRY.data_kinds["pairs"], split="eval", registry=REGISTRY)
+    batch = collate(test.examples, list(range(len(test.examples))), tokenizer.pad_token_id, test.names)
     with torch.no_grad():
         rewards = sequence_rewards(model, batch)
     n = len(test.examples)

@@ -8,15 +8,19 @@ import yaml
 from typer.testing import CliRunner
 
 from prefkit.cli import app
-from prefkit.compare_recipe import (
+from prefkit.compare.recipe import (
     Arm,
     CompareRecipe,
     EvaluationConfig,
     is_compare_document,
     load_compare,
 )
-from prefkit.errors import RecipeError
+from prefkit.api.errors import RecipeError
 from prefkit.recipe import load_recipe, read_yaml
+
+from prefkit.plugins import load_registry
+
+REGISTRY = load_registry()  # the installed plugins, passed explicitly
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -37,7 +41,7 @@ def test_the_compare_recipes_are_found():
 
 @pytest.mark.parametrize("path", COMPARES, ids=rel)
 def test_compare_recipe_validates(path):
-    loaded = load_compare(path)
+    loaded = load_compare(path, registry=REGISTRY)
     assert loaded.arms and loaded.compare.output_dir
     for arm in loaded.arms:
         assert Path(arm.loaded.recipe.output_dir) == Path(loaded.compare.output_dir) / "arms" / arm.name
@@ -45,11 +49,11 @@ def test_compare_recipe_validates(path):
 
 @pytest.mark.parametrize("path", SENTIMENT_RUNS, ids=rel)
 def test_sentiment_run_recipe_validates(path):
-    assert load_recipe(path).recipe.output_dir
+    assert load_recipe(path, registry=REGISTRY).recipe.output_dir
 
 
 def test_the_sentiment_compare_has_every_arm_of_the_flagship():
-    loaded = load_compare(ROOT / "recipes" / "sentiment" / "compare.yaml")
+    loaded = load_compare(ROOT / "recipes" / "sentiment" / "compare.yaml", registry=REGISTRY)
     objectives = {a.loaded.objective.name for a in loaded.arms}
     assert objectives == {"dpo", "ppo_kl", "unlikelihood", "preferred_ft", "best_of_n"}
     dpo = [(a.loaded.params.beta, a.loaded.recipe.train.lr) for a in loaded.arms if a.loaded.objective.name == "dpo"]
@@ -63,16 +67,16 @@ def test_the_sentiment_compare_has_every_arm_of_the_flagship():
 
 
 def test_the_sentiment_prompts_dataset():
-    from prefkit.data import prepare_dataset
+    from prefkit.data.prepare import prepare_dataset
     from prefkit.plugins import load_registry
     from prefkit.recipe import DataConfig
-    from prefkit.tiny import build_tiny_tokenizer
+    from prefkit.models.tiny import build_tiny_tokenizer
 
     dataset = load_registry().datasets["sentiment-prompts"]
     prompts = {}
     for split, size in (("train", 100), ("test", 20)):
         data = prepare_dataset(DataConfig(train="sentiment-prompts", train_split=split), build_tiny_tokenizer(),
-                               "prompts")
+                               REGISTRY.data_kinds["prompts"], registry=REGISTRY)
         assert data.report.rows_kept == size and data.report.rows_skipped_bad == 0
         prompts[split] = {ex.prompt for ex in data.examples}
     assert len(prompts["train"]) == 100 and len(prompts["test"]) == 20
@@ -86,7 +90,7 @@ def bad(tmp_path, change) -> str:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(RecipeError) as info:
-        load_compare(path)
+        load_compare(path, registry=REGISTRY)
     assert str(path) in str(info.value)
     return str(info.value)
 
@@ -130,7 +134,7 @@ def test_names_rewards_and_objectives_are_checked(tmp_path):
 
 
 def test_a_shared_reward_goes_only_to_arms_that_need_one():
-    loaded = load_compare(ROOT / "recipes" / "compare_tiny.yaml")
+    loaded = load_compare(ROOT / "recipes" / "compare_tiny.yaml", registry=REGISTRY)
     rewards = {a.name: a.loaded.recipe.reward for a in loaded.arms}
     assert rewards["dpo-b0.1"] is None and rewards["bon-4"].name == "keywords"
 
@@ -185,7 +189,7 @@ def test_every_compare_key_is_documented_with_its_default():
 
 
 def test_the_result_columns_are_documented():
-    from prefkit.harness import RESULT_COLUMNS
+    from prefkit.compare.harness import RESULT_COLUMNS
 
     part = DOCS.read_text().split("The result columns:")[1]
     documented = set(re.findall(r"`(\w+)`", "\n".join(line.split("|")[1] for line in part.splitlines()

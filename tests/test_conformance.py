@@ -7,7 +7,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from prefkit.objectives import LossOutput, Needs, Objective, ObjectiveParams
+from prefkit.api.objective import LossOutput, Needs, Objective, ObjectiveParams
 from prefkit.plugins import build_registry
 from prefkit.testing import (  # noqa: F401  (the tiny_* are fixtures)
     ConformanceError,
@@ -46,8 +46,10 @@ def test_builtin_objective_conforms(name):
     if objective.kind == "offline":
         assert {"loss_finite_scalar", "metrics", "pure", "gradients"} <= set(result.checked)
         assert result.loss is not None
+    elif objective.kind == "online":  # one real iteration of the online loop ran
+        assert result.checked[-1] == "online_loop_one_iteration" and result.loss is not None
     else:
-        assert result.checked[-1] == "needs"
+        assert result.checked[-1] == "inference_sample"
     assert type(check_registered(name, distribution="prefkit")) is type(objective)
 
 
@@ -66,8 +68,8 @@ def test_fixtures(tiny_tokenizer, tiny_model, tiny_reward_model, tiny_pair_batch
     assert len(tiny_tokenizer) == 260 and tiny_tokenizer.chat_template
     assert tiny_model.config.vocab_size == 260 and tiny_model.training
     assert tiny_reward_model.config.num_labels == 1
-    assert tiny_pair_batch.paired and tiny_pair_batch.input_ids.shape[0] == 6
-    assert not tiny_sft_batch.paired and tiny_sft_batch.input_ids.shape[0] == 3
+    assert tiny_pair_batch.names == ("chosen", "rejected") and tiny_pair_batch.input_ids.shape[0] == 6
+    assert tiny_sft_batch.names == ("chosen",) and tiny_sft_batch.input_ids.shape[0] == 3
     lengths = tiny_pair_batch.completion_mask.sum(-1)
     assert len(set(lengths.tolist())) > 2  # answers of different lengths
 

@@ -1,4 +1,4 @@
-"""prefkit.data: sources -> rows -> checked examples -> token ids, with clear errors.
+"""prefkit.data.prepare: sources -> rows -> checked examples -> token ids, with clear errors.
 
 The tiny tokenizer is byte-level (one token per ASCII character, no BOS), so token counts
 below are character counts: without a chat template a completion gets one extra end token.
@@ -12,21 +12,22 @@ from pathlib import Path
 
 import pytest
 
-from prefkit.data import (
+from prefkit.api import NamedDataset
+from prefkit.data.io import load_rows
+from prefkit.data.prepare import (
     DataReport,
-    NamedDataset,
     TokenizedDataset,
     TokenizedExample,
-    load_rows,
     prepare_dataset,
 )
-from prefkit.errors import DataError
+from prefkit.api.errors import DataError
 from prefkit.plugins import Registry, load_registry
 from prefkit.recipe import DataConfig
-from prefkit.tiny import build_tiny_tokenizer
+from prefkit.models.tiny import build_tiny_tokenizer
 
 FIXTURES = Path(__file__).parent / "data"
-EMPTY_REGISTRY = Registry()
+KINDS = load_registry().data_kinds  # the built-in data kinds: pairs, sft, prompts, unpaired
+EMPTY_REGISTRY = Registry(data_kinds=dict(KINDS))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def prepare(path, tokenizer, kind="pairs", **overrides) -> TokenizedDataset:
-    return prepare_dataset(config(path, **overrides), tokenizer, kind, registry=EMPTY_REGISTRY)
+    return prepare_dataset(config(path, **overrides), tokenizer, KINDS[kind], registry=EMPTY_REGISTRY)
 
 
 def error_of(path, tokenizer, kind="pairs", **overrides) -> str:
@@ -111,13 +112,13 @@ def test_non_numeric_margin(plain_tok):
     message = error_of(path, plain_tok)
     assert message.startswith(f"{path} (train): row 2: field 'margin' is not a number: 'a lot'")
     data = prepare(path, plain_tok, bad_rows="skip")
-    assert [ex.margin for ex in data.examples] == [2.5, 1.0]
+    assert [ex.columns.get("margin") for ex in data.examples] == [2.5, 1.0]
     assert data.report.rows_skipped_bad == 1
 
 
 def test_margin_is_none_without_a_margin_column(plain_tok):
     data = prepare(FIXTURES / "bad_pairs.jsonl", plain_tok, bad_rows="skip")
-    assert all(ex.margin is None for ex in data.examples)
+    assert all("margin" not in ex.columns for ex in data.examples)
 
 
 def test_wrong_format_rows_in_conversational_data(chat_tok):
@@ -254,7 +255,7 @@ def named_registry() -> Registry:
 def test_named_dataset_lookup_through_the_registry(plain_tok):
     rows, shown = load_rows("mine", "test", registry=named_registry())
     assert shown == "mine" and rows[0]["completion"] == " Hello, friend!"
-    data = prepare_dataset(config("mine", bad_rows="skip"), plain_tok, "pairs", registry=named_registry())
+    data = prepare_dataset(config("mine", bad_rows="skip"), plain_tok, KINDS["pairs"], registry=named_registry())
     assert data.report.source == "mine" and data.report.rows_kept == 2
 
 
@@ -266,16 +267,16 @@ def test_named_dataset_unknown_split(plain_tok):
 
 def test_eval_split_of_a_named_dataset(plain_tok):
     cfg = config("mine", eval_split="test", max_eval_rows=1)
-    data = prepare_dataset(cfg, plain_tok, "sft", split="eval", registry=named_registry())
+    data = prepare_dataset(cfg, plain_tok, KINDS["sft"], split="eval", registry=named_registry())
     assert data.report.split == "test" and data.report.rows_read == 1
 
 
 def test_eval_needs_data_eval_when_train_is_a_file(tmp_path, plain_tok):
     path = write_jsonl(tmp_path / "train.jsonl", [GOOD])
     with pytest.raises(DataError, match="set data.eval"):
-        prepare_dataset(config(path), plain_tok, "pairs", split="eval", registry=EMPTY_REGISTRY)
+        prepare_dataset(config(path), plain_tok, KINDS["pairs"], split="eval", registry=EMPTY_REGISTRY)
     cfg = config(path, eval=str(FIXTURES / "margins.jsonl"), bad_rows="skip")
-    data = prepare_dataset(cfg, plain_tok, "pairs", split="eval", registry=EMPTY_REGISTRY)
+    data = prepare_dataset(cfg, plain_tok, KINDS["pairs"], split="eval", registry=EMPTY_REGISTRY)
     assert data.report.source == str(FIXTURES / "margins.jsonl") and data.report.split == "test"
 
 
@@ -288,7 +289,8 @@ def test_builtin_datasets_are_registered():
     assert set(registry.datasets["tiny-prefs"].files) == {"train", "test"}
 
 
-SHIPPED_KINDS = {"quickstart-prefs": "pairs", "tiny-prefs": "pairs", "tiny-prefs-chat": "pairs", "tiny-sft": "sft"}
+SHIPPED_KINDS = {"quickstart-prefs": "pairs", "tiny-prefs": "pairs", "tiny-prefs-chat": "pairs", "tiny-sft": "sft",
+                 "tiny-unpaired": "unpaired", "quickstart-unpaired": "unpaired"}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_KINDS))
@@ -300,7 +302,7 @@ def test_shipped_datasets_prepare_cleanly(name, chat_tok):
     for split in present:
         cfg = config(name, train_split=split)
         for kind in (SHIPPED_KINDS[name], "prompts"):
-            data = prepare_dataset(cfg, chat_tok, kind)
+            data = prepare_dataset(cfg, chat_tok, KINDS[kind], registry=load_registry())
             r = data.report
             assert r.rows_skipped_bad == 0 and r.rows_kept > 0, r
             assert r.rows_read == r.rows_kept + r.rows_dropped_overlong
@@ -315,8 +317,8 @@ def test_plain_text_ids(tmp_path, plain_tok):
     data = prepare(write_jsonl(tmp_path / "x.jsonl", [GOOD]), plain_tok)
     ex = data.examples[0]
     assert decode(plain_tok, ex.prompt_ids) == "Say hi."
-    assert decode(plain_tok, ex.chosen_ids) == " Hi!<|endoftext|>"
-    assert ex.rejected_ids[-1] == plain_tok.eos_token_id
+    assert decode(plain_tok, ex.completions["chosen"]) == " Hi!<|endoftext|>"
+    assert ex.completions["rejected"][-1] == plain_tok.eos_token_id
     assert data.report.chat_template is False and data.report.format == "standard"
 
 
@@ -328,15 +330,15 @@ def test_chat_template_ids(tmp_path, chat_tok):
     )
     assert generation_prompt == "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"
     assert decode(chat_tok, ex.prompt_ids) == generation_prompt
-    assert decode(chat_tok, ex.chosen_ids) == " Hi!<|im_end|>\n"
-    assert decode(chat_tok, ex.rejected_ids) == " No.<|im_end|>\n"
+    assert decode(chat_tok, ex.completions["chosen"]) == " Hi!<|im_end|>\n"
+    assert decode(chat_tok, ex.completions["rejected"]) == " No.<|im_end|>\n"
     assert data.report.chat_template is True
 
 
 def test_chat_template_never_uses_plain_text(tmp_path, chat_tok):
     data = prepare(write_jsonl(tmp_path / "x.jsonl", [GOOD]), chat_tok, chat_template="never")
     assert decode(chat_tok, data.examples[0].prompt_ids) == "Say hi."
-    assert decode(chat_tok, data.examples[0].chosen_ids) == " Hi!<|im_end|>"  # the tokenizer's end token
+    assert decode(chat_tok, data.examples[0].completions["chosen"]) == " Hi!<|im_end|>"  # the tokenizer's end token
 
 
 def test_chat_template_always_needs_a_template(tmp_path, plain_tok):
@@ -375,7 +377,7 @@ def test_explicit_conversational_prompt(tmp_path, chat_tok):
     assert decode(chat_tok, ex.prompt_ids) == (
         "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
-    assert decode(chat_tok, ex.chosen_ids) == "Hello!<|im_end|>\n"
+    assert decode(chat_tok, ex.completions["chosen"]) == "Hello!<|im_end|>\n"
 
 
 def test_implicit_prompt_is_the_shared_message_prefix(chat_tok):
@@ -388,22 +390,22 @@ def test_implicit_prompt_is_the_shared_message_prefix(chat_tok):
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    assert decode(chat_tok, ex.chosen_ids) == "Paris.<|im_end|>\n"
-    assert decode(chat_tok, ex.rejected_ids) == "London.<|im_end|>\n"
+    assert decode(chat_tok, ex.completions["chosen"]) == "Paris.<|im_end|>\n"
+    assert decode(chat_tok, ex.completions["rejected"]) == "London.<|im_end|>\n"
 
 
 def test_sft_from_prompt_completion_and_from_pairs(chat_tok):
     sft = prepare(FIXTURES / "sft.jsonl", chat_tok, kind="sft")
-    assert decode(chat_tok, sft.examples[1].chosen_ids) == " Goodbye!<|im_end|>\n"
-    assert all(ex.rejected_ids is None for ex in sft.examples)
+    assert decode(chat_tok, sft.examples[1].completions["chosen"]) == " Goodbye!<|im_end|>\n"
+    assert all("rejected" not in ex.completions for ex in sft.examples)
 
     pairs = prepare(FIXTURES / "bad_pairs.jsonl", chat_tok, kind="sft", bad_rows="skip")
     # rows 4 (identical answers) and 5 (no rejected) are fine sft rows: only the chosen answer is used
     assert [ex.row for ex in pairs.examples] == [1, 4, 5, 6]
-    assert decode(chat_tok, pairs.examples[0].chosen_ids) == " You are great.<|im_end|>\n"
+    assert decode(chat_tok, pairs.examples[0].completions["chosen"]) == " You are great.<|im_end|>\n"
 
     implicit = prepare(FIXTURES / "chat_implicit.jsonl", chat_tok, kind="sft", bad_rows="skip")
-    assert decode(chat_tok, implicit.examples[0].chosen_ids) == "Paris.<|im_end|>\n"
+    assert decode(chat_tok, implicit.examples[0].completions["chosen"]) == "Paris.<|im_end|>\n"
 
 
 def test_sft_needs_a_completion(tmp_path, plain_tok):
@@ -414,7 +416,7 @@ def test_sft_needs_a_completion(tmp_path, plain_tok):
 def test_prompts_ignore_extra_columns(plain_tok):
     data = prepare(FIXTURES / "bad_pairs.jsonl", plain_tok, kind="prompts", bad_rows="skip")
     assert [ex.row for ex in data.examples] == [1, 2, 4, 5, 6, 7]  # only row 3's prompt is bad
-    assert all(ex.chosen_ids is None and ex.rejected_ids is None for ex in data.examples)
+    assert all(not ex.completions for ex in data.examples)
 
 
 # --------------------------------------------------------------------------------------
@@ -429,10 +431,10 @@ def test_truncate_keeps_the_prompt_end_and_cuts_completions_at_the_end(tmp_path,
     data = prepare(path, plain_tok, max_length=8, max_prompt_length=4)
     ex = data.examples[0]
     assert decode(plain_tok, ex.prompt_ids) == "ghij"
-    assert decode(plain_tok, ex.chosen_ids) == "0123"  # cut at the end: no end token left
-    assert decode(plain_tok, ex.rejected_ids) == "xyz<|endoftext|>"  # exactly fits: 4 + 4 = 8
+    assert decode(plain_tok, ex.completions["chosen"]) == "0123"  # cut at the end: no end token left
+    assert decode(plain_tok, ex.completions["rejected"]) == "xyz<|endoftext|>"  # exactly fits: 4 + 4 = 8
     assert decode(plain_tok, data.examples[1].prompt_ids) == " hi."  # from "Say hi."
-    assert decode(plain_tok, data.examples[1].chosen_ids) == " Hi!"  # " Hi!" + end token = 5 > 4
+    assert decode(plain_tok, data.examples[1].completions["chosen"]) == " Hi!"  # " Hi!" + end token = 5 > 4
     r = data.report
     assert (r.rows_read, r.rows_kept, r.rows_truncated, r.rows_dropped_overlong) == (2, 2, 2, 0)
 
@@ -440,7 +442,7 @@ def test_truncate_keeps_the_prompt_end_and_cuts_completions_at_the_end(tmp_path,
 def test_rows_that_fit_exactly_are_not_cut(tmp_path, plain_tok):
     data = prepare(write_jsonl(tmp_path / "x.jsonl", [LONG]), plain_tok, max_length=21, max_prompt_length=10)
     ex = data.examples[0]
-    assert (len(ex.prompt_ids), len(ex.chosen_ids), len(ex.rejected_ids)) == (10, 11, 4)
+    assert (len(ex.prompt_ids), len(ex.completions["chosen"]), len(ex.completions["rejected"])) == (10, 11, 4)
     assert data.report.rows_truncated == 0
 
 
@@ -448,7 +450,7 @@ def test_truncate_drops_a_prompt_that_leaves_no_room(tmp_path, plain_tok):
     path = write_jsonl(tmp_path / "x.jsonl", [LONG, GOOD])
     data = prepare(path, plain_tok, max_length=10, max_prompt_length=None)
     assert [ex.row for ex in data.examples] == [2]
-    assert len(data.examples[0].prompt_ids) + len(data.examples[0].chosen_ids) == 10  # 7 + 5 cut to 7 + 3
+    assert len(data.examples[0].prompt_ids) + len(data.examples[0].completions["chosen"]) == 10  # 7 + 5 cut to 7 + 3
     r = data.report
     assert (r.rows_kept, r.rows_truncated, r.rows_dropped_overlong) == (1, 1, 1)
 
@@ -504,8 +506,8 @@ def test_fingerprint_is_stable_and_tracks_every_change(tmp_path, chat_tok):
     assert prepare(path, chat_tok, max_length=40).fingerprint() != base
     assert prepare(path, chat_tok, chat_template="never").fingerprint() != base
 
-    margins = TokenizedDataset([TokenizedExample(1, [1], [2], [3], margin=1.0)], report=None)
-    other = TokenizedDataset([TokenizedExample(1, [1], [2], [3], margin=2.0)], report=None)
+    margins = TokenizedDataset([TokenizedExample(1, [1], {"chosen": [2], "rejected": [3]}, {"margin": 1.0})], report=None)
+    other = TokenizedDataset([TokenizedExample(1, [1], {"chosen": [2], "rejected": [3]}, {"margin": 2.0})], report=None)
     assert margins.fingerprint() != other.fingerprint()
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from prefkit.objectives import LossInputs, Needs
+from prefkit.api.objective import LossInputs, Needs
 from prefkit_builtins.dpo import DPO, DPOParams, dpo_loss
 
 METRICS = {
@@ -98,7 +98,7 @@ def test_unknown_loss_type_is_refused():
 
 
 def test_objective_loss_and_metrics():
-    out = DPO().loss(DPOParams(beta=0.1), LossInputs(PC, None, None, PR, None, None, RC, RR))
+    out = DPO().loss(DPOParams(beta=0.1), LossInputs(chosen_logps=PC, rejected_logps=PR, ref_chosen_logps=RC, ref_rejected_logps=RR))
     close(out.losses, 0.598138869, 0.854355244)
     assert set(out.metrics) == METRICS
     close(out.metrics["rewards/chosen"], 0.1, -0.2)

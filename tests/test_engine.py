@@ -11,17 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 
-import prefkit.engine as engine
-from prefkit.errors import PrefkitError
+import prefkit.loops as engine
+import prefkit.loops.offline as offline
+from prefkit.api.errors import PrefkitError
 from prefkit.recipe import load_recipe
+
+from prefkit.plugins import load_registry
+
+REGISTRY = load_registry()  # the installed plugins, passed explicitly
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "dpo_tiny.yaml"
 
 
 def run(tmp_path, name, *overrides, resume=False):
-    loaded = load_recipe(TINY, [f"output_dir={tmp_path / name}", *overrides])
-    return engine.train(loaded, resume=resume), tmp_path / name
+    loaded = load_recipe(TINY, [f"output_dir={tmp_path / name}", *overrides], registry=REGISTRY)
+    return engine.train(loaded, resume=resume, registry=REGISTRY), tmp_path / name
 
 
 def losses(run_dir):
@@ -32,7 +37,7 @@ def forbid_reference_pass(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the reference model ran although the cache should have answered")
 
-    monkeypatch.setattr(engine, "compute_reference", boom)
+    monkeypatch.setattr(offline, "compute_reference", boom)
 
 
 def test_run_directory_layout_and_learning(tmp_path):
@@ -102,25 +107,25 @@ def test_a_damaged_cache_entry_is_recomputed(tmp_path):
 
 
 def test_cached_reference_equals_the_initial_policy(tmp_path):
-    from prefkit.batching import collate
-    from prefkit.data import prepare_dataset
-    from prefkit.logprobs import sequence_logps, token_logps
-    from prefkit.models import load_model
-    from prefkit.refcache import ReferenceCache
+    from prefkit.data.batching import collate
+    from prefkit.data.prepare import prepare_dataset
+    from prefkit.models.logprobs import sequence_logps, token_logps
+    from prefkit.models.loading import load_model
+    from prefkit.models.refcache import ReferenceCache
 
-    loaded = load_recipe(TINY, [f"output_dir={tmp_path / 'x'}", "train.max_steps=1", "data.eval=null"])
-    engine.train(loaded)
+    loaded = load_recipe(TINY, [f"output_dir={tmp_path / 'x'}", "train.max_steps=1", "data.eval=null"], registry=REGISTRY)
+    engine.train(loaded, registry=REGISTRY)
     recipe = loaded.recipe
-    handle = load_model(recipe.model, loaded.model_options, recipe.resolved_cache_dir())
-    data = prepare_dataset(recipe.data, handle.tokenizer, "pairs")
-    key = engine.reference_fingerprint(weights=handle.weights_fingerprint, tokenizer=handle.tokenizer_fingerprint,
-                                       data=data.fingerprint(), precision="fp32", paired=True)
-    cached = ReferenceCache(recipe.resolved_cache_dir() / "reference").load(key, len(data.examples))
-    batch = collate(data.examples[:3], [0, 1, 2], handle.tokenizer.pad_token_id, paired=True)
+    handle = load_model(recipe.model, loaded.model_options, recipe.resolved_cache_dir(), registry=REGISTRY)
+    data = prepare_dataset(recipe.data, handle.tokenizer, REGISTRY.data_kinds["pairs"], registry=REGISTRY)
+    key = offline.reference_fingerprint(weights=handle.weights_fingerprint, tokenizer=handle.tokenizer_fingerprint,
+                                       data=data.fingerprint(), precision="fp32", names=data.names, tokens=False)
+    cached = ReferenceCache(recipe.resolved_cache_dir() / "reference").load(key, len(data.examples), data.names, False)
+    batch = collate(data.examples[:3], [0, 1, 2], handle.tokenizer.pad_token_id, data.names)
     with torch.no_grad():
         sums = sequence_logps(token_logps(handle.model, batch), batch.completion_mask)
-    torch.testing.assert_close(cached.chosen[:3], sums[:3], rtol=0, atol=1e-4)
-    torch.testing.assert_close(cached.rejected[:3], sums[3:], rtol=0, atol=1e-4)
+    torch.testing.assert_close(cached.sums["chosen"][:3], sums[:3], rtol=0, atol=1e-4)
+    torch.testing.assert_close(cached.sums["rejected"][:3], sums[3:], rtol=0, atol=1e-4)
 
 
 def test_existing_run_is_never_overwritten(tmp_path):

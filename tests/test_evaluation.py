@@ -1,4 +1,4 @@
-"""The harness's estimators against cases computed by hand (prefkit/evaluation.py)."""
+"""The harness's estimators against cases computed by hand (prefkit/compare/evaluation.py)."""
 
 import math
 from pathlib import Path
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from prefkit.evaluation import (
-    best_of_n_kl,
+from prefkit_builtins.best_of_n import best_of_n_kl
+from prefkit.compare.evaluation import (
     mean,
     pair_outcomes,
     sample_kl,
@@ -18,6 +18,10 @@ from prefkit.evaluation import (
     token_kl,
     win_rate,
 )
+
+from prefkit.plugins import load_registry
+
+REGISTRY = load_registry()  # the installed plugins, passed explicitly
 
 
 
@@ -142,11 +146,11 @@ def test_mean_and_std_helpers():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from prefkit.models import load_model
+    from prefkit.models.loading import load_model
     from prefkit.recipe import ModelConfig
 
     handle = load_model(ModelConfig(source="tiny-llama", options={"seed": 0}), None,
-                        Path(tmp_path_factory.mktemp("cache")))
+                        Path(tmp_path_factory.mktemp("cache")), registry=REGISTRY)
     return handle.model.eval(), handle.tokenizer
 
 

@@ -1,4 +1,4 @@
-"""`prefkit compare` end to end on the tiny recipes (prefkit/harness.py, plots.py, report.py)."""
+"""`prefkit compare` end to end on the tiny recipes (prefkit/compare/harness.py, plots.py, report.py)."""
 
 import csv
 import json
@@ -15,12 +15,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import prefkit.sampling
-from prefkit import engine
+import prefkit.models.sampling
+import prefkit.loops as engine
 from prefkit.cli import app
-from prefkit.compare_recipe import load_compare
-from prefkit.errors import PrefkitError
-from prefkit.harness import RESULT_COLUMNS, run_compare
+from prefkit.compare.recipe import load_compare
+from prefkit.api.errors import PrefkitError
+from prefkit.compare.harness import RESULT_COLUMNS, run_compare
+
+from prefkit.plugins import load_registry
+
+REGISTRY = load_registry()  # the installed plugins, passed explicitly
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "compare_tiny.yaml"
@@ -31,8 +35,8 @@ runner = CliRunner()
 
 
 def compare(out: Path, cache: Path, *overrides: str):
-    loaded = load_compare(TINY, [f"output_dir={out}", f"cache_dir={cache}", *overrides])
-    return loaded, run_compare(loaded)
+    loaded = load_compare(TINY, [f"output_dir={out}", f"cache_dir={cache}", *overrides], registry=REGISTRY)
+    return loaded, run_compare(loaded, registry=REGISTRY)
 
 
 def numbers(rows):
@@ -147,7 +151,7 @@ def test_a_rerun_trains_nothing_samples_nothing_and_gives_identical_results(tiny
         raise AssertionError("nothing should be trained or sampled again")
 
     monkeypatch.setattr(engine, "train", fail)
-    monkeypatch.setattr(prefkit.sampling, "generate", fail)
+    monkeypatch.setattr(prefkit.models.sampling, "generate", fail)
     _, again = compare(out, cache)
     assert again == rows and (out / "results.jsonl").read_bytes() == before
 

@@ -1,4 +1,4 @@
-"""`prefkit label`: pairs from hand-made samples (prefkit/labeling.py)."""
+"""`prefkit label`: pairs from hand-made samples (prefkit/compare/labeling.py)."""
 
 import json
 from pathlib import Path
@@ -7,14 +7,18 @@ import pytest
 from typer.testing import CliRunner
 
 from prefkit.cli import app
-from prefkit.errors import DataError, PrefkitError
-from prefkit.labeling import (
+from prefkit.api.errors import DataError, PrefkitError
+from prefkit.compare.labeling import (
     label_samples,
     make_pairs,
     read_samples,
     reward_from_options,
 )
 from prefkit.recipe import DataConfig, RewardConfig
+
+from prefkit.plugins import load_registry
+
+REGISTRY = load_registry()  # the installed plugins, passed explicitly
 
 runner = CliRunner()
 
@@ -51,7 +55,7 @@ def read_pairs(path: Path) -> list[dict]:
 
 def test_best_worst_pairs_by_hand(tmp_path):
     samples = write_samples(tmp_path / "samples.jsonl", SAMPLES)
-    report = label_samples(samples, tmp_path / "pairs.jsonl", reward=None, mode="best-worst")
+    report = label_samples(samples, tmp_path / "pairs.jsonl", reward=None, mode="best-worst", registry=REGISTRY)
     pairs = read_pairs(tmp_path / "pairs.jsonl")
     assert pairs == [
         {"prompt": "Review A:", "chosen": "great", "rejected": "awful", "margin": pytest.approx(0.8)},
@@ -84,8 +88,8 @@ def test_the_same_text_is_a_tie_whatever_its_scores(tmp_path):
 def test_rescoring_with_a_gold_reward(tmp_path):
     rows = rows_for("P", 0, [("eee", 0.0), ("abc", 0.9), ("xyz", 0.5)])  # scores the reward will replace
     samples = write_samples(tmp_path / "samples.jsonl", rows)
-    reward, params = reward_from_options("keywords", ["targets=[e]", "unit=char"])
-    report = label_samples(samples, tmp_path / "pairs.jsonl", reward=reward, reward_params=params, rescore=True)
+    reward, params = reward_from_options("keywords", ["targets=[e]", "unit=char"], registry=REGISTRY)
+    report = label_samples(samples, tmp_path / "pairs.jsonl", reward=reward, reward_params=params, rescore=True, registry=REGISTRY)
     assert report.rescored
     # keywords share of "e": eee 1.0, abc 0.0, xyz 0.0 -> best eee, worst abc (first of the tied worst)
     assert read_pairs(tmp_path / "pairs.jsonl") == [{"prompt": "P", "chosen": "eee", "rejected": "abc", "margin": 1.0}]
@@ -94,25 +98,25 @@ def test_rescoring_with_a_gold_reward(tmp_path):
 def test_scores_without_a_column_need_a_reward(tmp_path):
     samples = write_samples(tmp_path / "samples.jsonl", rows_for("P", 0, [("a", None), ("b", None)]))
     with pytest.raises(PrefkitError, match="--reward"):
-        label_samples(samples, tmp_path / "pairs.jsonl", reward=None)
+        label_samples(samples, tmp_path / "pairs.jsonl", reward=None, registry=REGISTRY)
 
 
 def test_a_different_reward_than_the_samples_were_scored_with_rescores(tmp_path):
     rows = rows_for("P", 0, [("eee", 0.0), ("abc", 0.9)])
     samples = write_samples(tmp_path / "samples.jsonl", rows, summary={"reward": "sentiment"})
-    reward, params = reward_from_options("keywords", ["targets=[e]", "unit=char"])
-    report = label_samples(samples, tmp_path / "pairs.jsonl", reward=reward, reward_params=params)
+    reward, params = reward_from_options("keywords", ["targets=[e]", "unit=char"], registry=REGISTRY)
+    report = label_samples(samples, tmp_path / "pairs.jsonl", reward=reward, reward_params=params, registry=REGISTRY)
     assert report.rescored and read_pairs(tmp_path / "pairs.jsonl")[0]["chosen"] == "eee"
     # the same reward as the summary records: the column is reused
     samples = write_samples(tmp_path / "samples.jsonl", rows, summary={"reward": "keywords"})
-    report = label_samples(samples, tmp_path / "pairs.jsonl", reward=reward, reward_params=params)
+    report = label_samples(samples, tmp_path / "pairs.jsonl", reward=reward, reward_params=params, registry=REGISTRY)
     assert not report.rescored and read_pairs(tmp_path / "pairs.jsonl")[0]["chosen"] == "abc"
 
 
 def test_conversational_prompts_give_conversational_pairs(tmp_path):
     prompt = [{"role": "user", "content": "Tell me about the film."}]
     samples = write_samples(tmp_path / "s.jsonl", rows_for(prompt, 0, [("Loved it.", 0.9), ("Hated it.", 0.1)]))
-    label_samples(samples, tmp_path / "pairs.jsonl", reward=None, margin=False)
+    label_samples(samples, tmp_path / "pairs.jsonl", reward=None, margin=False, registry=REGISTRY)
     assert read_pairs(tmp_path / "pairs.jsonl") == [{
         "prompt": prompt,
         "chosen": [{"role": "assistant", "content": "Loved it."}],
@@ -121,14 +125,15 @@ def test_conversational_prompts_give_conversational_pairs(tmp_path):
 
 
 def test_the_pairs_file_is_valid_preference_data(tmp_path):
-    from prefkit.data import prepare_dataset
-    from prefkit.tiny import build_tiny_tokenizer
+    from prefkit.data.prepare import prepare_dataset
+    from prefkit.models.tiny import build_tiny_tokenizer
 
     samples = write_samples(tmp_path / "samples.jsonl", SAMPLES)
-    label_samples(samples, tmp_path / "pairs.jsonl", reward=None, mode="all-pairs")
-    data = prepare_dataset(DataConfig(train=str(tmp_path / "pairs.jsonl")), build_tiny_tokenizer(), "pairs")
+    label_samples(samples, tmp_path / "pairs.jsonl", reward=None, mode="all-pairs", registry=REGISTRY)
+    data = prepare_dataset(DataConfig(train=str(tmp_path / "pairs.jsonl")), build_tiny_tokenizer(), REGISTRY.data_kinds["pairs"],
+                           registry=REGISTRY)
     assert data.report.rows_kept == 6 and data.report.rows_skipped_bad == 0
-    assert all(ex.margin is not None and ex.margin > 0 for ex in data.examples)
+    assert all(ex.columns.get("margin", 0) > 0 for ex in data.examples)
 
 
 def test_bad_sample_rows_are_named_by_line(tmp_path):
@@ -144,12 +149,12 @@ def test_bad_sample_rows_are_named_by_line(tmp_path):
 
 def test_reward_options_are_checked():
     with pytest.raises(PrefkitError, match="unknown reward function"):
-        reward_from_options("nope", [])
+        reward_from_options("nope", [], registry=REGISTRY)
     with pytest.raises(PrefkitError, match="unit"):
-        reward_from_options("keywords", ["targets=[e]", "unit=letter"])
+        reward_from_options("keywords", ["targets=[e]", "unit=letter"], registry=REGISTRY)
     with pytest.raises(PrefkitError, match="bogus: unknown parameter"):
-        reward_from_options("keywords", ["targets=[e]", "bogus=1"])
-    cfg, params = reward_from_options("keywords", ["targets=[e, a]", "mode=count"])
+        reward_from_options("keywords", ["targets=[e]", "bogus=1"], registry=REGISTRY)
+    cfg, params = reward_from_options("keywords", ["targets=[e, a]", "mode=count"], registry=REGISTRY)
     assert cfg == RewardConfig(name="keywords", params={"targets": ["e", "a"], "mode": "count"})
     assert params.targets == ["e", "a"]
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import prefkit.tiny
-from prefkit.errors import PrefkitError
-from prefkit.models import (
+import prefkit.models.tiny
+from prefkit.api.errors import PrefkitError
+from prefkit.models.loading import (
     LoadedModel,
     atomic_directory,
     load_model,
@@ -90,8 +90,8 @@ def test_builtin_sources_are_registered_through_the_entry_point():
 
 def test_tiny_llama_materializes_once(tmp_path, monkeypatch):
     calls = []
-    real = prefkit.tiny.build_tiny_model
-    monkeypatch.setattr(prefkit.tiny, "build_tiny_model", lambda **kw: calls.append(1) or real(**kw))
+    real = prefkit.models.tiny.build_tiny_model
+    monkeypatch.setattr(prefkit.models.tiny, "build_tiny_model", lambda **kw: calls.append(1) or real(**kw))
     source, params = TinyLlamaSource(), TinyLlamaParams()
 
     first = source.materialize(params, tmp_path)
@@ -158,7 +158,7 @@ def test_load_model_returns_fp32_train_ready_model_and_right_padded_tokenizer(re
 
 
 def test_pad_token_falls_back_to_eos(tmp_path):
-    tok = prefkit.tiny.build_tiny_tokenizer()
+    tok = prefkit.models.tiny.build_tiny_tokenizer()
     tok.pad_token = None
     tok.padding_side = "left"
     tok.save_pretrained(tmp_path)
@@ -171,7 +171,7 @@ def test_local_directory_and_tokenizer_override(registry, cache, tmp_path):
     tiny_dir = load_tiny(registry, cache).path
     assert resolve_model_dir(ModelConfig(source=tiny_dir), None, cache, registry=registry) == tiny_dir
 
-    other = prefkit.tiny.build_tiny_tokenizer(chat_template=False)
+    other = prefkit.models.tiny.build_tiny_tokenizer(chat_template=False)
     other.save_pretrained(tmp_path / "tok")
     cfg = ModelConfig(source=tiny_dir, tokenizer=str(tmp_path / "tok"))
     loaded = load_model(cfg, None, cache, registry=registry)
@@ -357,7 +357,7 @@ def test_missing_smollm2_package_names_the_install_command(registry, tmp_path, m
 
 
 def test_remote_code_is_refused_by_default(registry, cache, tmp_path):
-    prefkit.tiny.build_tiny_tokenizer().save_pretrained(tmp_path)
+    prefkit.models.tiny.build_tiny_tokenizer().save_pretrained(tmp_path)
     auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"}
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "x", "auto_map": auto_map}))
     marker = tmp_path / "code-ran"

@@ -10,10 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-import prefkit.engine as engine
-from prefkit.errors import PrefkitError
+import prefkit.loops as engine
+from prefkit.api.errors import PrefkitError
 from prefkit.recipe import load_recipe
-from prefkit.rollout import VALUE_HEAD_FILE, PolicyWithValueHead, policy_forward, train_online
+from prefkit.loops.online import PolicyWithModules, policy_forward
+from prefkit.loops.online import train as train_online
+from prefkit_builtins.ppo_kl import PPOKL, PPOParams
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+from prefkit.plugins import load_registry
+
+REGISTRY = load_registry()  # the installed plugins, passed explicitly
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "ppo_kl_tiny.yaml"
@@ -27,16 +35,16 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def run(tmp_path, name, *overrides, resume=False):
-    loaded = load_recipe(TINY, [f"output_dir={tmp_path / name}", *overrides])
-    return train_online(loaded, resume=resume), tmp_path / name
+    loaded = load_recipe(TINY, [f"output_dir={tmp_path / name}", *overrides], registry=REGISTRY)
+    return engine.train(loaded, resume=resume, registry=REGISTRY), tmp_path / name
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """The shipped tiny recipe as is (30 rollouts), through the engine's own entry point."""
     root = tmp_path_factory.mktemp("ppo")
-    loaded = load_recipe(TINY, [f"output_dir={root / 'run'}", f"cache_dir={root / 'cache'}"])
-    summary = engine.train(loaded)
+    loaded = load_recipe(TINY, [f"output_dir={root / 'run'}", f"cache_dir={root / 'cache'}"], registry=REGISTRY)
+    summary = engine.train(loaded, registry=REGISTRY)
     return summary, root / "run"
 
 
@@ -71,9 +79,9 @@ def test_run_directory_layout(tiny_run):
                  "state.json", "recipe.resolved.yaml"]:
         assert (ckpt / name).exists(), name
     state = json.loads((ckpt / "state.json").read_text())
-    assert state["step"] == 30 and state["kl_controller"] == {"value": 0.01} and state["reward_normaliser"] is None
+    assert state["step"] == 30 and state["objective_state"] == {"kl_controller": {"value": 0.01}, "reward_normaliser": None}
     trainable = load_file(str(ckpt / "trainable.safetensors"))
-    assert {"value_head.weight", "value_head.bias"} <= set(trainable)
+    assert {"extra.value_head.weight", "extra.value_head.bias"} <= set(trainable)
     assert any(name.startswith("policy.") for name in trainable)
     # final/: the policy loads with plain transformers; the value head sits beside it
     model = AutoModelForCausalLM.from_pretrained(out / "final")
@@ -81,7 +89,7 @@ def test_run_directory_layout(tiny_run):
     assert model.config.vocab_size == len(tokenizer)
     head = load_file(str(out / "final" / VALUE_HEAD_FILE))
     assert head["weight"].shape == (1, 64) and head["bias"].shape == (1,)
-    torch.testing.assert_close(head["weight"], trainable["value_head.weight"])
+    torch.testing.assert_close(head["weight"], trainable["extra.value_head.weight"])
     saved = json.loads((out / "run.json").read_text())
     assert saved["objective"] == "ppo_kl" and saved["steps"] == 30 and saved["reference_cache"] == "none"
     assert saved["examples_per_step"] == 32 and saved["tokens_per_s"] > 0
@@ -94,7 +102,7 @@ def test_resume_continues_exactly(tmp_path):
     """Adaptive KL, reward normalisation and the EOS penalty all carry state across the checkpoint."""
     common = ["train.save_every=2", "objective.params.adaptive_kl=true", "objective.params.kl_horizon=100",
               "objective.params.normalize_reward=true", "objective.params.missing_eos_penalty=0.5",
-              "objective.params.mini_batch_size=16", "objective.params.ppo_epochs=2"]
+              "objective.params.mini_batch_size=16", "objective.params.update_epochs=2"]
     run(tmp_path, "whole", *common, "train.max_steps=6")
     run(tmp_path, "parts", *common, "train.max_steps=3")  # checkpoints at steps 2 and 3
     summary, _ = run(tmp_path, "parts", *common, "train.max_steps=6", resume=True)
@@ -104,7 +112,7 @@ def test_resume_continues_exactly(tmp_path):
     assert [[r[k] for k in keys] for r in records(tmp_path / "parts")] == whole  # exact float equality
     assert len({r[4] for r in whole}) > 1  # the adaptive coefficient did move
     state = json.loads((tmp_path / "parts" / "checkpoints" / "step-6" / "state.json").read_text())
-    assert state["reward_normaliser"]["count"] == 6 * 32
+    assert state["objective_state"]["reward_normaliser"]["count"] == 6 * 32
 
 
 def test_minibatch_chunking_does_not_change_the_update(tmp_path):
@@ -121,28 +129,30 @@ def test_lora_reference_is_the_adapter_disabled(tmp_path):
     from safetensors.torch import load_file
 
     _, out = run(tmp_path, "lora", "train.max_steps=2", "train.save_every=2", "model.lora.r=4",
-                 "objective.params.ppo_epochs=1")
+                 "objective.params.update_epochs=1")
     logged = records(out)
     assert logged[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # LoRA's B starts at zero
     assert logged[1]["kl"] != 0.0
     names = set(load_file(str(out / "checkpoints" / "step-2" / "trainable.safetensors")))
-    assert {"value_head.weight", "value_head.bias"} <= names
-    assert all("lora_" in n or n.startswith("value_head.") for n in names)
+    assert {"extra.value_head.weight", "extra.value_head.bias"} <= names
+    assert all("lora_" in n or n.startswith("extra.value_head.") for n in names)
     assert (out / "final" / "adapter").is_dir() and (out / "final" / VALUE_HEAD_FILE).exists()
 
 
 def test_policy_forward_matches_token_logps():
-    from prefkit.batching import collate
-    from prefkit.data import TokenizedExample
-    from prefkit.logprobs import token_logps
-    from prefkit.tiny import build_tiny_model
+    from prefkit.data.batching import collate
+    from prefkit.data.prepare import TokenizedExample
+    from prefkit.models.logprobs import token_logps
+    from prefkit.models.tiny import build_tiny_model
 
     policy = build_tiny_model(260).eval()
-    model = PolicyWithValueHead(policy, 64)
-    examples = [TokenizedExample(1, [5, 6, 7], [8, 9, 2], None), TokenizedExample(2, [5, 6], [10, 2], None)]
-    batch = collate(examples, [0, 1], 3, paired=False)
+    objective, params = PPOKL(), PPOParams()
+    model = PolicyWithModules(policy, objective.modules(params, 64), hidden_states=True)
+    examples = [TokenizedExample(1, [5, 6, 7], {"completion": [8, 9, 2]}), TokenizedExample(2, [5, 6], {"completion": [10, 2]})]
+    batch = collate(examples, [0, 1], 3, ("completion",))
     with torch.no_grad():
-        logps, values, entropy, mask = policy_forward(model, batch, with_entropy=True)
+        logps, entropy, outputs, mask = policy_forward(model, objective, params, batch, with_entropy=True)
+        values = outputs["values"]
         full = token_logps(policy, batch)
     assert mask.tolist() == [[True, True, True], [True, True, False]]
     torch.testing.assert_close(logps[mask], full[batch.completion_mask], rtol=0, atol=1e-6)
@@ -169,3 +179,18 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path, override,
     with pytest.raises(PrefkitError, match=message):
         run(tmp_path, "bad", override)
     assert not (tmp_path / "bad").exists()
+
+
+def test_ppo_numbers_are_unchanged_by_the_move_into_its_plugin(tiny_run):
+    """tests/data/ppo_kl_tiny_metrics.jsonl was logged by the tiny recipe when PPO's loop still lived
+    in the core (commit f3cc89f); the generic online loop driving the ppo_kl plugin gives the same
+    numbers (tokens_per_s, a timing, left out)."""
+    _, out = tiny_run
+    golden = [json.loads(line) for line in (ROOT / "tests" / "data" / "ppo_kl_tiny_metrics.jsonl").read_text().splitlines()]
+    logged = records(out)
+    assert len(logged) == len(golden) == 30
+    for now, before in zip(logged, golden):
+        now = {k: v for k, v in now.items() if k != "tokens_per_s"}
+        assert set(now) == set(before)
+        for key, value in before.items():
+            assert now[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (before["step"], key)

@@ -15,14 +15,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from prefkit.objectives import Needs
+from prefkit.api.objective import Needs
+from prefkit.loops.online import entropy_from_logits
 from prefkit_builtins.ppo_kl import (
     PPOKL,
     AdaptiveKLController,
     FixedKLController,
     PPOParams,
     RunningMoments,
-    entropy_from_logits,
     gae,
     kl_penalty,
     masked_mean,
@@ -293,16 +293,15 @@ def test_needs_and_kind():
     objective = PPOKL()
     assert objective.kind == "online" and objective.name == "ppo_kl"
     assert objective.needs(PPOParams()) == Needs(
-        data="prompts", reference=True, reward=True, generation=True, value_head=True
+        data="prompts", reference=True, reward=True, generation=True, hidden_states=True
     )
-    with pytest.raises(TypeError, match="no offline loss"):
-        objective.loss(PPOParams(), None)
+    assert set(objective.modules(PPOParams(), 8)) == {"value_head"}  # the value head is PPO's own
 
 
 def test_params_defaults():
     p = PPOParams()
     assert (p.kl_coef, p.adaptive_kl, p.target_kl, p.kl_horizon, p.kl_estimator) == (0.05, False, 6.0, 10000, "k1")
-    assert (p.ppo_epochs, p.mini_batch_size, p.rollout_batch_size) == (4, None, 8)
+    assert (p.update_epochs, p.mini_batch_size, p.rollout_batch_size) == (4, None, 8)
     assert (p.clip_range, p.clip_range_value, p.vf_coef, p.gamma, p.lam) == (0.2, 0.2, 0.1, 1.0, 0.95)
     assert (p.whiten_advantages, p.normalize_reward, p.missing_eos_penalty) == (True, False, None)
     assert all(f.description for f in PPOParams.model_fields.values())
@@ -311,7 +310,7 @@ def test_params_defaults():
 @pytest.mark.parametrize(
     "bad",
     [{"kl_cof": 0.1}, {"kl_coef": -0.1}, {"target_kl": 0}, {"kl_horizon": 0}, {"kl_estimator": "k2"},
-     {"ppo_epochs": 0}, {"mini_batch_size": 0}, {"rollout_batch_size": 0}, {"clip_range": 0},
+     {"update_epochs": 0}, {"mini_batch_size": 0}, {"rollout_batch_size": 0}, {"clip_range": 0},
      {"gamma": 1.5}, {"lam": -0.1}, {"missing_eos_penalty": -1.0}, {"max_new_tokens": 10}],
 )
 def test_params_refuse_bad_values(bad):

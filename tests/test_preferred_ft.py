@@ -14,8 +14,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from prefkit.objectives import LossInputs, Needs
+from prefkit.api.objective import LossInputs, Needs
 from prefkit_builtins.preferred_ft import PreferredFT, PreferredFTParams, sft_loss
+
+from prefkit.plugins import load_registry
+
+REGISTRY = load_registry()  # the installed plugins, passed explicitly
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "preferred_ft_tiny.yaml"
@@ -161,11 +165,11 @@ def test_math_reference_values():
 
 
 def test_end_to_end_on_the_tiny_model(tmp_path):
-    import prefkit.engine as engine
+    import prefkit.loops as engine
     from prefkit.recipe import load_recipe
 
     out = tmp_path / "run"
-    summary = engine.train(load_recipe(TINY, [f"output_dir={out}"]))
+    summary = engine.train(load_recipe(TINY, [f"output_dir={out}"], registry=REGISTRY), registry=REGISTRY)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 25))
     for key in ["loss", "logps/chosen", "nll/token", "ppl", "lr", "tokens_per_s"]:
@@ -187,13 +191,13 @@ def test_end_to_end_on_the_tiny_model(tmp_path):
 
 def test_end_to_end_on_prompt_completion_data(tmp_path):
     """The same objective reads prompt/completion rows (the shipped tiny-sft set)."""
-    import prefkit.engine as engine
+    import prefkit.loops as engine
     from prefkit.recipe import load_recipe
 
     out = tmp_path / "sft"
     overrides = [f"output_dir={out}", "data.train=tiny-sft", "data.eval=null", "train.max_steps=3",
                  "train.save_every=null"]
-    summary = engine.train(load_recipe(TINY, overrides))
+    summary = engine.train(load_recipe(TINY, overrides, registry=REGISTRY), registry=REGISTRY)
     assert summary["steps"] == 3 and summary["reference_cache"] == "none"
     assert summary["data"]["train"]["rows_kept"] == 24
     assert math.isfinite(summary["final_metrics"]["loss"])

@@ -5,8 +5,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prefkit.errors import RecipeError
+from prefkit.api.errors import RecipeError
 from prefkit.recipe import apply_overrides, load_recipe, parse_override
+
+from prefkit.plugins import load_registry
+
+REGISTRY = load_registry()  # the installed plugins, passed explicitly
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "dpo_tiny.yaml"
@@ -27,7 +31,7 @@ def problems(exc_info):
 
 
 def test_tiny_recipe_is_valid_and_objective_params_are_typed():
-    loaded = load_recipe(TINY)
+    loaded = load_recipe(TINY, registry=REGISTRY)
     assert loaded.objective.name == "dpo"
     assert loaded.params.beta == 0.1
     assert loaded.model_options.hidden_size == 64
@@ -38,7 +42,7 @@ def test_tiny_recipe_is_valid_and_objective_params_are_typed():
 def test_unknown_top_level_key_is_named(tmp_path):
     path = write(tmp_path, {**tiny_dict(), "bogus_key": 1})
     with pytest.raises(RecipeError) as exc:
-        load_recipe(path)
+        load_recipe(path, registry=REGISTRY)
     assert problems(exc) == {"bogus_key": "unknown key"}
     assert str(path) in str(exc.value) and "bogus_key" in str(exc.value)
 
@@ -48,7 +52,7 @@ def test_nested_unknown_key_and_wrong_type_are_named(tmp_path):
     data["train"]["lerning_rate"] = 1
     data["train"]["batch_size"] = "four"
     with pytest.raises(RecipeError) as exc:
-        load_recipe(write(tmp_path, data))
+        load_recipe(write(tmp_path, data), registry=REGISTRY)
     found = problems(exc)
     assert found["train.lerning_rate"] == "unknown key"
     assert "integer" in found["train.batch_size"]
@@ -58,7 +62,7 @@ def test_missing_required_section(tmp_path):
     data = tiny_dict()
     del data["model"]
     with pytest.raises(RecipeError) as exc:
-        load_recipe(write(tmp_path, data))
+        load_recipe(write(tmp_path, data), registry=REGISTRY)
     assert problems(exc) == {"model": "required key is missing"}
 
 
@@ -66,7 +70,7 @@ def test_objective_params_are_validated_by_the_objective(tmp_path):
     data = tiny_dict()
     data["objective"]["params"] = {"beta": -1, "gamma": 2}
     with pytest.raises(RecipeError) as exc:
-        load_recipe(write(tmp_path, data))
+        load_recipe(write(tmp_path, data), registry=REGISTRY)
     found = problems(exc)
     assert "objective.params.beta" in found and found["objective.params.gamma"] == "unknown key"
 
@@ -75,7 +79,7 @@ def test_unknown_objective_lists_the_registered_ones(tmp_path):
     data = tiny_dict()
     data["objective"]["name"] = "dpoo"
     with pytest.raises(RecipeError) as exc:
-        load_recipe(write(tmp_path, data))
+        load_recipe(write(tmp_path, data), registry=REGISTRY)
     message = problems(exc)["objective.name"]
     assert "'dpoo'" in message and "dpo" in message
 
@@ -84,7 +88,7 @@ def test_model_source_options_are_validated(tmp_path):
     data = tiny_dict()
     data["model"]["options"] = {"hidden": 3}
     with pytest.raises(RecipeError) as exc:
-        load_recipe(write(tmp_path, data))
+        load_recipe(write(tmp_path, data), registry=REGISTRY)
     assert problems(exc) == {"model.options.hidden": "unknown key"}
 
 
@@ -92,7 +96,7 @@ def test_options_on_a_plain_path_are_refused(tmp_path):
     data = tiny_dict()
     data["model"] = {"source": "some-org/some-model", "options": {"x": 1}}
     with pytest.raises(RecipeError) as exc:
-        load_recipe(write(tmp_path, data))
+        load_recipe(write(tmp_path, data), registry=REGISTRY)
     assert "model.options" in problems(exc)
 
 
@@ -102,19 +106,19 @@ def test_options_on_a_plain_path_are_refused(tmp_path):
 )
 def test_bad_yaml_documents(tmp_path, text, where):
     with pytest.raises(RecipeError) as exc:
-        load_recipe(write(tmp_path, text))
+        load_recipe(write(tmp_path, text), registry=REGISTRY)
     assert where in str(exc.value)
 
 
 def test_missing_file():
     with pytest.raises(RecipeError, match="file not found"):
-        load_recipe("does/not/exist.yaml")
+        load_recipe("does/not/exist.yaml", registry=REGISTRY)
 
 
 def test_yaml_is_parsed_safely(tmp_path):
     path = write(tmp_path, "output_dir: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
-        load_recipe(path)
+        load_recipe(path, registry=REGISTRY)
 
 
 def test_overrides_use_the_recipe_key_paths():
@@ -123,13 +127,13 @@ def test_overrides_use_the_recipe_key_paths():
     assert parse_override("model.lora={r: 4}") == (["model", "lora"], {"r": 4})
     data = apply_overrides({"train": {"lr": 1.0}}, ["train.lr=2", "model.lora.r=4"])
     assert data == {"train": {"lr": 2}, "model": {"lora": {"r": 4}}}
-    loaded = load_recipe(TINY, ["output_dir=/tmp/elsewhere", "objective.params.beta=0.5"])
+    loaded = load_recipe(TINY, ["output_dir=/tmp/elsewhere", "objective.params.beta=0.5"], registry=REGISTRY)
     assert loaded.recipe.output_dir == "/tmp/elsewhere" and loaded.params.beta == 0.5
 
 
 def test_bad_override_key_is_named():
     with pytest.raises(RecipeError) as exc:
-        load_recipe(TINY, ["train.bogus=1"])
+        load_recipe(TINY, ["train.bogus=1"], registry=REGISTRY)
     assert problems(exc) == {"train.bogus": "unknown key"}
     with pytest.raises(RecipeError, match="dotted.key=value"):
-        load_recipe(TINY, ["no-equals-sign"])
+        load_recipe(TINY, ["no-equals-sign"], registry=REGISTRY)

@@ -8,6 +8,10 @@ import yaml
 
 from prefkit.recipe import load_recipe
 
+from prefkit.plugins import load_registry
+
+REGISTRY = load_registry()  # the installed plugins, passed explicitly
+
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").rglob("*.yaml"))
 
 
@@ -19,8 +23,8 @@ def test_recipes_are_found():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_recipe_validates(path):
     if "arms" in (yaml.safe_load(path.read_text()) or {}):
-        from prefkit.compare_recipe import load_compare
+        from prefkit.compare.recipe import load_compare
 
-        assert load_compare(path).arms
+        assert load_compare(path, registry=REGISTRY).arms
     else:
-        assert load_recipe(path).recipe.output_dir
+        assert load_recipe(path, registry=REGISTRY).recipe.output_dir

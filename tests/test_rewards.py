@@ -9,19 +9,23 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from prefkit.data import prepare_dataset
-from prefkit.errors import PrefkitError
+from prefkit.data.prepare import prepare_dataset
+from prefkit.api.errors import PrefkitError
 from prefkit.plugins import Registry, load_registry
 from prefkit.recipe import DataConfig, RewardConfig
-from prefkit.rewards import CheckedScorer, RewardFunction, RewardParams, Scorer, build_reward, prompt_text
-from prefkit.tiny import build_tiny_tokenizer
+from prefkit.models.rewards import CheckedScorer, RewardFunction, RewardParams, Scorer, build_reward, prompt_text
+from prefkit.models.tiny import build_tiny_tokenizer
 from prefkit_builtins.rewards import chars_of, fit, words_of
+
+from prefkit.plugins import load_registry
+
+REGISTRY = load_registry()  # the installed plugins, passed explicitly
 
 
 
 
 def build(name: str, **params) -> CheckedScorer:
-    return build_reward(RewardConfig(name=name, params=params), None, cache_dir="unused", device="cpu")
+    return build_reward(RewardConfig(name=name, params=params), None, cache_dir="unused", device="cpu", registry=REGISTRY)
 
 
 # --------------------------------------------------------------------------- the hook
@@ -101,9 +105,10 @@ def test_prepared_prompts_keep_their_raw_prompt(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokenizer = build_tiny_tokenizer()
     for kind in ("prompts", "pairs", "sft"):
-        data = prepare_dataset(DataConfig(train=str(path)), tokenizer, kind, registry=Registry())
+        data = prepare_dataset(DataConfig(train=str(path)), tokenizer, REGISTRY.data_kinds[kind],
+                               registry=Registry(data_kinds=REGISTRY.data_kinds))
         assert [ex.prompt for ex in data.examples] == ["Say hi.", "Count."]
-    chat = prepare_dataset(DataConfig(train="tiny-prefs-chat"), tokenizer, "prompts")
+    chat = prepare_dataset(DataConfig(train="tiny-prefs-chat"), tokenizer, REGISTRY.data_kinds["prompts"], registry=REGISTRY)
     first = chat.examples[0].prompt
     assert isinstance(first, list) and first[-1]["role"] == "user"
 

@@ -1,4 +1,4 @@
-"""prefkit.sampling.generate: batched, left-padded, reproducible sampling on the tiny Llama.
+"""prefkit.models.sampling.generate: batched, left-padded, reproducible sampling on the tiny Llama.
 
 The tiny model is random-initialised and its tokenizer byte-level, so completions are noise;
 what is tested is the machinery: counts, greedy decoding, seeding, end tokens, padding.
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from prefkit.models import load_model
+from prefkit.models.loading import load_model
 from prefkit.plugins import load_registry
 from prefkit.recipe import ModelConfig, SamplingConfig
-from prefkit.sampling import Sample, _cut, end_token_ids, generate, sample_uniforms
+from prefkit.models.sampling import Sample, _cut, end_token_ids, generate, sample_uniforms
 
 
 

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from prefkit.cli import app
-from prefkit.errors import PrefkitError
+from prefkit.api.errors import PrefkitError
 from prefkit.scaffold import new_objective, package_names, render
 from prefkit.testing import install_plugin  # noqa: F401  (a fixture)
 
@@ -38,7 +38,7 @@ def test_generated_package_passes_its_own_tests(tmp_path):
 
 
 def test_generated_package_registers_validates_and_trains(tmp_path, install_plugin):
-    from prefkit.engine import train
+    from prefkit.loops.offline import train
     from prefkit.plugins import build_registry
     from prefkit.recipe import load_recipe
 
@@ -75,5 +75,5 @@ def test_cli(tmp_path):
 def test_refuses_to_overwrite(tmp_path):
     (tmp_path / "prefkit-x").mkdir()
     with pytest.raises(PrefkitError, match="already exists"):
-        new_objective("x", tmp_path, check_registry=False)
+        new_objective("x", tmp_path)
     assert list(Path(tmp_path / "prefkit-x").iterdir()) == []

@@ -8,9 +8,9 @@ import types
 
 import pytest
 
-from prefkit import trackers as trackers_module
-from prefkit.errors import PrefkitError
-from prefkit.trackers import Trackers, check_trackers, flat_config, scalars, start_trackers
+from prefkit.loops import trackers as trackers_module
+from prefkit.api.errors import PrefkitError
+from prefkit.loops.trackers import Trackers, check_trackers, flat_config, scalars, start_trackers
 
 RECORD = {"step": 3, "epoch": 0.5, "loss": 0.69, "rewards/margins": 0.1, "lr": 1e-3}
 CONFIG = {"output_dir": "runs/x", "train": {"lr": 0.001, "adam_betas": [0.9, 0.999], "save_every": None},

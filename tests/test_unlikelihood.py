@@ -16,7 +16,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from prefkit.objectives import LossInputs, Needs
+from prefkit.api.objective import LossInputs, Needs
 from prefkit_builtins.preferred_ft import sft_loss
 from prefkit_builtins.unlikelihood import (
     MAX_LOGP,
@@ -26,6 +26,10 @@ from prefkit_builtins.unlikelihood import (
     log1mexp,
     unlikelihood_loss,
 )
+
+from prefkit.plugins import load_registry
+
+REGISTRY = load_registry()  # the installed plugins, passed explicitly
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "unlikelihood_tiny.yaml"
@@ -265,11 +269,11 @@ def test_math_reference_values():
 
 
 def test_end_to_end_on_the_tiny_model(tmp_path):
-    import prefkit.engine as engine
+    import prefkit.loops as engine
     from prefkit.recipe import load_recipe
 
     out = tmp_path / "run"
-    summary = engine.train(load_recipe(TINY, [f"output_dir={out}"]))
+    summary = engine.train(load_recipe(TINY, [f"output_dir={out}"], registry=REGISTRY), registry=REGISTRY)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 25))
     for key in ["loss", "logps/chosen", "logps/rejected", "logps/margins", "accuracy/logps", "nll/token",

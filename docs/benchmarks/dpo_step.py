@@ -18,12 +18,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from prefkit.batching import collate
-from prefkit.data import prepare_dataset
-from prefkit.engine import loss_inputs
-from prefkit.logprobs import token_logps
-from prefkit.models import load_model
-from prefkit.objectives import Needs
+from prefkit.data.batching import collate
+from prefkit.data.prepare import prepare_dataset
+from prefkit.loops.offline import loss_inputs
+from prefkit.models.logprobs import token_logps
+from prefkit.models.loading import load_model
+from prefkit.api.objective import Needs
 from prefkit.recipe import load_recipe
 from prefkit_builtins.dpo import DPO, DPOParams
 

@@ -13,18 +13,18 @@ Papers:
   https://arxiv.org/abs/2112.09332 (best-of-n rejection sampling against a reward model)
 - Stiennon et al. 2020, "Learning to summarize from human feedback", https://arxiv.org/abs/2009.01325
 
-The sampling and selection live in :func:`prefkit.sampling.best_of_n`; ``prefkit sample RECIPE``
+The sampling and selection live in :func:`prefkit.models.sampling.best_of_n`; ``prefkit sample RECIPE``
 runs it for a recipe whose objective is ``best_of_n``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import Field
 
-from prefkit.hookspecs import hookimpl
-from prefkit.objectives import Needs, Objective, ObjectiveParams
+from prefkit.api import InferenceObjective, Needs, ObjectiveParams, hookimpl
 
 
 class BestOfNParams(ObjectiveParams):
@@ -33,12 +33,22 @@ class BestOfNParams(ObjectiveParams):
     n: int = Field(16, ge=1, le=128, description="Candidates sampled per prompt; the best-scored one is kept.")
 
 
-class BestOfN(Objective):
+def best_of_n_kl(n: int) -> float:
+    """The analytic KL(pi_bon || pi_ref) bound of best-of-``n``: ``log n - (n-1)/n`` (0 for n = 1).
+
+    Stiennon et al. 2020 (appendix G.3) give it as the KL of best-of-n; Beirami et al. 2024
+    (https://arxiv.org/abs/2401.01879) prove it is an upper bound on the true KL.
+    """
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    return math.log(n) - (n - 1) / n
+
+
+class BestOfN(InferenceObjective):
     """Sample ``n`` completions per prompt, keep the one the recipe's reward scores highest."""
 
     name = "best_of_n"
     description = "Best-of-N sampling: n completions per prompt, keep the one the reward scores highest (no training)."
-    kind = "inference"
     Params = BestOfNParams
 
     def needs(self, params: BestOfNParams) -> Needs:
@@ -58,11 +68,20 @@ class BestOfN(Objective):
         num_samples: int = 1,
         progress: Any = None,
     ) -> list[list[Any]]:
-        """``num_samples`` best-of-``n`` completions per prompt (lists of :class:`prefkit.sampling.Sample`)."""
-        from prefkit.sampling import best_of_n_groups
+        """``num_samples`` best-of-``n`` completions per prompt (lists of :class:`prefkit.models.sampling.Sample`)."""
+        from prefkit.models.sampling import best_of_n_groups
 
         return best_of_n_groups(model, tokenizer, prompt_ids, prompts, scorer, params.n, cfg, seed=seed,
                                 num_outputs=num_samples, progress=progress)
+
+    def kl(self, params: BestOfNParams) -> float:
+        return best_of_n_kl(params.n)
+
+    def kl_method(self, params: BestOfNParams) -> str:
+        return "bon_analytic"
+
+    def samples_per_output(self, params: BestOfNParams) -> int:
+        return params.n
 
 
 @hookimpl

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefkit.data import NamedDataset
-from prefkit.hookspecs import hookimpl
+from prefkit.api import NamedDataset, hookimpl
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -20,9 +19,22 @@ SHIPPED = [
         files={"train": DATA_DIR / "quickstart_train.jsonl", "test": DATA_DIR / "quickstart_test.jsonl"},
     ),
     NamedDataset(
+        name="quickstart-unpaired",
+        description="The quickstart preference set unpaired for KTO (prompt/completion/label): each pair gives a "
+        "desirable and an undesirable row (train 520, test 80).",
+        files={"train": DATA_DIR / "quickstart_unpaired_train.jsonl",
+               "test": DATA_DIR / "quickstart_unpaired_test.jsonl"},
+    ),
+    NamedDataset(
         name="tiny-prefs",
         description="A tiny standard-format preference set (prompt/chosen/rejected strings), for tests and CI.",
         files={"train": DATA_DIR / "tiny_train.jsonl", "test": DATA_DIR / "tiny_test.jsonl"},
+    ),
+    NamedDataset(
+        name="tiny-unpaired",
+        description="The tiny preference set unpaired for KTO (prompt/completion/label): each pair gives a "
+        "desirable and an undesirable row, 96 in all, alternating, no two neighbours sharing a prompt.",
+        files={"train": DATA_DIR / "tiny_unpaired_train.jsonl"},
     ),
     NamedDataset(
         name="tiny-prefs-chat",

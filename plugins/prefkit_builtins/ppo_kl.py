@@ -19,7 +19,7 @@ Papers:
 
 This module holds the pure math (functions of tensors, fp32, each tested with hand arithmetic in
 ``tests/test_ppo_math.py``), the params and the declared needs. The loop that samples, scores and
-updates is the engine's: ``prefkit/rollout.py``.
+updates is the engine's: ``prefkit/loops/online.py``.
 
 Shapes: ``B`` sequences, ``T`` completion positions. Every ``[B, T]`` tensor is aligned with the
 completion tokens (position 0 is the first generated token) and ``mask`` is right-padded: the valid
@@ -34,8 +34,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from prefkit.hookspecs import hookimpl
-from prefkit.objectives import Needs, Objective, ObjectiveParams
+from prefkit.api import LossOutput, Needs, OnlineInputs, OnlineObjective, OnlineParams, Rollout, hookimpl
 
 KLEstimator = Literal["k1", "abs", "mse", "k3"]
 
@@ -181,13 +180,6 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, {"clipfrac": masked_mean((err_clipped > err).float(), mask).detach()}
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the softmax of each row of ``logits`` ``[..., V]``, in nats, fp32."""
-    logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 # ----------------------------------------------------------------------------- KL controllers
 
 
@@ -288,23 +280,18 @@ def shape_scores(scores: torch.Tensor, finished: torch.Tensor, *, normaliser: Ru
 # ----------------------------------------------------------------------------- the objective
 
 
-class PPOParams(ObjectiveParams):
+class PPOParams(OnlineParams):
     """Recipe ``objective.params`` for ``ppo_kl``. The sampling settings (``max_new_tokens``,
-    ``temperature``, ``num_samples`` per prompt, ...) come from the recipe's ``sampling:``."""
+    ``temperature``, ``num_samples`` per prompt, ...) come from the recipe's ``sampling:``; the
+    rollout settings ``rollout_batch_size`` and ``mini_batch_size`` from :class:`prefkit.api.OnlineParams`."""
 
+    update_epochs: int = Field(4, gt=0, description="PPO epochs: passes over each rollout's samples.")
     kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient beta (the start value when adaptive).")
     adaptive_kl: bool = Field(False, description="Steer kl_coef towards target_kl (Ziegler et al. 2019).")
     target_kl: float = Field(6.0, gt=0, description="Target sequence-level KL of the adaptive controller, in nats.")
     kl_horizon: int = Field(10000, gt=0, description="Horizon of the adaptive controller, in samples.")
     kl_estimator: KLEstimator = Field(
         "k1", description="Per-token KL estimate in the reward: k1 (log-ratio), abs, mse (half squared), k3."
-    )
-    ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout's samples.")
-    mini_batch_size: int | None = Field(
-        None, gt=0, description="Sequences per PPO update (optimizer step); default: the whole rollout."
-    )
-    rollout_batch_size: int = Field(
-        8, gt=0, description="Prompts per rollout (each sampled sampling.num_samples times)."
     )
     clip_range: float = Field(0.2, gt=0, description="PPO's epsilon: the policy ratio is clipped to 1 +- epsilon.")
     clip_range_value: float = Field(0.2, gt=0, description="Values may move at most this far from the rollout's.")
@@ -318,16 +305,79 @@ class PPOParams(ObjectiveParams):
     )
 
 
-class PPOKL(Objective):
-    """RLHF: PPO on a KL-penalised reward; runs in the engine's rollout loop (``prefkit.rollout``)."""
+class PPOState:
+    """What PPO keeps across rollouts: the KL controller and the reward normaliser."""
+
+    def __init__(self, params: PPOParams):
+        self.kl_controller = (AdaptiveKLController(params.kl_coef, params.target_kl, params.kl_horizon)
+                              if params.adaptive_kl else FixedKLController(params.kl_coef))
+        self.normaliser = RunningMoments() if params.normalize_reward else None
+
+    def state_dict(self) -> dict:
+        return {"kl_controller": self.kl_controller.state_dict(),
+                "reward_normaliser": self.normaliser.state_dict() if self.normaliser else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        if self.normaliser is not None:
+            self.normaliser.load_state_dict(state["reward_normaliser"])
+
+
+def value_head(hidden_size: int) -> torch.nn.Linear:
+    """One ``Linear(hidden, 1)`` on the policy's last hidden state, zero-initialised: every value
+    starts at 0, so the first advantages are the plain discounted rewards."""
+    head = torch.nn.Linear(hidden_size, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
+
+
+class PPOKL(OnlineObjective):
+    """RLHF: PPO on a KL-penalised reward, with a value head on the policy's backbone."""
 
     name = "ppo_kl"
     description = "PPO with a per-token KL penalty to the reference (RLHF), on a reward function or model."
-    kind = "online"
     Params = PPOParams
 
     def needs(self, params: PPOParams) -> Needs:
-        return Needs(data="prompts", reference=True, reward=True, generation=True, value_head=True)
+        return Needs(data="prompts", reference=True, reward=True, generation=True, hidden_states=True)
+
+    def init_state(self, params: PPOParams) -> PPOState:
+        return PPOState(params)
+
+    def modules(self, params: PPOParams, hidden_size: int) -> dict[str, torch.nn.Module]:
+        return {"value_head": value_head(hidden_size)}
+
+    def token_outputs(self, params: PPOParams, modules: dict[str, torch.nn.Module],
+                      hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        head = modules["value_head"]
+        return {"values": head(hidden.to(head.weight.dtype)).squeeze(-1)}
+
+    def prepare(self, params: PPOParams, rollout: Rollout, state: PPOState) -> dict[str, float]:
+        """Shaped scores -> per-token KL-penalised rewards -> GAE advantages and returns."""
+        kl_coef = state.kl_controller.value
+        mask = rollout.mask
+        scores = shape_scores(rollout.scores, rollout.finished, normaliser=state.normaliser,
+                              missing_eos_penalty=params.missing_eos_penalty)
+        kl = kl_penalty(rollout.logps, rollout.ref_logps, params.kl_estimator) * mask
+        rewards = token_rewards(scores.to(mask.device), kl, mask, kl_coef)
+        advantages, returns = gae(rewards, rollout.outputs["values"], mask, params.gamma, params.lam)
+        if params.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        rollout.extras.update(advantages=advantages, returns=returns)
+        seq_kl = kl.sum(-1)
+        state.kl_controller.update(float(seq_kl.mean()), rollout.num_sequences)
+        return {"reward/total": float(rewards.sum(-1).mean()), "kl": float(seq_kl.mean()), "kl_coef": kl_coef}
+
+    def loss(self, params: PPOParams, inputs: OnlineInputs) -> LossOutput:
+        """The clipped policy loss + ``vf_coef`` x the clipped value loss, token means of the chunk."""
+        pl, p_stats = policy_loss(inputs.logps, inputs.old_logps, inputs.extras["advantages"], inputs.mask,
+                                  params.clip_range)
+        vl, v_stats = value_loss(inputs.outputs["values"], inputs.old_outputs["values"], inputs.extras["returns"],
+                                 inputs.mask, params.clip_range_value)
+        return LossOutput(losses=pl + params.vf_coef * vl,
+                          metrics={"loss/policy": pl, "loss/value": vl, "policy/clipfrac": p_stats["clipfrac"],
+                                   "policy/approxkl": p_stats["approxkl"], "value/clipfrac": v_stats["clipfrac"]})
 
 
 @hookimpl

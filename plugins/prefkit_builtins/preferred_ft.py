@@ -14,7 +14,7 @@ asks for ``sft`` data, which the data layer reads from prompt/completion rows or
 (whose ``chosen`` becomes the completion).
 
 The math lives in :func:`sft_loss`, a pure function of tensors; :class:`PreferredFT` adapts it to
-the engine's :class:`~prefkit.objectives.LossInputs`.
+the engine's :class:`~prefkit.api.objective.LossInputs`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from prefkit.hookspecs import hookimpl
-from prefkit.objectives import LossInputs, LossOutput, Needs, Objective, ObjectiveParams
+from prefkit.api import LossInputs, LossOutput, Needs, Objective, ObjectiveParams, hookimpl
 
 Average = Literal["token", "sequence"]
 

@@ -21,9 +21,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from prefkit.errors import PrefkitError
-from prefkit.hookspecs import hookimpl
-from prefkit.rewards import RewardFunction, RewardParams
+from prefkit.api import PrefkitError, hookimpl
+from prefkit.api import RewardFunction, RewardParams
 
 # --------------------------------------------------------------------------- sentiment
 
@@ -159,7 +158,7 @@ class RewardModelScorer:
     def __init__(self, params: RewardModelParams, device: torch.device):
         from transformers import AutoModelForSequenceClassification
 
-        from prefkit.models import _user_errors, load_tokenizer
+        from prefkit.models.loading import _user_errors, load_tokenizer
         from prefkit.recipe import ModelConfig
 
         folder = Path(params.path).expanduser()
@@ -186,33 +185,34 @@ class RewardModelScorer:
         self.model.requires_grad_(False)
 
     def encode(self, prompts: list[Any], completions: list[str]) -> list[Any]:
-        """TokenizedExamples (prompt_ids, chosen_ids = completion) exactly as prefkit.data encodes training rows."""
-        from prefkit.data import Example, TokenizedExample, encode_examples, use_chat_template
+        """TokenizedExamples (completion named ``chosen``) exactly as prefkit.data.prepare encodes training rows."""
+        from prefkit.api import Example
+        from prefkit.data.prepare import TokenizedExample, encode_examples, use_chat_template
 
         fmt = "conversational" if any(isinstance(p, list) for p in prompts) else "standard"
         where = f"reward model {self.params.path}"
         chat = use_chat_template(self.tokenizer, self.params.chat_template, fmt, where)
-        examples = [Example(i + 1, prompt, chosen=completion) for i, (prompt, completion) in
+        examples = [Example(i + 1, prompt, {"chosen": completion}) for i, (prompt, completion) in
                     enumerate(zip(prompts, completions))]
         out = []
         for enc in encode_examples(examples, self.tokenizer, chat, where):
             prompt_ids, completion_ids = fit(enc.prompt, enc.completions["chosen"], self.params.max_length)
-            out.append(TokenizedExample(enc.row, prompt_ids, completion_ids, None))
+            out.append(TokenizedExample(enc.row, prompt_ids, {"chosen": completion_ids}))
         return out
 
     @torch.inference_mode()
     def __call__(self, prompts: list[Any], completions: list[str]) -> list[float]:
-        from prefkit.batching import collate
-        from prefkit.logprobs import sequence_rewards
+        from prefkit.data.batching import collate
+        from prefkit.models.logprobs import sequence_rewards
 
         examples = self.encode(prompts, completions)
         # Longest first, so each batch pads little; the scores go back in the caller's order.
-        order = sorted(range(len(examples)), key=lambda i: -(len(examples[i].prompt_ids) + len(examples[i].chosen_ids)))
+        order = sorted(range(len(examples)), key=lambda i: -(len(examples[i].prompt_ids) + len(examples[i].completions["chosen"])))
         scores = [0.0] * len(examples)
         size = self.params.batch_size
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
-            batch = collate([examples[i] for i in chunk], chunk, self.tokenizer.pad_token_id, paired=False)
+            batch = collate([examples[i] for i in chunk], chunk, self.tokenizer.pad_token_id, ("chosen",))
             values = sequence_rewards(self.model, batch.to(self.device)).cpu().tolist()
             for i, value in zip(chunk, values):
                 scores[i] = float(value)

@@ -26,7 +26,7 @@ tokens, which are the ones the loss is for, keep being pushed down. A plain ``cl
 them no gradient at all.
 
 The math lives in :func:`unlikelihood_loss`, a pure function of tensors; :class:`Unlikelihood`
-adapts it to the engine's :class:`~prefkit.objectives.LossInputs`.
+adapts it to the engine's :class:`~prefkit.api.objective.LossInputs`.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ import math
 import torch
 from pydantic import Field
 
-from prefkit.hookspecs import hookimpl
-from prefkit.objectives import LossInputs, LossOutput, Needs, Objective, ObjectiveParams
+from prefkit.api import LossInputs, LossOutput, Needs, Objective, ObjectiveParams, hookimpl
 from prefkit_builtins.preferred_ft import Average, masked_sum_and_count, reduce_tokens, sft_loss
 
 MAX_LOGP = -1e-6  # log p is capped here before log(1 − p): at most −log(1 − e^−1e−6) ≈ 13.8155 per token

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Runs docs/plugins/tutorial.md as written (CI: bash docs/plugins/tutorial/run_tutorial.sh).
+# Runs docs/plugins/tutorial.md and then docs/plugins/tutorial-online.md as written
+# (CI: bash docs/plugins/tutorial/run_tutorial.sh).
 #
-# In an empty temporary directory and a throwaway virtual environment, every file the page shows
-# is written and every shell command it shows runs, in order, with the outputs it promises
+# In an empty temporary directory and a throwaway virtual environment, every file the pages show
+# is written and every shell command they show runs, in order, with the outputs they promise
 # checked (see run_tutorial.py). The throwaway environment sees the packages of the current one
 # (prefkit, torch, transformers, pytest: nothing is installed into or removed from the current
-# environment) and gets the tutorial's `pip install ./prefkit-simpo`, so the package is installed
-# from its folder the way a user would, then uninstalled, and the whole environment is deleted.
+# environment) and gets the tutorials' `pip install ./prefkit-simpo` and
+# `pip install ./prefkit-reinforce`, so each package is installed from its folder the way a user
+# would, then uninstalled, and the whole environment is deleted. Then: the packages the pages wrote
+# are the ones kept next to this script, and the online run learned (its mean reward/mean over the
+# last 5 logged steps beats that over the first 5).
 #
 #   PYTHON=path/to/python bash docs/plugins/tutorial/run_tutorial.sh
 # (default: the active virtual environment's python, else the checkout's .venv, else python3)
@@ -44,4 +48,26 @@ unset PREFKIT_PLUGINS PYTHONPATH
 mkdir "$WORK/tutorial"
 cd "$WORK/tutorial"
 python "$HERE/run_tutorial.py" "$HERE/../tutorial.md"
+# The online tutorial goes on in the same directory: it writes, tests, installs and trains prefkit-reinforce.
+python "$HERE/run_tutorial.py" "$HERE/../tutorial-online.md"
+
+# What the pages wrote is what the repository keeps (build outputs and caches aside).
+for package in prefkit-simpo prefkit-reinforce; do
+  diff -r -x build -x '*.egg-info' -x __pycache__ -x .pytest_cache "$HERE/$package" "$package" \
+    || { echo "run_tutorial.sh: the pages' $package differs from $HERE/$package" >&2; exit 1; }
+done
+
+# The online run learned: reward/mean is logged every step; the last 5 beat the first 5.
+python - runs/reinforce-tiny/metrics.jsonl <<'PY'
+import json
+import sys
+
+rows = [json.loads(line) for line in open(sys.argv[1])]
+reward = [row["reward/mean"] for row in rows]
+first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
+if len(reward) < 10 or not last > first:
+    sys.exit(f"run_tutorial.sh: reward/mean did not rise over {len(reward)} logged steps: "
+             f"first 5 {first:.4f}, last 5 {last:.4f}")
+print(f"run_tutorial.sh: reward/mean rose from {first:.4f} (first 5 steps) to {last:.4f} (last 5 of {len(reward)})")
+PY
 echo "run_tutorial.sh: done in $((SECONDS - started)) s"

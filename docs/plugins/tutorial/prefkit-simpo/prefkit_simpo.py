@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from prefkit.hookspecs import hookimpl
-from prefkit.objectives import LossInputs, LossOutput, Needs, Objective, ObjectiveParams
+from prefkit.api import LossInputs, LossOutput, Needs, Objective, ObjectiveParams, hookimpl
 
 
 def simpo_loss(

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from prefkit.objectives import Needs
+from prefkit.api import Needs
 from prefkit.testing import check_objective, check_registered, make_loss_inputs
 from prefkit_simpo import SimPO, SimPOParams, simpo_loss
 

@@ -1,0 +1,63 @@
+"""Model sources and reward functions: what a plugin registers to supply models and scores."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ModelSourceParams(BaseModel):
+    """Base for a named source's ``Params``: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSource(ABC):
+    """A named model source, registered through the ``register_models`` hook."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Params: ClassVar[type[ModelSourceParams]] = ModelSourceParams
+
+    @abstractmethod
+    def materialize(self, params: ModelSourceParams, cache_dir: Path) -> Path:
+        """Return a local directory holding config + safetensors weights + tokenizer files,
+        loadable with ``from_pretrained``. Build it once (atomically, see
+        ``prefkit.models.loading.materialize_once``) and reuse it."""
+
+
+class RewardParams(BaseModel):
+    """Base for every reward function's ``Params``: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Scores a batch: ``scorer(prompts, completions)`` -> one float per completion.
+
+    ``prompts[i]`` is the prompt that ``completions[i]`` answers, as plain text. A scorer must be
+    deterministic (the same inputs give the same scores, whatever the batch they come in) and
+    should batch internally where that is faster. A scorer that understands conversations may set
+    ``accepts_messages = True``; it is then handed raw prompts (a string or a list of role/content
+    messages) instead of plain text.
+    """
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]: ...
+
+
+class RewardFunction(ABC):
+    """Subclass this and register an instance through the ``register_reward_functions`` hook."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Params: ClassVar[type[RewardParams]] = RewardParams
+
+    @abstractmethod
+    def build(self, params: RewardParams, *, cache_dir: Path, device: Any) -> Scorer:
+        """Load what the scorer needs (a lexicon, a model on ``device``, a ``torch.device``) and
+        return it. Called once per run; the scorer is then called many times. ``cache_dir`` is the
+        run's prefkit cache, for anything worth keeping between runs."""

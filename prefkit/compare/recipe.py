@@ -1,0 +1,339 @@
+"""The compare recipe: several arms (objective + params) over one model, data, seed and budget.
+
+A compare recipe is the shared part of a run recipe (``model``, ``data``, ``train``, ``sampling``,
+``reward``, ``seed``, ``cache_dir``) plus a list of ``arms`` and an ``evaluation`` block::
+
+    output_dir: runs/compare
+    model: {source: tiny-llama}
+    data: {train: tiny-prefs, eval: tiny-prefs, eval_split: test}
+    train: {max_steps: 8, batch_size: 4, lr: 1.0e-3}
+    reward: {name: keywords, params: {targets: ["e"], unit: char}}
+    arms:
+      - {name: dpo-b0.1, objective: dpo, params: {beta: 0.1}}
+      - {name: bon-4, objective: best_of_n, params: {n: 4}}
+    evaluation:
+      temperatures: [0.7, 1.0]
+      gold: {name: keywords, params: {targets: ["e"], unit: char}}
+
+:func:`load_compare` reads the YAML safely, applies ``dotted.key=value`` overrides (list items by
+index or, for arms, by name: ``arms.dpo-b0.1.params.beta=0.2``), validates the document, then builds
+every arm's own run recipe (the shared blocks, the arm's objective, params and reward, its ``train``
+overrides, and ``output_dir: <output_dir>/arms/<name>``) and validates it exactly as ``prefkit run``
+would. Problems are reported with key paths into the compare recipe (``arms.2.params.beta``), all
+before any model loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+
+from prefkit.api.errors import RecipeError
+from prefkit.loops.online import check_online_recipe
+from prefkit.recipe import (
+    DataConfig,
+    LoadedRecipe,
+    ModelConfig,
+    RewardConfig,
+    SamplingConfig,
+    Strict,
+    TrainConfig,
+    _plugin_block,
+    _problems,
+    parse_override,
+    read_yaml,
+    validate_recipe,
+)
+
+ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+REFERENCE_ARM = "reference"  # the name of the starting policy's row in the results
+
+
+class Arm(Strict):
+    """One arm: an objective with its params, trained (or, for inference objectives, sampled) alone."""
+
+    name: str = Field(description="Unique; the arm's subdirectory `arms/<name>/` and its label in the results.")
+    objective: str = Field(description="A registered objective (see `prefkit objectives`).")
+    params: dict[str, Any] = Field(default_factory=dict, description="The objective's params.")
+    reward: RewardConfig | None = Field(
+        None, description="This arm's reward source, instead of the recipe's `reward` (PPO, best-of-N)."
+    )
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of `train` keys for this arm only (reported in the results)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not ARM_NAME.match(value):
+            raise ValueError("an arm name is letters, digits, '.', '_' or '-', starting with a letter or digit")
+        if value == REFERENCE_ARM:
+            raise ValueError(f"{REFERENCE_ARM!r} is the starting policy's row in the results; pick another name")
+        return value
+
+
+class EvaluationConfig(Strict):
+    """How every policy is sampled and measured, identically for all arms."""
+
+    prompts: str | None = Field(
+        None, description="Held-out prompts: a named dataset or a file. Default: `data.eval` (or `data.train`'s "
+        "`eval_split`)."
+    )
+    prompts_split: str | None = Field(None, description="The split of `prompts`. Default: `data.eval_split`.")
+    max_prompts: int | None = Field(None, gt=0, description="Use only the first prompts.")
+    temperatures: list[float] = Field(default_factory=lambda: [1.0], min_length=1,
+                                      description="Sample every policy at each of these temperatures.")
+    max_new_tokens: int = Field(64, gt=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    num_samples: int = Field(1, gt=0, description="Completions per prompt and temperature.")
+    batch_size: int = Field(16, gt=0, description="Sequences generated or scored together.")
+    seed: int | None = Field(None, description="Sampling seed, the same for every arm. Default: the recipe's seed.")
+    gold: RewardConfig = Field(description="The gold reward function every sample is scored with.")
+    judge: RewardConfig | None = Field(None, description="Decides win rates. Default: `gold`.")
+    win_against: Literal["reference", "chosen"] = Field(
+        "reference", description="The baseline of the win rate: the starting policy's samples, or the prompts' "
+        "chosen answers."
+    )
+    include_reference: bool = Field(True, description="Also evaluate the starting policy (a `reference` row).")
+
+    @field_validator("temperatures")
+    @classmethod
+    def _temperatures(cls, value: list[float]) -> list[float]:
+        if any(t < 0 for t in value):
+            raise ValueError("temperatures must be >= 0 (0 is greedy decoding)")
+        if len(set(value)) != len(value):
+            raise ValueError("temperatures must not repeat")
+        return value
+
+
+class CompareRecipe(Strict):
+    output_dir: str = Field(description="The compare directory: arms/, results, plots and report.")
+    seed: int = 0
+    cache_dir: str | None = Field(None, description="Default: $PREFKIT_CACHE or ~/.cache/prefkit.")
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The shared training budget.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig,
+                                     description="Sampling during training (PPO rollouts).")
+    reward: RewardConfig | None = Field(None, description="The reward source of arms that need one.")
+    arms: list[Arm] = Field(min_length=1)
+    evaluation: EvaluationConfig
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        env = os.environ.get("PREFKIT_CACHE")
+        return Path(env).expanduser() if env else Path.home() / ".cache" / "prefkit"
+
+    def arm_dir(self, name: str) -> Path:
+        return Path(self.output_dir) / "arms" / name
+
+
+@dataclass
+class LoadedArm:
+    arm: Arm
+    index: int
+    loaded: LoadedRecipe  # the arm's validated run recipe
+
+    @property
+    def name(self) -> str:
+        return self.arm.name
+
+    @property
+    def kind(self) -> str:
+        return self.loaded.objective.kind
+
+
+@dataclass
+class LoadedCompare:
+    compare: CompareRecipe
+    path: str
+    arms: list[LoadedArm]
+    gold_params: Any  # the gold reward function's validated Params
+    judge_params: Any = None  # the judge's validated Params (None: the judge is the gold reward)
+    model_options: Any = None
+    data: dict[str, Any] = field(default_factory=dict)  # the document after overrides
+
+    def resolved_dict(self) -> dict[str, Any]:
+        out = self.compare.model_dump(mode="json")
+        for i, arm in enumerate(self.arms):
+            resolved = arm.loaded.resolved_dict()
+            out["arms"][i]["params"] = resolved["objective"]["params"]
+        out["evaluation"]["gold"]["params"] = self.gold_params.model_dump(mode="json")
+        if self.judge_params is not None:
+            out["evaluation"]["judge"]["params"] = self.judge_params.model_dump(mode="json")
+        return out
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def apply_compare_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``dotted.key=value`` overrides; a list item is named by its index, an arm also by its name
+    (a name with dots in it, such as ``dpo-b0.1``, is matched whole: ``arms.dpo-b0.1.params.beta``)."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = data
+        i = 0
+        while i < len(parts):
+            if isinstance(node, list):
+                index, used = _list_index(node, parts, i)
+                i += used
+                key: Any = index
+            elif isinstance(node, dict):
+                key = parts[i]
+                i += 1
+            else:
+                raise RecipeError("override", [(".".join(parts[:i]), "is not a mapping or a list")])
+            if i == len(parts):
+                node[key] = value
+                break
+            child = node[key] if isinstance(node, list) else node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, (dict, list)):
+                raise RecipeError("override", [(".".join(parts[:i]), "is not a mapping or a list")])
+            node = child
+    return data
+
+
+def _list_index(items: list, parts: list[str], start: int) -> tuple[int, int]:
+    """The list index that ``parts[start:]`` begin with, and how many parts name it."""
+    part = parts[start]
+    where = ".".join(parts[: start + 1])
+    if re.fullmatch(r"-?\d+", part):
+        index = int(part)
+        if not -len(items) <= index < len(items):
+            raise RecipeError("override", [(where, f"no item {index} (the list has {len(items)})")])
+        return index, 1
+    names = [item.get("name") if isinstance(item, dict) else None for item in items]
+    for used in range(len(parts) - start, 0, -1):  # the longest dotted name first
+        name = ".".join(parts[start : start + used])
+        if name in names:
+            return names.index(name), used
+    raise RecipeError("override", [(where, f"no item named {part!r}")])
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def arm_recipe_dict(compare: CompareRecipe, arm: Arm, *, with_reward: bool = True) -> dict[str, Any]:
+    """The run recipe of one arm: the shared blocks plus the arm's objective, params, reward and
+    ``train`` overrides, written to ``<output_dir>/arms/<name>``."""
+    train = compare.train.model_dump(mode="json")
+    train.update(copy.deepcopy(arm.train))
+    reward = arm.reward or compare.reward
+    data: dict[str, Any] = {
+        "output_dir": str(compare.arm_dir(arm.name)),
+        "seed": compare.seed,
+        "cache_dir": compare.cache_dir,
+        "model": compare.model.model_dump(mode="json", exclude_unset=True),
+        "data": compare.data.model_dump(mode="json", exclude_unset=True),
+        "objective": {"name": arm.objective, "params": copy.deepcopy(arm.params)},
+        "train": train,
+        "sampling": compare.sampling.model_dump(mode="json"),
+    }
+    if with_reward and reward is not None:
+        data["reward"] = reward.model_dump(mode="json")
+    return data
+
+
+def _arm_path(path: str, i: int, arm: Arm) -> str:
+    """A problem path in an arm's run recipe -> the path in the compare recipe."""
+    head, _, rest = path.partition(".")
+    if path.startswith("objective.params"):
+        return f"arms.{i}.params" + path[len("objective.params"):]
+    if head == "objective":
+        return f"arms.{i}.objective"
+    if head == "reward":
+        if arm.reward is not None or not rest:
+            return f"arms.{i}.{path}"
+        return path
+    if head == "train" and rest.split(".")[0] in arm.train:
+        return f"arms.{i}.{path}"
+    return path
+
+
+def _reward_params(cfg: RewardConfig, registry, path: str) -> tuple[Any, list[tuple[str, str]]]:
+    """The reward function's validated params, or the problems (at ``path.name`` / ``path.params``)."""
+    try:
+        _, params = _plugin_block(registry.reward_functions, cfg.name, cfg.params, "", kind="reward function",
+                                  name_path=f"{path}.name", params_path=f"{path}.params")
+    except RecipeError as exc:
+        return None, exc.problems
+    return params, []
+
+
+def validate_compare(data: dict[str, Any], where: str, *, registry: Any) -> LoadedCompare:
+    """Validate a compare document and every arm's run recipe. Raises RecipeError with compare paths."""
+
+    try:
+        compare = CompareRecipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(where, _problems(exc)) from None
+
+    problems: list[tuple[str, str]] = []
+    first_use: dict[str, int] = {}
+    for i, arm in enumerate(compare.arms):
+        if arm.name in first_use:
+            problems.append((f"arms.{i}.name", f"{arm.name!r} is already the name of arms.{first_use[arm.name]}"))
+        first_use.setdefault(arm.name, i)
+    evaluation = compare.evaluation
+    gold_params, found = _reward_params(evaluation.gold, registry, "evaluation.gold")
+    problems += found
+    judge_params = None
+    if evaluation.judge is not None:
+        judge_params, found = _reward_params(evaluation.judge, registry, "evaluation.judge")
+        problems += found
+    if compare.reward is not None:
+        problems += _reward_params(compare.reward, registry, "reward")[1]
+
+    arms: list[LoadedArm] = []
+    model_options = None
+    for i, arm in enumerate(compare.arms):
+        try:
+            loaded = validate_recipe(arm_recipe_dict(compare, arm), where, registry=registry)
+            # The shared reward goes only to arms that need one (PPO, best-of-N); an arm's own always stays.
+            if arm.reward is None and loaded.recipe.reward is not None and \
+                    not loaded.objective.needs(loaded.params).reward:
+                loaded = validate_recipe(arm_recipe_dict(compare, arm, with_reward=False), where, registry=registry)
+        except RecipeError as exc:
+            problems += [(_arm_path(path, i, arm), message) for path, message in exc.problems]
+            continue
+        needs = loaded.objective.needs(loaded.params)
+        if needs.head != "lm":
+            problems.append((f"arms.{i}.objective", f"{arm.objective!r} trains a reward model, not a policy; "
+                             "train it with `prefkit run` and use it as a reward (reward_model)"))
+            continue
+        if loaded.objective.kind == "online":
+            problems += [(_arm_path(path, i, arm), message) for path, message in check_online_recipe(loaded)]
+        model_options = loaded.model_options
+        arms.append(LoadedArm(arm=arm, index=i, loaded=loaded))
+
+    if problems:
+        unique = list(dict.fromkeys(problems))  # the shared blocks' problems would repeat once per arm
+        raise RecipeError(where, unique)
+    return LoadedCompare(compare=compare, path=where, arms=arms, gold_params=gold_params,
+                         judge_params=judge_params, model_options=model_options, data=data)
+
+
+def is_compare_document(data: dict[str, Any]) -> bool:
+    """A compare recipe has a top-level ``arms`` key; a run recipe does not."""
+    return isinstance(data, dict) and "arms" in data
+
+
+def load_compare(path: str | os.PathLike, overrides: list[str] | None = None, *, registry: Any) -> LoadedCompare:
+    """Read, override and validate a compare recipe file. Raises RecipeError naming file and key paths."""
+    data = read_yaml(path)
+    try:
+        data = apply_compare_overrides(data, overrides or [])
+    except RecipeError as exc:
+        raise RecipeError(str(path), exc.problems) from None
+    return validate_compare(data, str(path), registry=registry)

@@ -1,0 +1,362 @@
+"""From a data source to tokenized examples, with row-level checks.
+
+The path a dataset takes, top to bottom:
+
+1. **Source -> rows** (:func:`prefkit.data.io.load_rows`): a registered dataset name, a local
+   JSONL/JSON/CSV/Parquet file, or a Hugging Face hub dataset id, read into plain dicts.
+2. **Rows -> checked examples** (:func:`prefkit.data.rows.check_rows`): the format is detected
+   (*standard*: strings; *conversational*: lists of ``{"role", "content"}`` messages) and the
+   objective's data kind (a :class:`prefkit.api.DataKind` plugin: pairs, sft, prompts, unpaired,
+   ...) checks every row. Bad rows are collected, not stopped at.
+3. **Examples -> token ids** (:func:`encode_examples`): through the tokenizer's chat template,
+   or as plain text with an end token after each completion.
+4. **Lengths** (:func:`fit_lengths`): the truncation policy (truncate, drop or error).
+
+:func:`prepare_dataset` runs the four steps for a recipe's ``data:`` block and returns a
+:class:`TokenizedDataset` with a :class:`DataReport` of what happened to every row.
+Every user mistake raises :class:`~prefkit.api.DataError` naming the source, the split,
+the row number(s) and the field. Nothing here loads a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from prefkit.api import DataError, DataKind, Example, Format, Messages, Text
+from prefkit.data.io import load_rows
+from prefkit.data.rows import check_rows, detect_format, group_rows, listing
+
+if TYPE_CHECKING:
+    from prefkit.recipe import DataConfig
+
+log = logging.getLogger(__name__)
+
+MISMATCHED = "mismatched"  # the extra completion of Needs.mismatched
+
+
+@dataclass
+class TokenizedExample:
+    row: int  # 1-based row number in the source split (for messages)
+    prompt_ids: list[int]
+    completions: dict[str, list[int]]  # name -> completion tokens only, ending with the end token
+    columns: dict[str, float] = field(default_factory=dict)  # the data kind's extra numeric columns
+    prompt: Any = None  # the raw prompt (a string or a list of messages), before tokenization and truncation
+
+
+@dataclass
+class DataReport:
+    source: str  # the file path or hub id as shown to users
+    split: str
+    rows_read: int  # rows considered (after max_rows) = kept + dropped_overlong + skipped_bad
+    rows_kept: int
+    rows_truncated: int  # kept rows where something was cut
+    rows_dropped_overlong: int
+    rows_skipped_bad: int
+    format: str  # "standard" | "conversational"
+    chat_template: bool  # whether the chat template was applied
+    kind: str = ""  # the data kind the rows were checked as
+
+
+@dataclass
+class TokenizedDataset:
+    examples: list[TokenizedExample]
+    report: DataReport
+    names: tuple[str, ...] = ()  # the completion names of every example, in batch-row order
+
+    def fingerprint(self) -> str:
+        """sha256 over every example's ids and columns, in order.
+
+        Identical data, tokenizer, chat template and truncation give the identical
+        fingerprint; any change to the ids gives a different one. The reference cache keys on it.
+        """
+        digest = hashlib.sha256()
+        digest.update(json.dumps(list(self.names)).encode())
+        for ex in self.examples:
+            record = [ex.prompt_ids, [ex.completions[name] for name in self.names], sorted(ex.columns.items())]
+            digest.update(json.dumps(record, separators=(",", ":")).encode())
+            digest.update(b"\n")
+        return digest.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+# --------------------------------------------------------------------------------------
+# 3. Examples -> token ids
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """Token ids of one example, before truncation."""
+
+    row: int
+    prompt: list[int]
+    completions: dict[str, list[int]]  # name -> ids; empty for prompts data
+    columns: dict[str, float]
+
+
+def use_chat_template(tokenizer: Any, setting: str, fmt: Format, where: str) -> bool:
+    """Apply the rule of ``data.chat_template`` ("auto" | "always" | "never")."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if setting == "always" and not has_template:
+        raise DataError(f"{where}: data.chat_template is 'always', but the tokenizer has no chat template")
+    use = setting == "always" or (setting == "auto" and has_template)
+    if fmt == "conversational" and not use:
+        why = "data.chat_template is 'never'" if setting == "never" else "the tokenizer has no chat template"
+        raise DataError(
+            f"{where}: the data is conversational (lists of messages), but {why}; "
+            "use a tokenizer with a chat template (model.tokenizer) and data.chat_template: auto"
+        )
+    return use
+
+
+def encode_examples(examples: list[Example], tokenizer: Any, chat_template: bool, where: str) -> list[Encoded]:
+    """Tokenize all examples in batches; prompt and completion ids are kept apart."""
+    keys = list(dict.fromkeys(key for ex in examples for key in ex.completions))
+    if chat_template:
+        prompts, completions = _render_chat(examples, keys, tokenizer, where)
+        prompt_ids = _tokenize(tokenizer, prompts, special=False)
+        completion_ids = {key: _tokenize(tokenizer, texts, special=False) for key, texts in completions.items()}
+    else:
+        prompt_ids = _tokenize(tokenizer, [ex.prompt for ex in examples], special=True)
+        end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        completion_ids = {
+            key: [ids + end for ids in _tokenize(tokenizer, [ex.completions[key] for ex in examples], special=False)]
+            for key in keys
+        }
+    return [
+        Encoded(ex.row, prompt_ids[i], {key: completion_ids[key][i] for key in keys}, dict(ex.columns))
+        for i, ex in enumerate(examples)
+    ]
+
+
+def _render_chat(
+    examples: list[Example], keys: list[str], tokenizer: Any, where: str
+) -> tuple[list[str], dict[str, list[str]]]:
+    """Prompt text = template with the generation prompt; completion = full text minus prompt text."""
+    prompts: list[str] = []
+    completions: dict[str, list[str]] = {key: [] for key in keys}
+    for ex in examples:
+        messages = _as_messages(ex.prompt, "user")
+        prompt_text = _apply_template(tokenizer, messages, True, f"{where}: row {ex.row}: field 'prompt'")
+        prompts.append(prompt_text)
+        for key in keys:
+            conversation = messages + _as_messages(ex.completions[key], "assistant")
+            full = _apply_template(tokenizer, conversation, False, f"{where}: row {ex.row}: field {key!r}")
+            if not full.startswith(prompt_text):
+                raise DataError(
+                    f"{where}: row {ex.row}: field {key!r}: the tokenizer's chat template does not render "
+                    "prompt+answer as the prompt (with its generation prompt) followed by the answer, so the "
+                    "answer tokens cannot be separated; use another template or data.chat_template: never "
+                    "with standard-format data"
+                )
+            completions[key].append(full[len(prompt_text) :])
+    return prompts, completions
+
+
+def _apply_template(tokenizer: Any, messages: Messages, generation_prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # a template may refuse a conversation (e.g. roles that do not alternate)
+        raise DataError(f"{where}: the tokenizer's chat template refused the messages: {exc}") from None
+
+
+def _as_messages(text: Text, role: str) -> Messages:
+    return [{"role": role, "content": text}] if isinstance(text, str) else list(text)
+
+
+def _tokenize(tokenizer: Any, texts: list[str], *, special: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return list(tokenizer(texts, add_special_tokens=special)["input_ids"])
+
+
+# --------------------------------------------------------------------------------------
+# 4. Lengths
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fitted:
+    """An example cut to the length limits, the reasons a cut was needed, and whether it must go."""
+
+    example: TokenizedExample
+    reasons: list[str]
+    overlong: bool  # the prompt leaves no room for one completion token
+
+    @property
+    def was_cut(self) -> bool:
+        return bool(self.reasons)
+
+
+def fit_lengths(enc: Encoded, max_length: int, max_prompt_length: int | None) -> Fitted:
+    """Apply the "truncate" rule: keep the prompt's last tokens, cut completions at the end."""
+    reasons: list[str] = []
+    prompt = enc.prompt
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        reasons.append(f"prompt is {len(prompt)} tokens > max_prompt_length {max_prompt_length}")
+        prompt = prompt[-max_prompt_length:]
+    room = max_length - len(prompt)
+    overlong = room < 1
+    if overlong:
+        reasons.append(
+            f"prompt is {len(prompt)} tokens, leaving no room for a completion within max_length {max_length}"
+        )
+    cut: dict[str, list[int]] = {}
+    for key, ids in enc.completions.items():
+        if not overlong and len(ids) > room:
+            reasons.append(f"prompt+{key} is {len(enc.prompt) + len(ids)} tokens > max_length {max_length}")
+        cut[key] = ids[: max(room, 0)]
+    example = TokenizedExample(enc.row, prompt, cut, dict(enc.columns))
+    return Fitted(example, reasons, overlong)
+
+
+# --------------------------------------------------------------------------------------
+# Putting it together
+# --------------------------------------------------------------------------------------
+
+
+def prepare_dataset(
+    cfg: DataConfig,
+    tokenizer: Any,
+    kind: DataKind,
+    *,
+    registry: Any,
+    split: Literal["train", "eval"] = "train",
+    mismatched: bool = False,
+) -> TokenizedDataset:
+    """Load, check, tokenize and fit one split of the recipe's data for an objective's data kind.
+
+    ``split="eval"`` reads ``data.eval`` (or, when that is unset, the ``data.eval_split`` split
+    of ``data.train``, which must then be a named or hub dataset, not a single file).
+    ``mismatched`` adds a ``mismatched`` completion to every example (see :func:`add_mismatched`).
+    """
+    source, split_name, limit = _choose_split(cfg, split)
+    rows, shown = load_rows(source, split_name, subset=cfg.subset, registry=registry)
+    rows = rows[:limit] if limit else rows
+    where = f"{shown} ({split_name})"
+    if not rows:
+        raise DataError(f"{where}: the split has no rows")
+
+    fmt: Format = detect_format(rows, kind.text_fields) if cfg.format == "auto" else cfg.format
+    chat = use_chat_template(tokenizer, cfg.chat_template, fmt, where)
+    checked = check_rows(rows, kind, fmt)
+    if checked.problems and cfg.bad_rows == "error":
+        raise DataError(_bad_rows_message(where, checked.problems, kind.name))
+    if checked.problems:
+        log.warning("%s", _bad_rows_message(where, checked.problems, kind.name, skipped=True))
+
+    encoded = encode_examples(checked.examples, tokenizer, chat, where)
+    kept, truncated, dropped = _apply_truncation(encoded, cfg, where)
+    raw_prompts = {ex.row: ex.prompt for ex in checked.examples}
+    for example in kept:
+        example.prompt = raw_prompts[example.row]  # so reward functions and samplers can see the text
+    report = DataReport(
+        source=shown,
+        split=split_name,
+        rows_read=len(rows),
+        rows_kept=len(kept),
+        rows_truncated=truncated,
+        rows_dropped_overlong=dropped,
+        rows_skipped_bad=checked.bad_rows,
+        format=fmt,
+        chat_template=chat,
+        kind=kind.name,
+    )
+    if not kept:
+        raise DataError(_nothing_left_message(where, report, checked.problems))
+    names = tuple(kind.completions)
+    if mismatched:
+        add_mismatched(kept, names[0], cfg.max_length)
+        names += (MISMATCHED,)
+    return TokenizedDataset(kept, report, names)
+
+
+def add_mismatched(examples: list[TokenizedExample], source: str, max_length: int) -> None:
+    """Give example ``i`` a ``mismatched`` completion: the ``source`` completion of example
+    ``(i + 1) mod N``, cut to fit ``max_length`` after example ``i``'s prompt.
+
+    KTO (Ethayarajh et al. 2024) estimates its reference point KL(pi || pi_ref) from such
+    mismatched prompt/completion pairs. The pairing is fixed by the data, so the reference
+    log-probs of these pairs are cached like any others.
+    """
+    n = len(examples)
+    for i, example in enumerate(examples):
+        other = examples[(i + 1) % n].completions[source]
+        room = max(max_length - len(example.prompt_ids), 1)
+        example.completions[MISMATCHED] = list(other[:room])
+
+
+def _choose_split(cfg: DataConfig, split: str) -> tuple[str, str, int | None]:
+    """(source, split name, row limit) for the train or the eval data."""
+    if split == "train":
+        return cfg.train, cfg.train_split, cfg.max_rows
+    if cfg.eval is not None:
+        return cfg.eval, cfg.eval_split, cfg.max_eval_rows
+    if Path(cfg.train).expanduser().is_file():
+        raise DataError(
+            f"{cfg.train} ({cfg.eval_split}): no evaluation data: data.train is a single file, "
+            "so set data.eval to an evaluation file or dataset"
+        )
+    return cfg.train, cfg.eval_split, cfg.max_eval_rows
+
+
+def _apply_truncation(
+    encoded: list[Encoded], cfg: DataConfig, where: str
+) -> tuple[list[TokenizedExample], int, int]:
+    """Fit every example under ``cfg.truncation``; return (kept examples, rows truncated, rows dropped)."""
+    kept: list[TokenizedExample] = []
+    truncated = dropped = 0
+    too_long: list[tuple[int, str]] = []
+    for enc in encoded:
+        fitted = fit_lengths(enc, cfg.max_length, cfg.max_prompt_length)
+        if not fitted.was_cut:
+            kept.append(fitted.example)
+        elif cfg.truncation == "error":
+            too_long += [(enc.row, reason) for reason in fitted.reasons]
+        elif cfg.truncation == "drop" or fitted.overlong:
+            dropped += 1
+        else:
+            kept.append(fitted.example)
+            truncated += 1
+    if too_long:
+        rows = len({row for row, _ in too_long})
+        header = (
+            f"{where}: {rows} row(s) too long (data.truncation is 'error'; "
+            "use 'truncate' or 'drop', or raise data.max_length / data.max_prompt_length)"
+        )
+        raise DataError(listing(header, [f"row {row}: {reason}" for row, reason in too_long]))
+    return kept, truncated, dropped
+
+
+# --------------------------------------------------------------------------------------
+# Messages
+# --------------------------------------------------------------------------------------
+
+
+def _bad_rows_message(where: str, problems: list[tuple[int, str]], kind: str, *, skipped: bool = False) -> str:
+    rows = len({row for row, _ in problems})
+    lines = group_rows(problems)
+    if not skipped and len(lines) == 1:
+        return f"{where}: {lines[0]} (set data.bad_rows: skip to skip bad rows)"
+    action = "skipped" if skipped else "found (set data.bad_rows: skip to skip them)"
+    header = f"{where}: {rows} bad row(s) for {kind!r} data {action}"
+    return listing(header, lines)
+
+
+def _nothing_left_message(where: str, report: DataReport, problems: list[tuple[int, str]]) -> str:
+    header = (
+        f"{where}: no usable examples: {report.rows_read} rows read, {report.rows_skipped_bad} bad, "
+        f"{report.rows_dropped_overlong} too long"
+    )
+    if report.rows_dropped_overlong:
+        header += " (see data.max_length, data.max_prompt_length and data.truncation)"
+    return listing(header, group_rows(problems)) if problems else header
+
+

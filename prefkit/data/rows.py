@@ -1,0 +1,172 @@
+"""Rows -> checked examples: the format, the checks every data kind shares, and the listing of
+bad rows. A data kind (:class:`prefkit.api.DataKind`) checks one row with the helpers here;
+:func:`check_rows` runs it over a split and collects every problem instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from prefkit.api import DataKind, Example, Format, Messages
+
+MAX_SHOWN = 10  # bad rows listed in an error message before "... and N more"
+
+
+@dataclass
+class CheckedRows:
+    examples: list[Example]
+    problems: list[tuple[int, str]]  # (row, "field 'chosen' is empty")
+
+    @property
+    def bad_rows(self) -> int:
+        return len({row for row, _ in self.problems})
+
+
+def detect_format(rows: list[dict], fields: tuple[str, ...] = ("prompt", "chosen", "completion", "rejected")) -> Format:
+    """The format of the first row whose text fields tell: a list of messages or a string."""
+    for row in rows:
+        for key in fields:
+            value = row.get(key)
+            if isinstance(value, list):
+                return "conversational"
+            if isinstance(value, str):
+                return "standard"
+    return "standard"
+
+
+def check_rows(rows: list[dict], kind: DataKind, fmt: Format) -> CheckedRows:
+    """Check every row with ``kind``; collect the problems of all bad rows.
+
+    A column the kind declares that some rows give must be given by every row (a margin on half
+    the pairs is a mistake, not a choice).
+    """
+    present = [c for c in kind.columns if any(row.get(c) is not None for row in rows)]
+    examples, problems = [], []
+    for row_no, row in enumerate(rows, start=1):
+        example, row_problems = kind.check_row(row_no, row, fmt)
+        if example is not None:
+            row_problems = [f"field {c!r} is missing (other rows have one)" for c in present if c not in example.columns]
+        if row_problems:
+            problems += [(row_no, message) for message in row_problems]
+        else:
+            examples.append(example)
+    return CheckedRows(examples, problems)
+
+
+def check_text(row: dict, key: str, fmt: Format) -> str | None:
+    """What is wrong with a text field (a string, or a list of messages), or None."""
+    if row.get(key) is None:
+        return f"field {key!r} is missing"
+    value = row[key]
+    if fmt == "standard":
+        if isinstance(value, list):
+            return f"field {key!r} is a list of messages, but the data is in standard format (strings)"
+        if not isinstance(value, str):
+            return f"field {key!r} should be a string, got {type_name(value)}"
+        if value == "":
+            return f"field {key!r} is empty"
+        if not value.strip():
+            return f"field {key!r} is only whitespace"
+        return None
+    if isinstance(value, str):
+        return f"field {key!r} is a string, but the data is conversational (lists of role/content messages)"
+    if not isinstance(value, list):
+        return f"field {key!r} should be a list of role/content messages, got {type_name(value)}"
+    if not value:
+        return f"field {key!r} is an empty list of messages"
+    for i, message in enumerate(value, start=1):
+        problem = check_message(message)
+        if problem:
+            return f"field {key!r} message {i} {problem}"
+    return None
+
+
+def check_message(message: Any) -> str | None:
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        return "needs 'role' and 'content'"
+    if not isinstance(message["role"], str) or not message["role"].strip():
+        return "has no role"
+    content = message["content"]
+    if not isinstance(content, str):
+        return f"content should be a string, got {type_name(content)}"
+    if not content.strip():
+        return "has empty content"
+    return None
+
+
+def split_implicit_prompt(chosen: Messages, rejected: Messages) -> tuple[dict[str, Messages], list[str]]:
+    """Conversational pairs without a prompt column: the shared leading messages are the prompt."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        problem = "field 'prompt' is missing, and 'chosen' and 'rejected' share no first message to use as the prompt"
+        return {}, [problem]
+    rest = {"chosen": chosen[shared:], "rejected": rejected[shared:]}
+    empty = [key for key, messages in rest.items() if not messages]
+    if empty:
+        return {}, [f"field {key!r} has no messages after the prompt it shares with the other answer" for key in empty]
+    return {"prompt": chosen[:shared], **rest}, []
+
+
+def check_number(value: Any, key: str) -> tuple[float | None, str | None]:
+    """A finite number (a numeric string, as CSV gives, is fine) -> ``(number, None)`` or ``(None, problem)``."""
+    if value is None:
+        return None, f"field {key!r} is missing"
+    if isinstance(value, bool):
+        return None, f"field {key!r} is not a number: {value!r}"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None, f"field {key!r} is not a number: {value!r}"
+    if not math.isfinite(number):
+        return None, f"field {key!r} is not a finite number: {value!r}"
+    return number, None
+
+
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
+
+def check_bool(value: Any, key: str) -> tuple[bool | None, str | None]:
+    """True or false (JSON booleans, 0/1, or CSV's "true"/"false"/"1"/"0") -> ``(flag, None)`` or ``(None, problem)``."""
+    if isinstance(value, bool):
+        return value, None
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value), None
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE, None
+    if value is None:
+        return None, f"field {key!r} is missing"
+    return None, f"field {key!r} should be true or false, got {value!r}"
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def group_rows(problems: list[tuple[int, str]]) -> list[str]:
+    """Merge runs of consecutive rows with the same problem: ``rows 1-40: field 'x' is missing``."""
+    lines: list[str] = []
+    runs: list[tuple[int, int, str]] = []
+    for row, message in sorted(problems, key=lambda p: p[0]):
+        if runs and runs[-1][2] == message and runs[-1][1] == row - 1:
+            runs[-1] = (runs[-1][0], row, message)
+        else:
+            runs.append((row, row, message))
+    for first, last, message in runs:
+        rows = f"row {first}" if first == last else f"rows {first}-{last}"
+        lines.append(f"{rows}: {message}")
+    return lines
+
+
+def listing(header: str, lines: list[str]) -> str:
+    shown = [f"  {line}" for line in lines[:MAX_SHOWN]]
+    if len(lines) > MAX_SHOWN:
+        shown.append(f"  ... and {len(lines) - MAX_SHOWN} more")
+    return "\n".join([header, *shown])
+
+
+def type_name(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return names.get(type(value), "null" if value is None else f"a {type(value).__name__}")

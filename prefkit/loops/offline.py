@@ -1,0 +1,293 @@
+"""The offline loop: one explicit training loop for offline objectives (a loss over fixed data).
+
+Read it top to bottom: ``train`` prepares the run directory, validates and tokenizes the
+data (before any model loads), loads the policy, gets the reference log-probs from the
+cache or computes them once, then loops over optimizer steps. Everything an objective did
+not declare in its ``Needs`` is never built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+import prefkit
+from prefkit.data.batching import Batch, BatchOrder, collate
+from prefkit.loops.checkpoint import save_checkpoint
+from prefkit.models.logprobs import sequence_logps, sequence_rewards, token_logps
+from prefkit.loops.metrics import Averager
+from prefkit.api import LossInputs, Needs, PrefkitError
+from prefkit.loops.optim import build_optimizer
+from prefkit.recipe import LoadedRecipe
+from prefkit.models.refcache import ReferenceCache, ReferenceLogps, get_or_compute, reference_fingerprint
+from prefkit.loops.runs import (
+    Precision,
+    QuietReporter,
+    Reporter,
+    begin_run,
+    describe_data,
+    last_logged,
+    make_accelerator,
+    open_run_dir,
+    restore,
+    start_run_trackers,
+    summary_head,
+    write_summary,
+)
+
+# ----------------------------------------------------------------------------- forward passes
+
+
+def loss_inputs(model: torch.nn.Module, batch: Batch, needs: Needs) -> LossInputs:
+    """Run the policy (or reward model) on a batch and package what the objective's loss reads."""
+    inputs = LossInputs(columns=batch.columns)
+    for name in batch.names:
+        inputs.masks[name] = batch.completion_mask[batch.rows_of(name)]
+    if needs.head == "scalar":
+        rewards = sequence_rewards(model, batch)
+        inputs.rewards = {name: rewards[batch.rows_of(name)] for name in batch.names}
+        return inputs
+    values = token_logps(model, batch)
+    sums = sequence_logps(values, batch.completion_mask)
+    for name in batch.names:
+        rows = batch.rows_of(name)
+        inputs.logps[name], inputs.token_logps[name] = sums[rows], values[rows]
+    return inputs
+
+
+def compute_reference(model_handle, dataset, *, batch_size: int, pad_id: int, tokens: bool,
+                      accelerator: Accelerator, reporter: Reporter) -> ReferenceLogps:
+    """Reference log-probs of every example and completion, in batches sorted by length."""
+    model, examples, names = model_handle.model, dataset.examples, dataset.names
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids) + len(examples[i].completions[names[0]]))
+    sums = {name: torch.zeros(len(examples), dtype=torch.float32) for name in names}
+    runs: dict[str, list] = {name: [None] * len(examples) for name in names}
+    was_training = model.training
+    model.eval()
+    reporter.start(math.ceil(len(order) / batch_size), 0, "reference log-probs")
+    with torch.no_grad(), model_handle.reference(), accelerator.autocast():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate([examples[i] for i in idx], idx, pad_id, names).to(accelerator.device)
+            values = token_logps(model, batch).float()
+            batch_sums = sequence_logps(values, batch.completion_mask).cpu()
+            for name in names:
+                rows = batch.rows_of(name)
+                sums[name][idx] = batch_sums[rows]
+                if tokens:
+                    mask = batch.completion_mask[rows]
+                    for j, i in enumerate(idx):
+                        runs[name][i] = values[rows][j][mask[j]].cpu()
+            reporter.step(start // batch_size + 1, {})
+    reporter.finish()
+    model.train(was_training)
+    found = ReferenceLogps(sums=sums)
+    if tokens:
+        for name in names:
+            lengths = torch.tensor([0] + [len(run) for run in runs[name]])
+            found.tokens[name] = torch.cat(runs[name]) if runs[name] else torch.zeros(0)
+            found.offsets[name] = torch.cumsum(lengths, 0)
+    return found
+
+
+def reference_for(dataset, *, model_handle, recipe, precision: Precision, tokens: bool,
+                  accelerator: Accelerator, pad_id: int, reporter: Reporter) -> tuple[ReferenceLogps, str]:
+    key = reference_fingerprint(
+        weights=model_handle.weights_fingerprint,
+        tokenizer=model_handle.tokenizer_fingerprint,
+        data=dataset.fingerprint(),
+        precision=precision.name,
+        names=dataset.names,
+        tokens=tokens,
+    )
+    cache = ReferenceCache(recipe.resolved_cache_dir() / "reference") if recipe.train.reference_cache else None
+    meta = {"model": model_handle.path, "data": dataset.report.source, "split": dataset.report.split,
+            "examples": len(dataset.examples), "completions": list(dataset.names), "tokens": tokens,
+            "precision": precision.name, "prefkit": prefkit.__version__}
+    return get_or_compute(
+        cache, key, len(dataset.examples), dataset.names, tokens,
+        lambda: compute_reference(model_handle, dataset, batch_size=recipe.train.batch_size, pad_id=pad_id,
+                                  tokens=tokens, accelerator=accelerator, reporter=reporter),
+        meta,
+    )
+
+
+def add_reference(inputs: LossInputs, ref: ReferenceLogps | None, indices: torch.Tensor, device) -> None:
+    if ref is None:
+        return
+    inputs.ref_logps = {name: values.to(device) for name, values in ref.select(indices).items()}
+    if ref.tokens:
+        inputs.ref_token_logps = {name: values.to(device)
+                                  for name, values in ref.select_tokens(indices, inputs.masks).items()}
+
+
+def evaluate(model, objective, params, needs: Needs, dataset, ref: ReferenceLogps | None, *,
+             batch_size: int, pad_id: int, accelerator: Accelerator) -> dict[str, float]:
+    """Loss and metrics over a whole dataset, without gradients; keys prefixed ``eval/``."""
+    averager = Averager()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(dataset.examples), batch_size):
+            idx = list(range(start, min(start + batch_size, len(dataset.examples))))
+            batch = collate([dataset.examples[i] for i in idx], idx, pad_id, dataset.names).to(accelerator.device)
+            with accelerator.autocast():
+                inputs = loss_inputs(model, batch, needs)
+            add_reference(inputs, ref, batch.indices, accelerator.device)
+            out = call_loss(objective, params, inputs)
+            averager.add("loss", out.losses)
+            for name, value in out.metrics.items():
+                averager.add(name, value)
+    model.train(was_training)
+    return {f"eval/{k}": v for k, v in averager.result().items()}
+
+
+def call_loss(objective, params, inputs: LossInputs):
+    """The objective's loss; an exception inside it names the objective."""
+    try:
+        return objective.loss(params, inputs)
+    except Exception as exc:
+        raise PrefkitError(f"objective {objective.name!r}: loss() raised {type(exc).__name__}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def total_steps_for(train_cfg, batches_per_epoch: int) -> int:
+    if train_cfg.max_steps:
+        return train_cfg.max_steps
+    return max(1, math.ceil(train_cfg.epochs * batches_per_epoch / train_cfg.grad_accum_steps))
+
+
+def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | None = None,
+          registry: Any) -> dict[str, Any]:
+    """Train with the recipe's objective; returns the run summary also written to ``run.json``."""
+    from prefkit.data.prepare import prepare_dataset
+    from prefkit.models.loading import load_model, save_pretrained
+
+    reporter = reporter or QuietReporter()
+    recipe, objective, params = loaded.recipe, loaded.objective, loaded.params
+    needs = objective.needs(params)
+    cfg = recipe.train
+    setup = begin_run(loaded, resume, registry)
+
+    # Data first: a bad row fails here, before any model is loaded.
+    kind = registry.data_kinds[needs.data]
+    train_data = prepare_dataset(recipe.data, setup.tokenizer, kind, split="train", registry=registry,
+                                 mismatched=needs.mismatched)
+    eval_data = (prepare_dataset(recipe.data, setup.tokenizer, kind, split="eval", registry=registry,
+                                 mismatched=needs.mismatched) if recipe.data.eval else None)
+    for data in filter(None, [train_data, eval_data]):
+        reporter.message(describe_data("data", data.report))
+
+    metrics_log = open_run_dir(setup)
+    accelerator = make_accelerator(setup)
+    trackers = start_run_trackers(setup, accelerator)
+    handle = load_model(recipe.model, loaded.model_options, setup.cache_dir, head=needs.head, registry=registry)
+    model = handle.model.to(accelerator.device)
+    pad_id = handle.tokenizer.pad_token_id
+
+    # Reference log-probs, from the initial weights (before any checkpoint is loaded).
+    ref_train = ref_eval = None
+    cache_status = "none"
+    if needs.reference:
+        common = dict(model_handle=handle, recipe=recipe, precision=setup.precision, tokens=needs.reference_tokens,
+                      accelerator=accelerator, pad_id=pad_id, reporter=reporter)
+        ref_train, cache_status = reference_for(train_data, **common)
+        if eval_data is not None:
+            ref_eval, _ = reference_for(eval_data, **common)
+        reporter.message(f"reference log-probs: cache {cache_status}")
+
+    order = BatchOrder(len(train_data.examples), cfg.batch_size * accelerator.num_processes, recipe.seed)
+    total_steps = total_steps_for(cfg, order.batches_per_epoch)
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    state = restore(setup, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
+                    metrics_log=metrics_log, reporter=reporter, resume=resume) or {}
+    step, micro = state.get("step", 0), state.get("micro_batches", 0)
+    tokens_seen, trained_seconds = state.get("tokens_seen", 0), state.get("trained_seconds", 0.0)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    rank, world = accelerator.process_index, accelerator.num_processes
+    window = Averager()
+    last_metrics: dict[str, float] = {}
+    model.train()
+    reporter.start(total_steps, step)
+    while step < total_steps:
+        step_start = time.perf_counter()
+        step_tokens = 0
+        lr = scheduler.get_last_lr()[0]
+        for k in range(cfg.grad_accum_steps):
+            idx = order.indices(micro)[rank::world]
+            micro += 1
+            batch = collate([train_data.examples[i] for i in idx], idx, pad_id, train_data.names)
+            batch = batch.to(accelerator.device)
+            sync = k == cfg.grad_accum_steps - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    inputs = loss_inputs(model, batch, needs)
+                add_reference(inputs, ref_train, batch.indices, accelerator.device)
+                out = call_loss(objective, params, inputs)
+                loss = out.losses.mean()
+                accelerator.backward(loss / cfg.grad_accum_steps)
+            window.add("loss", loss)
+            for name, value in out.metrics.items():
+                window.add(name, value)
+            step_tokens += batch.num_tokens
+        if cfg.max_grad_norm is not None:
+            window.add("grad_norm", accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seconds = time.perf_counter() - step_start
+        trained_seconds += seconds
+        tokens_seen += step_tokens
+        window.add("tokens_per_s", step_tokens / max(seconds, 1e-9))
+
+        do_eval = eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps)
+        if step % cfg.log_every == 0 or step == total_steps or do_eval:
+            record = {"step": step, "epoch": round(order.epoch_of(micro), 4), **window.result(), "lr": lr}
+            if do_eval:
+                record.update(evaluate(model, objective, params, needs, eval_data, ref_eval,
+                                       batch_size=cfg.batch_size, pad_id=pad_id, accelerator=accelerator))
+            if accelerator.is_main_process:
+                metrics_log.write(record)
+                trackers.log(record, step)
+            reporter.step(step, record)
+            last_metrics = record
+            window = Averager()
+            if not math.isfinite(record["loss"]):
+                raise PrefkitError(f"loss became {record['loss']} at step {step}; lower train.lr or check the data")
+        if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps) and accelerator.is_main_process:
+            save_checkpoint(setup.run_dir, step, model=accelerator.unwrap_model(model), optimizer=optimizer,
+                            scheduler=scheduler, keep=cfg.keep_checkpoints, recipe_yaml=setup.resolved_yaml,
+                            state={"micro_batches": micro, "tokens_seen": tokens_seen,
+                                   "trained_seconds": trained_seconds})
+    reporter.finish()
+    trackers.finish()
+
+    accelerator.wait_for_everyone()
+    summary = {
+        **summary_head(setup, handle, objective, registry),
+        "data": {"train": train_data.report.__dict__, "train_fingerprint": train_data.fingerprint(),
+                 "eval": eval_data.report.__dict__ if eval_data else None},
+        "device": str(accelerator.device),
+        "reference_cache": cache_status,
+        "steps": step,
+        "examples_per_step": cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes,
+        "train_seconds": round(trained_seconds, 3),
+        "wall_seconds": round(time.perf_counter() - setup.started, 3),
+        "tokens_per_s": round(tokens_seen / trained_seconds, 1) if trained_seconds else None,
+        "final_metrics": last_logged(metrics_log, last_metrics),
+    }
+    if accelerator.is_main_process:
+        save_pretrained(accelerator.unwrap_model(model), handle.tokenizer, setup.run_dir / "final")
+        write_summary(setup.run_dir, summary)
+    return summary

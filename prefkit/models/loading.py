@@ -1,0 +1,425 @@
+"""Models: named sources, loading (fp32, optional LoRA), fingerprints and saving.
+
+``model.source`` in a recipe is resolved in this order:
+
+1. a **named source** registered through the ``register_models`` hook (``smollm2-135m-instruct``,
+   ``tiny-llama``, ...): :meth:`ModelSource.materialize` builds a Hugging Face folder once, in
+   the cache, and later runs reuse it;
+2. an existing **local directory**;
+3. otherwise a **hub id** (``org/name``), handed to ``from_pretrained`` as is.
+
+:func:`load_model` returns a :class:`LoadedModel`: the trainable model (a ``PeftModel`` when LoRA
+is on), its tokenizer, and content fingerprints of the base weights and the tokenizer that the
+engine uses to key its reference log-prob cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+
+from prefkit.api import ModelSource, ModelSourceParams, PrefkitError
+from prefkit.recipe import LoraConfig, ModelConfig
+
+Head = Literal["lm", "scalar"]
+
+
+# --------------------------------------------------------------------------- named sources
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``final``; on success rename it to ``final``.
+
+    On an error the temporary directory is removed and ``final`` is untouched. If another
+    process created ``final`` meanwhile, its folder is kept and ours is discarded.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def materialize_once(final: Path, build: Callable[[Path], None]) -> Path:
+    """Return ``final`` if it exists; otherwise ``build(tmp_dir)`` and rename it into place."""
+    final = Path(final)
+    if not final.is_dir():
+        with atomic_directory(final) as tmp:
+            build(tmp)
+    return final
+
+
+def params_hash(params: BaseModel, salt: str = "") -> str:
+    """A short stable hash of a params model, for cache folder names."""
+    text = salt + json.dumps(params.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def clear_quantization_marks(model: torch.nn.Module) -> torch.nn.Module:
+    """Make a model loaded from a GGUF file (already de-quantized to fp32 by transformers) a
+    plain model again, so it can be trained and saved: drop ``config.quantization_config``,
+    ``hf_quantizer``, ``quantization_method`` and the ``is_quantized`` flags."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None:
+            if hasattr(config, "quantization_config"):
+                with contextlib.suppress(AttributeError):
+                    del config.quantization_config
+            if getattr(config, "_is_quantized", False):
+                config._is_quantized = False
+    for attr in ("hf_quantizer", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
+    if "is_quantized" in vars(model):
+        model.is_quantized = False
+    return model
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 hex of a model's state dict: every tensor's name, dtype, shape and bytes.
+
+    Identical weights give an identical fingerprint, whatever the folder they came from.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        data = tensor.to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            digest.update(data.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 hex of what changes token ids: vocabulary, merges, normalisation, special and
+    added tokens, post-processing, and the chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec: Any = json.loads(backend.to_str())
+        spec.pop("truncation", None)  # runtime state that calls to the tokenizer change
+        spec.pop("padding", None)
+    else:  # a tokenizer without a `tokenizers` backend: hash its saved files
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            spec = {
+                path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+                for path in sorted(Path(tmp).iterdir())
+                if path.is_file()
+            }
+    payload = {
+        "tokenizer": spec,
+        "special_tokens": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+        "chat_template": tokenizer.chat_template,
+    }
+    text = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def _is_hub_id(text: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def resolve_model_dir(cfg: ModelConfig, options: Any, cache_dir: Path, registry: Any) -> str:
+    """Where to load ``cfg.source`` from: a named source's materialized folder, a local
+    directory, or a hub id (returned as is). Raises PrefkitError for a path that cannot be one."""
+    source = registry.model_sources.get(cfg.source)
+    if source is not None:
+        if options is None:
+            try:
+                options = source.Params.model_validate(cfg.options)
+            except ValidationError as exc:
+                raise PrefkitError(f"model.options for {cfg.source!r}: {_first_line(exc)}") from None
+        return str(source.materialize(options, Path(cache_dir)))
+
+    path = Path(cfg.source).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.is_file():
+        hint = ""
+        if path.suffix == ".gguf":
+            hint = f"; for a GGUF file set model.source: {str(path.parent)!r} and model.gguf_file: {path.name!r}"
+        raise PrefkitError(f"model.source {cfg.source!r} is a file, not a model directory{hint}")
+    if not _is_hub_id(cfg.source):
+        known = ", ".join(sorted(registry.model_sources)) or "none"
+        raise PrefkitError(
+            f"model.source {cfg.source!r}: no such directory, and it is neither a named model source "
+            f"(known: {known}) nor a hub id (org/name); fix the path or pick a named source"
+        )
+    return cfg.source
+
+
+def _is_local(model_dir: str) -> bool:
+    return Path(model_dir).expanduser().is_dir()
+
+
+@contextlib.contextmanager
+def _user_errors(what: str, source: str) -> Iterator[None]:
+    """Turn transformers' errors for a missing or unreachable model into one clear PrefkitError."""
+    try:
+        yield
+    except OSError as exc:
+        if _is_local(source):
+            raise PrefkitError(f"cannot load the {what} from the directory {source!r}: {_first_line(exc)}") from exc
+        raise PrefkitError(
+            f"cannot load the {what} from {source!r}: it is not a local directory or a named model source "
+            f"(`prefkit models` lists those), and as a hub id: {_first_line(exc)} "
+            "(a hub id needs network access or a copy in the Hugging Face cache)"
+        ) from exc
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise PrefkitError(
+            f"the {what} at {source!r} needs its own Python code to load; read that code, then set "
+            "model.trust_remote_code: true if you trust it"
+        ) from exc
+
+
+def _check_gguf(model_dir: str, gguf_file: str | None) -> None:
+    if gguf_file and _is_local(model_dir) and not (Path(model_dir).expanduser() / gguf_file).is_file():
+        found = sorted(p.name for p in Path(model_dir).expanduser().glob("*.gguf"))
+        listing = ", ".join(found) if found else "none"
+        raise PrefkitError(
+            f"model.gguf_file {gguf_file!r} not found in {model_dir!r} (GGUF files there: {listing})"
+        )
+
+
+def _check_local_folder(folder: str, what: Literal["model", "tokenizer"]) -> None:
+    """A clear error for a local folder that lacks the files ``from_pretrained`` needs."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        return
+    if what == "model" and not (path / "config.json").is_file():
+        raise PrefkitError(
+            f"{folder!r} is not a Hugging Face model folder (no config.json); "
+            "point model.source at one, or set model.gguf_file for a GGUF file inside it"
+        )
+    patterns = ("tokenizer*", "vocab*", "merges*", "*.model", "special_tokens_map.json")
+    if what == "tokenizer" and not any(any(path.glob(pattern)) for pattern in patterns):
+        raise PrefkitError(
+            f"{folder!r} holds no tokenizer files (tokenizer.json, tokenizer_config.json, vocab...); "
+            "set model.tokenizer to a folder or hub id that has them"
+        )
+
+
+def load_tokenizer(cfg: ModelConfig, model_dir: str, *, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer from ``cfg.tokenizer`` if set, else from ``model_dir`` (and its GGUF file),
+    with a pad token (eos if it has none) and right padding."""
+    if cfg.tokenizer:
+        source = cfg.tokenizer
+        if not _is_local(source) and not _is_hub_id(source):
+            raise PrefkitError(f"model.tokenizer {source!r}: no such directory, and not a hub id (org/name)")
+        _check_local_folder(source, "tokenizer")
+        kwargs: dict[str, Any] = {}
+    else:
+        source = model_dir
+        _check_gguf(model_dir, gguf_file)
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        if not gguf_file:
+            _check_local_folder(model_dir, "tokenizer")
+        if cfg.revision and not _is_local(model_dir):
+            kwargs["revision"] = cfg.revision
+    if _is_local(source):
+        source = str(Path(source).expanduser())
+    with _user_errors("tokenizer", source):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise PrefkitError(
+                f"the tokenizer from {source!r} has neither a pad nor an eos token; "
+                "set model.tokenizer to one that has"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # the trainable model (a PeftModel when LoRA is on), fp32, train mode
+    tokenizer: PreTrainedTokenizerBase  # pad token set, padding_side="right"
+    path: str  # the directory or hub id it was loaded from
+    weights_fingerprint: str  # of the base weights, computed before LoRA wrapping
+    tokenizer_fingerprint: str
+    is_lora: bool
+
+    def reference(self) -> contextlib.AbstractContextManager:
+        """Context in which ``self.model`` computes the reference policy: with LoRA the adapter
+        is disabled; without LoRA a no-op (the engine then uses the model before its first
+        update, or its own frozen copy)."""
+        if self.is_lora:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraConfig, head: Head = "lm") -> torch.nn.Module:
+    """Wrap ``model`` in peft LoRA adapters; only adapter weights (and a scalar head) train."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model
+
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=TaskType.SEQ_CLS if head == "scalar" else TaskType.CAUSAL_LM,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise PrefkitError(f"model.lora.target_modules {lora.target_modules!r}: {_first_line(exc)}") from exc
+
+
+def load_model(
+    cfg: ModelConfig,
+    options: Any,
+    cache_dir: Path,
+    *,
+    head: Head = "lm",
+    registry: Any,
+) -> LoadedModel:
+    """Resolve ``cfg.source``, load tokenizer and fp32 weights (causal LM, or a one-label
+    sequence classifier on the same backbone for ``head="scalar"``), fingerprint the base
+    weights, then add LoRA adapters if ``cfg.lora`` is set."""
+    model_dir = resolve_model_dir(cfg, options, cache_dir, registry)
+    gguf_file = cfg.gguf_file
+    _check_gguf(model_dir, gguf_file)
+    if not gguf_file:
+        _check_local_folder(model_dir, "model")
+    tokenizer = load_tokenizer(cfg, model_dir, gguf_file=gguf_file)
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": cfg.trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if cfg.revision and not _is_local(model_dir):
+        kwargs["revision"] = cfg.revision
+    if head == "scalar":
+        loader: Any = AutoModelForSequenceClassification
+        kwargs.update(num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    elif head == "lm":
+        loader = AutoModelForCausalLM
+    else:
+        raise ValueError(f"head must be 'lm' or 'scalar', not {head!r}")
+    with _user_errors("model", model_dir):
+        model = loader.from_pretrained(model_dir, **kwargs)
+
+    clear_quantization_marks(model)
+    model.to(torch.float32)
+    # The scalar head reads the reward at the last non-pad token, so it must know the pad id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+    model.train()
+
+    fingerprint = weights_fingerprint(model)
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora, head)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        path=model_dir,
+        weights_fingerprint=fingerprint,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        is_lora=cfg.lora is not None,
+    )
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _move_into(staging: Path, out_dir: Path) -> None:
+    """Rename ``staging`` to ``out_dir`` (atomic); if ``out_dir`` exists, replace its entries."""
+    try:
+        os.rename(staging, out_dir)
+        return
+    except OSError:
+        if not out_dir.is_dir():
+            raise
+    for entry in sorted(staging.iterdir()):
+        target = out_dir / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.rename(entry, target)
+    staging.rmdir()
+
+
+def save_pretrained(
+    loaded_or_model: LoadedModel | torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path,
+) -> None:
+    """Save a final model in Hugging Face format (safetensors) with its tokenizer.
+
+    With LoRA the adapter is merged into a copy, so ``out_dir`` holds a plain model that loads
+    with ``AutoModelForCausalLM.from_pretrained``; the adapter alone goes to ``out_dir/adapter``.
+    Everything is written to a temporary folder first, then moved into place.
+    """
+    from peft import PeftModel
+
+    model = loaded_or_model.model if isinstance(loaded_or_model, LoadedModel) else loaded_or_model
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        if isinstance(model, PeftModel):
+            model.save_pretrained(str(staging / "adapter"), safe_serialization=True)
+            merged = copy.deepcopy(model).merge_and_unload()
+        else:
+            merged = model
+        merged.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        _move_into(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

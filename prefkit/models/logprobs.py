@@ -1,0 +1,83 @@
+"""Log-probabilities of completion tokens, computing logits only where they are needed.
+
+The LM head over a large vocabulary dominates small models, so the policy is asked for
+logits only at the positions that predict an answer token (transformers' boolean
+``logits_to_keep``). Log-softmax runs in fp32 whatever the autocast precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from prefkit.data.batching import Batch
+
+
+def _position_mask(completion_mask: torch.Tensor) -> torch.Tensor:
+    """Position t predicts token t+1: keep t where token t+1 is an answer token."""
+    keep = torch.zeros_like(completion_mask)
+    keep[:, :-1] = completion_mask[:, 1:]
+    return keep
+
+
+def answer_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The logits that predict each completion token, ``[K, V]`` for the K completion tokens of the
+    batch in row-major order (the order of ``input_ids[completion_mask]``); only those positions
+    go through the LM head."""
+    keep = _position_mask(batch.completion_mask).to(batch.input_ids.device)
+    wanted = int(batch.completion_mask.sum())
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep, use_cache=False)
+    logits = out.logits
+    if logits.dim() != 2 or logits.shape[0] != wanted:
+        # A model without boolean logits_to_keep support returned full (or other) logits: select here.
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = full[keep]
+    return logits
+
+
+def token_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Per-token log p(token) on completion tokens, fp32, shape [R, T]; zero elsewhere.
+
+    Entry ``[r, t]`` is the log-prob of ``input_ids[r, t]`` given the tokens before it, so it is
+    aligned with ``batch.completion_mask``.
+    """
+    targets = batch.input_ids[batch.completion_mask.to(batch.input_ids.device)]
+    logits = answer_logits(model, batch)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logps = F.log_softmax(logits.float(), dim=-1)
+        picked = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    result = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=picked.device)
+    return result.masked_scatter(batch.completion_mask.to(picked.device), picked)
+
+
+def sequence_logps(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of per-token log-probs over the answer tokens of each row: [R, T] -> [R]."""
+    return (token_values * mask).sum(-1)
+
+
+def sequence_rewards(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Scalar-head output at the last real token of each row, fp32, shape [R].
+
+    The last token is found from the attention mask, not from the pad token id: SmolLM2 and
+    many chat models pad with their end-of-turn token, which also ends every answer.
+    """
+    last = batch.attention_mask.sum(-1) - 1  # right padding
+    head = getattr(_unwrap(model), "score", None)
+    if head is None:
+        raise ValueError(f"{type(_unwrap(model)).__name__} has no `score` head; use a *ForSequenceClassification model")
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
+                use_cache=False)
+    hidden = out.hidden_states[-1]
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+    return head(picked).squeeze(-1).float()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft or DDP wrapper."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "get_base_model"):  # peft
+            model = model.get_base_model()
+        else:
+            return model

@@ -1,0 +1,118 @@
+"""Reward functions: texts in, scores out.
+
+A reward function is registered by a plugin through the ``register_reward_functions`` hook (the
+built-in ``sentiment``, ``keywords`` and ``reward_model`` are registered by
+``prefkit_builtins.rewards`` exactly like a third-party one). In a recipe it is named under
+``reward:`` with its parameters, which its own :class:`RewardParams` model validates::
+
+    reward:
+      name: keywords
+      params: {targets: ["e"], unit: char}
+
+:meth:`RewardFunction.build` turns validated parameters into a :class:`Scorer`: a callable that
+takes a batch of prompts and completions and returns one float per completion, deterministically.
+PPO, best-of-N, pair labelling and the evaluators all call scorers the same way, through
+:func:`build_reward`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from prefkit.api import PrefkitError, RewardFunction, RewardParams, Scorer
+
+if TYPE_CHECKING:
+    from prefkit.recipe import RewardConfig
+
+
+def prompt_text(prompt: Any) -> str:
+    """A raw prompt as plain text for a scorer.
+
+    A string is returned as is. A list of role/content messages gives the content of its last
+    ``user`` message (the question the completion answers; for a single-turn prompt, the whole
+    prompt), or of its last message when no message has the role ``user``. Scorers that need the
+    whole conversation set ``accepts_messages = True`` and get the messages themselves.
+    """
+    if prompt is None:
+        return ""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, (list, tuple)):
+        messages = [m for m in prompt if isinstance(m, dict)]
+        if not messages:
+            return ""
+        users = [m for m in messages if m.get("role") == "user"]
+        return str((users or messages)[-1].get("content", ""))
+    raise TypeError(f"a prompt is a string or a list of messages, not {type(prompt).__name__}")
+
+
+class CheckedScorer:
+    """What :func:`build_reward` returns: the plugin's scorer, with its inputs and outputs checked.
+
+    It takes raw prompts (strings or lists of messages) as well as plain strings: they are turned
+    into text with :func:`prompt_text` unless the inner scorer ``accepts_messages``. Its answer is
+    checked to hold one finite number per completion, and returned as a list of floats.
+    """
+
+    def __init__(self, name: str, inner: Scorer):
+        self.name = name
+        self.inner = inner
+        self.accepts_messages = True
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[str]) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        if not completions:
+            return []
+        if getattr(self.inner, "accepts_messages", False):
+            shown = list(prompts)
+        else:
+            shown = [prompt_text(p) for p in prompts]
+        scores = self.inner(shown, list(completions))
+        if isinstance(scores, torch.Tensor):
+            scores = scores.detach().float().cpu().reshape(-1).tolist()
+        scores = [float(s) for s in scores]
+        if len(scores) != len(completions):
+            raise PrefkitError(
+                f"reward function {self.name!r} returned {len(scores)} scores for {len(completions)} completions"
+            )
+        bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+        if bad:
+            raise PrefkitError(f"reward function {self.name!r} returned a non-finite score for completion {bad[0]}")
+        return scores
+
+
+def build_reward(
+    cfg: RewardConfig,
+    params: RewardParams | None,
+    *,
+    cache_dir: Path,
+    device: torch.device | str = "cpu",
+    registry: Any,
+) -> CheckedScorer:
+    """Build the scorer a recipe's ``reward:`` block names.
+
+    ``params`` is the already validated ``Params`` instance (``LoadedRecipe.reward_params``);
+    with ``None`` the block's raw ``params`` are validated here. An unknown reward function or
+    bad parameters raise :class:`~prefkit.api.errors.PrefkitError`.
+    """
+    function = registry.reward_functions.get(cfg.name)
+    if function is None:
+        known = ", ".join(sorted(registry.reward_functions)) or "none"
+        raise PrefkitError(f"reward.name: unknown reward function {cfg.name!r}; registered: {known}")
+    if params is None:
+        try:
+            params = function.Params.model_validate(cfg.params)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise PrefkitError(f"reward.params{'.' + where if where else ''}: {first['msg']}") from None
+    scorer = function.build(params, cache_dir=Path(cache_dir), device=torch.device(device))
+    return CheckedScorer(cfg.name, scorer)
