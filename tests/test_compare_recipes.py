@@ -99,12 +99,12 @@ def test_errors_name_the_arm_path(tmp_path):
     def change(data):
         data["arms"][1]["params"]["beta"] = -1
         data["arms"][2]["train"]["bogus"] = 1
-        data["arms"][6]["params"]["n"] = 0
+        data["arms"][8]["params"]["n"] = 0
         data["arms"][0]["params"]["betta"] = 0.1
 
     message = bad(tmp_path, change)
     assert "arms.1.params.beta" in message and "arms.2.train.bogus: unknown key" in message
-    assert "arms.6.params.n" in message and "arms.0.params.betta: unknown key" in message
+    assert "arms.8.params.n" in message and "arms.0.params.betta: unknown key" in message
 
 
 def test_errors_in_shared_blocks_and_evaluation(tmp_path):
@@ -124,9 +124,9 @@ def test_names_rewards_and_objectives_are_checked(tmp_path):
     message = bad(tmp_path, lambda d: d["arms"][1].update(name="reference"))
     assert "arms.1.name" in message
     message = bad(tmp_path, lambda d: d.pop("reward"))
-    assert "arms.2.reward: objective 'ppo_kl' needs a reward source" in message and "arms.5.reward" in message
+    assert "arms.2.reward: objective 'ppo_kl' needs a reward source" in message and "arms.8.reward" in message
     message = bad(tmp_path, lambda d: d["arms"].append({"name": "rm", "objective": "bt_reward"}))
-    assert "arms.7.objective" in message and "reward model" in message
+    assert "arms.10.objective" in message and "reward model" in message
     message = bad(tmp_path, lambda d: d["evaluation"].pop("gold"))
     assert "evaluation.gold: required key is missing" in message
     message = bad(tmp_path, lambda d: d["evaluation"].update(temperatures=[1.0, -1.0]))

@@ -67,6 +67,11 @@ class Arm(Strict):
     train: dict[str, Any] = Field(
         default_factory=dict, description="Overrides of `train` keys for this arm only (reported in the results)."
     )
+    data: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of `data` keys for this arm only: the same preferences in the layout its data kind "
+                    "reads (e.g. `train: tiny-unpaired` for KTO, the unpaired form of tiny-prefs).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -235,7 +240,7 @@ def arm_recipe_dict(compare: CompareRecipe, arm: Arm, *, with_reward: bool = Tru
         "seed": compare.seed,
         "cache_dir": compare.cache_dir,
         "model": compare.model.model_dump(mode="json", exclude_unset=True),
-        "data": compare.data.model_dump(mode="json", exclude_unset=True),
+        "data": {**compare.data.model_dump(mode="json", exclude_unset=True), **copy.deepcopy(arm.data)},
         "objective": {"name": arm.objective, "params": copy.deepcopy(arm.params)},
         "train": train,
         "sampling": compare.sampling.model_dump(mode="json"),
