@@ -419,11 +419,10 @@ def _check_online(objective: Objective, params: Any, result: ConformanceResult, 
     """One real iteration of the online loop on the tiny model (tiny-prefs prompts, a keyword reward):
     it must validate, run prepare() and loss() through the loop, and log a finite loss, so the check
     fails wherever ``prefkit run`` would."""
+    import dataclasses
     import json
     import math
     import tempfile
-
-    import torch
 
     from prefkit.loops import check_recipe
     from prefkit.loops.online import train
@@ -443,11 +442,11 @@ def _check_online(objective: Objective, params: Any, result: ConformanceResult, 
             "sampling": {"max_new_tokens": 6, "num_samples": least, "batch_size": 8},
             "train": {"max_steps": 1, "batch_size": 4, "lr": 1e-3, "scheduler": "constant", "log_every": 1},
         }
+        # the objective as given, installed or not (a package's own tests run before `pip install`)
+        registry = dataclasses.replace(registry, objectives={**registry.objectives, objective.name: objective})
         try:
             loaded = validate_recipe(document, f"conformance run of {objective.name}", registry)
             check_recipe(loaded)
-            if objective.name not in registry.objectives:  # an objective not (yet) installed: check it as given
-                loaded.objective = objective
             train(loaded, registry=registry)
         except Exception as exc:
             raise ConformanceError(f"objective {objective.name!r}: one iteration of the online loop failed: "
