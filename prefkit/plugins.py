@@ -259,10 +259,6 @@ def _check_objective(item: Any) -> str | None:
 
 
 def _check_data_kind(item: Any) -> str | None:
-    from prefkit.api import DataKind
-
-    if type(item).check_row is DataKind.check_row:
-        return f"data kind {item.name!r} defines no check_row()"
     completions = getattr(item, "completions", None)
     if not isinstance(completions, tuple) or not all(isinstance(c, str) and c for c in completions):
         return f"data kind {item.name!r}: `completions` must be a tuple of names, got {completions!r}"

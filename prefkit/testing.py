@@ -135,9 +135,9 @@ def build_batch(tokenizer, rows: list[dict] | None = None, kind: str = "pairs", 
     return collate(examples, list(range(len(examples))), tokenizer.pad_token_id, names)
 
 
-def reference_logps(model, batch: Batch) -> dict[str, Any]:
-    """Summed log-probs of the batch's answers under ``model``, without gradients (as the
-    engine's reference pass): completion name -> ``[B]``."""
+def reference_logps(model, batch: Batch) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The batch's answers' log-probs under ``model``, without gradients (as the engine's reference
+    pass): ``(sums, per_token)``, each completion name -> ``[B]`` / ``[B, T]``."""
     import torch
 
     from prefkit.models.logprobs import sequence_logps, token_logps

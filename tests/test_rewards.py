@@ -13,7 +13,8 @@ from prefkit.data.prepare import prepare_dataset
 from prefkit.api.errors import PrefkitError
 from prefkit.plugins import Registry, load_registry
 from prefkit.recipe import DataConfig, RewardConfig
-from prefkit.models.rewards import CheckedScorer, RewardFunction, RewardParams, Scorer, build_reward, prompt_text
+from prefkit.api import RewardFunction, RewardParams, Scorer
+from prefkit.models.rewards import CheckedScorer, build_reward, prompt_text
 from prefkit.models.tiny import build_tiny_tokenizer
 from prefkit_builtins.rewards import chars_of, fit, words_of
 

@@ -94,10 +94,26 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.expm1(x) - x
 
 
-def _on_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def on_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``x`` in fp32 where ``mask`` is true, 0 elsewhere (no gradient reaches the padding)."""
     x = x.float()
     return torch.where(mask.bool(), x, torch.zeros_like(x))
+
+
+def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                      *, clip_low: float, clip_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token with one advantage per sequence (``advantages`` ``[R]``,
+    broadcast over its tokens): ``-min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)``
+    with ``ratio = exp(logp - old_logp)``; ``[R, T]`` fp32, zero on padding. Also returns where the
+    clipped term was the smaller (chosen), 1.0 / 0.0, zero on padding. Gradients reach ``logps`` only.
+    """
+    maskf = mask.float()
+    # every log-prob 0 on padding, so that nothing there can overflow exp() or turn a gradient into NaN
+    ratio = torch.exp(on_mask(logps, mask) - on_mask(old_logps.detach(), mask))
+    adv = advantages.detach().float().to(logps.device).unsqueeze(-1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
+    return -torch.minimum(unclipped, clipped) * maskf, (clipped < unclipped).float() * maskf
 
 
 def grpo_token_loss(
@@ -129,17 +145,12 @@ def grpo_token_loss(
         raise ValueError("GRPO with beta > 0 needs the reference's log-probs (ref_logps)")
     mask = mask.bool()
     maskf = mask.float()
-    # every log-prob 0 on padding, so that nothing there can overflow exp() or turn a gradient into NaN
-    logps = _on_mask(logps, mask)
-    ratio = torch.exp(logps - _on_mask(old_logps.detach(), mask))
-    adv = advantages.detach().float().to(logps.device).unsqueeze(-1)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
-    policy = -torch.minimum(unclipped, clipped) * maskf
+    logps = on_mask(logps, mask)
+    policy, clipped = clipped_surrogate(logps, old_logps, advantages, mask, clip_low=clip_low, clip_high=clip_high)
     losses = policy
-    stats = {"policy": policy.detach(), "clipped": (clipped < unclipped).float() * maskf}
+    stats = {"policy": policy.detach(), "clipped": clipped}
     if ref_logps is not None:
-        kl = k3_kl(logps, _on_mask(ref_logps.detach(), mask)) * maskf
+        kl = k3_kl(logps, on_mask(ref_logps.detach(), mask)) * maskf
         if beta > 0:
             losses = losses + beta * kl
         stats["kl"] = kl.detach()

@@ -35,20 +35,15 @@ import torch
 from pydantic import Field
 
 from prefkit.api import LossOutput, LossUnit, Needs, OnlineInputs, OnlineObjective, OnlineParams, Rollout, hookimpl
+from prefkit_builtins.grpo import clipped_surrogate, on_mask
 
 # ----------------------------------------------------------------------------- rewards and advantages
-
-
-def _on_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``x`` in fp32 where ``mask`` is true, 0 elsewhere (no gradient reaches the padding)."""
-    x = x.float()
-    return torch.where(mask.bool(), x, torch.zeros_like(x))
 
 
 def sequence_kl(old_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Each sequence's k1 estimate of KL(pi_old || pi_ref) ``[N]``, fp32: the sum over its completion
     tokens of ``old_logp - ref_logp`` (its log-likelihood ratio; can be negative). Padding is ignored."""
-    return (_on_mask(old_logps.detach(), mask) - _on_mask(ref_logps.detach(), mask)).sum(-1)
+    return (on_mask(old_logps.detach(), mask) - on_mask(ref_logps.detach(), mask)).sum(-1)
 
 
 def leave_one_out_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -101,15 +96,9 @@ def rloo_token_loss(
     Gradients reach ``logps`` only. Returns ``(losses, stats)``; ``stats["clipped"]`` ``[R, T]`` is 1.0
     where the clipped term was the smaller (chosen), 0 elsewhere and on padding.
     """
-    mask = mask.bool()
-    maskf = mask.float()
-    # every log-prob 0 on padding, so that nothing there can overflow exp() or turn a gradient into NaN
-    ratio = torch.exp(_on_mask(logps, mask) - _on_mask(old_logps.detach(), mask))
-    adv = advantages.detach().float().to(logps.device).unsqueeze(-1)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * adv
-    losses = -torch.minimum(unclipped, clipped) * maskf
-    return losses, {"clipped": (clipped < unclipped).float() * maskf}
+    losses, clipped = clipped_surrogate(logps, old_logps, advantages, mask.bool(), clip_low=clip_range,
+                                        clip_high=clip_range)
+    return losses, {"clipped": clipped}
 
 
 def token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ the extra columns reach the objective as ``[B]`` tensors in ``LossInputs.columns
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
@@ -28,7 +29,7 @@ class Example:
     columns: dict[str, float | int | bool] = field(default_factory=dict)  # extra numeric columns
 
 
-class DataKind:
+class DataKind(ABC):
     """A kind of data; subclass it and register an instance through ``register_data_kinds``.
 
     ``completions`` names the answers every example carries, in the order their rows appear in a
@@ -42,11 +43,11 @@ class DataKind:
     text_fields: ClassVar[tuple[str, ...]] = ("prompt",)
     columns: ClassVar[dict[str, str]] = {}
 
+    @abstractmethod
     def check_row(self, row_no: int, row: dict[str, Any], fmt: Format) -> tuple[Example | None, list[str]]:
         """One raw row -> ``(Example, [])``, or ``(None, problems)`` where each problem names the
         field (``"field 'label' should be true or false, got a string"``). Never raises for bad data.
         ``prefkit.data.rows`` has helpers for text fields, messages and numbers."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ The harness (:mod:`prefkit.compare.harness`) measures every policy the same way:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 

@@ -34,6 +34,7 @@ from prefkit.loops.runs import (
     last_logged,
     make_accelerator,
     open_run_dir,
+    plugin_call,
     restore,
     start_run_trackers,
     summary_head,
@@ -80,9 +81,9 @@ def compute_reference(model_handle, dataset, *, batch_size: int, pad_id: int, to
                 rows = batch.rows_of(name)
                 sums[name][idx] = batch_sums[rows]
                 if tokens:
-                    mask = batch.completion_mask[rows]
+                    mask, name_values = batch.completion_mask[rows], values[rows].cpu()
                     for j, i in enumerate(idx):
-                        runs[name][i] = values[rows][j][mask[j]].cpu()
+                        runs[name][i] = name_values[j][mask[j].cpu()]
             reporter.step(start // batch_size + 1, {})
     reporter.finish()
     model.train(was_training)
@@ -139,20 +140,12 @@ def evaluate(model, objective, params, needs: Needs, dataset, ref: ReferenceLogp
             with accelerator.autocast():
                 inputs = loss_inputs(model, batch, needs)
             add_reference(inputs, ref, batch.indices, accelerator.device)
-            out = call_loss(objective, params, inputs)
+            out = plugin_call(objective, "loss()", lambda: objective.loss(params, inputs))
             averager.add("loss", out.losses)
             for name, value in out.metrics.items():
                 averager.add(name, value)
     model.train(was_training)
     return {f"eval/{k}": v for k, v in averager.result().items()}
-
-
-def call_loss(objective, params, inputs: LossInputs):
-    """The objective's loss; an exception inside it names the objective."""
-    try:
-        return objective.loss(params, inputs)
-    except Exception as exc:
-        raise PrefkitError(f"objective {objective.name!r}: loss() raised {type(exc).__name__}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -233,7 +226,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                 with accelerator.autocast():
                     inputs = loss_inputs(model, batch, needs)
                 add_reference(inputs, ref_train, batch.indices, accelerator.device)
-                out = call_loss(objective, params, inputs)
+                out = plugin_call(objective, "loss()", lambda: objective.loss(params, inputs))
                 loss = out.losses.mean()
                 accelerator.backward(loss / cfg.grad_accum_steps)
             window.add("loss", loss)

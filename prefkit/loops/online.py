@@ -49,6 +49,7 @@ from prefkit.loops.runs import (
     last_logged,
     make_accelerator,
     open_run_dir,
+    plugin_call,
     restore,
     start_run_trackers,
     summary_head,
@@ -166,16 +167,6 @@ def rows_of(values: dict[str, torch.Tensor], idx: list[int], cols: int) -> dict[
     return {name: value[idx, :cols] if value.dim() == 2 else value[idx] for name, value in values.items()}
 
 
-def _named(objective, what: str, call):
-    """Run a plugin call; an exception inside it names the objective."""
-    try:
-        return call()
-    except PrefkitError:
-        raise
-    except Exception as exc:
-        raise PrefkitError(f"objective {objective.name!r}: {what} raised {type(exc).__name__}: {exc}") from exc
-
-
 # ----------------------------------------------------------------------------- checks before any work
 
 
@@ -256,7 +247,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     # The reference: with LoRA, the same model with its adapter disabled; otherwise a frozen copy
     # of the initial weights (taken before any checkpoint is loaded).
     reference = frozen_copy(policy) if needs.reference and not handle.is_lora else None
-    extra = _named(objective, "modules()", lambda: objective.modules(params, hidden_size_of(policy)))
+    extra = plugin_call(objective, "modules()", lambda: objective.modules(params, hidden_size_of(policy)))
     model = PolicyWithModules(policy, extra, needs.hidden_states).to(device)
     pad_id = handle.tokenizer.pad_token_id
 
@@ -264,7 +255,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.batches_per_epoch))
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)  # the schedule advances once per rollout
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = _named(objective, "init_state()", lambda: objective.init_state(params))
+    state = plugin_call(objective, "init_state()", lambda: objective.init_state(params))
     sample_seed = recipe.seed if sampling.seed is None else sampling.seed
 
     saved = restore(setup, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
@@ -294,7 +285,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         flat = [(p, ex, s) for p, (ex, per_prompt) in enumerate(zip(batch_prompts, samples)) for s in per_prompt]
         examples = [TokenizedExample(ex.row, ex.prompt_ids, {COMPLETION: list(s.token_ids)}, prompt=ex.prompt)
                     for _, ex, s in flat]
-        scores = torch.tensor(_named(objective, f"reward function {recipe.reward.name!r}",
+        scores = torch.tensor(plugin_call(objective, f"reward function {recipe.reward.name!r}",
                                      lambda: scorer([ex.prompt for _, ex, _ in flat], [s.text for _, _, s in flat])),
                               dtype=torch.float32)
 
@@ -331,7 +322,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
 
         # 5. The objective's advantages (and its controllers).
         with torch.no_grad():
-            rollout_metrics = _named(objective, "prepare()", lambda: objective.prepare(params, rollout, state))
+            rollout_metrics = plugin_call(objective, "prepare()", lambda: objective.prepare(params, rollout, state))
 
         # 6. Update epochs over shuffled minibatches; one optimizer step per minibatch.
         reported = set(rollout_metrics)  # names the objective reports itself: the loop's own are left out
@@ -353,7 +344,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                         outputs=new_outputs, old_outputs=rows_of(rollout.outputs, idx, cols),
                         extras=rows_of(rollout.extras, idx, cols), scores=rollout.scores[idx],
                         group_ids=rollout.group_ids[idx])
-                    out = _named(objective, "loss()", lambda: objective.loss(params, inputs))
+                    out = plugin_call(objective, "loss()", lambda: objective.loss(params, inputs))
                     units = int(m.sum()) if unit == "token" else len(idx)
                     # each chunk's mean, weighted by its share of the minibatch's units
                     accelerator.backward(out.losses * (units / max(minibatch_units, 1)))

@@ -140,6 +140,17 @@ def begin_run(loaded: LoadedRecipe, resume: bool, registry: Any) -> RunSetup:
                     started)
 
 
+def plugin_call(objective, what: str, call):
+    """Run ``call()`` (a method of the objective, its reward function, ...); an exception inside it
+    becomes a PrefkitError that names the objective. A PrefkitError passes through unchanged."""
+    try:
+        return call()
+    except PrefkitError:
+        raise
+    except Exception as exc:
+        raise PrefkitError(f"objective {objective.name!r}: {what} raised {type(exc).__name__}: {exc}") from exc
+
+
 def describe_data(kind: str, report) -> str:
     return (f"{kind} {report.source} ({report.split}): {report.rows_kept} of {report.rows_read} rows kept; "
             f"{report.rows_truncated} truncated, {report.rows_dropped_overlong} dropped as too long, "

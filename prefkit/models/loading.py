@@ -22,14 +22,13 @@ import json
 import os
 import shutil
 import tempfile
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -37,7 +36,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from prefkit.api import ModelSource, ModelSourceParams, PrefkitError
+from prefkit.api import PrefkitError
 from prefkit.recipe import LoraConfig, ModelConfig
 
 Head = Literal["lm", "scalar"]

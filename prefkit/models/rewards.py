@@ -18,15 +18,14 @@ PPO, best-of-N, pair labelling and the evaluators all call scorers the same way,
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
-from prefkit.api import PrefkitError, RewardFunction, RewardParams, Scorer
+from prefkit.api import PrefkitError, RewardParams, Scorer
 
 if TYPE_CHECKING:
     from prefkit.recipe import RewardConfig

@@ -34,7 +34,7 @@ import torch
 
 if TYPE_CHECKING:
     from prefkit.recipe import LoadedRecipe, SamplingConfig
-    from prefkit.models.rewards import Scorer
+    from prefkit.api import Scorer
 
 Progress = Callable[[int, int], None]  # (sequences done, sequences in all)
 
