@@ -88,7 +88,7 @@ def run(
         finally:
             reporter.finish()
     except PrefkitError as exc:
-        _fail(exc, 1)
+        _fail(exc)
     ui.summary(summary)
     ui.console.print(f"run directory: {loaded.recipe.output_dir}")
 

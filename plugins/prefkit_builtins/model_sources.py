@@ -54,12 +54,11 @@ class SmolLM2Source(ModelSource):
 
     def materialize(self, params: ModelSourceParams, cache_dir: Path) -> Path:
         final = Path(cache_dir) / "models" / self.name
-        if final.is_dir():
-            return final
-        gguf = find_smollm2_gguf()
 
         def build(tmp: Path) -> None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            gguf = find_smollm2_gguf()
 
             model = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, dtype=torch.float32

@@ -18,10 +18,9 @@ from accelerate import Accelerator
 
 import prefkit
 from prefkit.data.batching import Batch, BatchOrder, collate
-from prefkit.loops.checkpoint import save_checkpoint
 from prefkit.models.logprobs import sequence_logps, sequence_rewards, token_logps
 from prefkit.loops.metrics import Averager
-from prefkit.api import LossInputs, Needs, PrefkitError
+from prefkit.api import LossInputs, Needs
 from prefkit.loops.optim import build_optimizer
 from prefkit.recipe import LoadedRecipe
 from prefkit.models.refcache import ReferenceCache, ReferenceLogps, get_or_compute, reference_fingerprint
@@ -30,14 +29,20 @@ from prefkit.loops.runs import (
     QuietReporter,
     Reporter,
     begin_run,
+    check_loss_output,
+    check_resumable,
+    check_step,
     describe_data,
+    gradient_norm,
     last_logged,
     make_accelerator,
     open_run_dir,
     plugin_call,
     restore,
+    save_final_model,
     start_run_trackers,
     summary_head,
+    write_checkpoint,
     write_summary,
 )
 
@@ -114,7 +119,7 @@ def reference_for(dataset, *, model_handle, recipe, precision: Precision, tokens
         cache, key, len(dataset.examples), dataset.names, tokens,
         lambda: compute_reference(model_handle, dataset, batch_size=recipe.train.batch_size, pad_id=pad_id,
                                   tokens=tokens, accelerator=accelerator, reporter=reporter),
-        meta,
+        meta, warn=reporter.message,
     )
 
 
@@ -140,7 +145,8 @@ def evaluate(model, objective, params, needs: Needs, dataset, ref: ReferenceLogp
             with accelerator.autocast():
                 inputs = loss_inputs(model, batch, needs)
             add_reference(inputs, ref, batch.indices, accelerator.device)
-            out = plugin_call(objective, "loss()", lambda: objective.loss(params, inputs))
+            out = check_loss_output(objective, plugin_call(objective, "loss()", lambda: objective.loss(params, inputs)),
+                                    rows=len(idx), needs_grad=False)
             averager.add("loss", out.losses)
             for name, value in out.metrics.items():
                 averager.add(name, value)
@@ -161,7 +167,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
           registry: Any) -> dict[str, Any]:
     """Train with the recipe's objective; returns the run summary also written to ``run.json``."""
     from prefkit.data.prepare import prepare_dataset
-    from prefkit.models.loading import load_model, save_pretrained
+    from prefkit.models.loading import load_model
 
     reporter = reporter or QuietReporter()
     recipe, objective, params = loaded.recipe, loaded.objective, loaded.params
@@ -178,8 +184,11 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     for data in filter(None, [train_data, eval_data]):
         reporter.message(describe_data("data", data.report))
 
-    metrics_log = open_run_dir(setup)
     accelerator = make_accelerator(setup)
+    order = BatchOrder(len(train_data.examples), cfg.batch_size * accelerator.num_processes, recipe.seed)
+    total_steps = total_steps_for(cfg, order.batches_per_epoch)
+    check_resumable(setup, total_steps=total_steps, data_fingerprint=train_data.fingerprint())
+    metrics_log = open_run_dir(setup, reporter)
     trackers = start_run_trackers(setup, accelerator)
     handle = load_model(recipe.model, loaded.model_options, setup.cache_dir, head=needs.head, registry=registry)
     model = handle.model.to(accelerator.device)
@@ -196,25 +205,25 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
             ref_eval, _ = reference_for(eval_data, **common)
         reporter.message(f"reference log-probs: cache {cache_status}")
 
-    order = BatchOrder(len(train_data.examples), cfg.batch_size * accelerator.num_processes, recipe.seed)
-    total_steps = total_steps_for(cfg, order.batches_per_epoch)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    state = restore(setup, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
-                    metrics_log=metrics_log, reporter=reporter, resume=resume) or {}
-    step, micro = state.get("step", 0), state.get("micro_batches", 0)
+    restored = restore(setup, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
+                       metrics_log=metrics_log, reporter=reporter, total_steps=total_steps)
+    state = restored.state or {}
+    step, micro = restored.step, state.get("micro_batches", 0)
     tokens_seen, trained_seconds = state.get("tokens_seen", 0), state.get("trained_seconds", 0.0)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     rank, world = accelerator.process_index, accelerator.num_processes
-    window = Averager()
+    window = restored.window
     last_metrics: dict[str, float] = {}
     model.train()
     reporter.start(total_steps, step)
     while step < total_steps:
         step_start = time.perf_counter()
         step_tokens = 0
+        loss_finite = True
         lr = scheduler.get_last_lr()[0]
         for k in range(cfg.grad_accum_steps):
             idx = order.indices(micro)[rank::world]
@@ -226,15 +235,23 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                 with accelerator.autocast():
                     inputs = loss_inputs(model, batch, needs)
                 add_reference(inputs, ref_train, batch.indices, accelerator.device)
-                out = plugin_call(objective, "loss()", lambda: objective.loss(params, inputs))
+                out = check_loss_output(objective, plugin_call(objective, "loss()", lambda: objective.loss(params, inputs)),
+                                        rows=len(idx), needs_grad=bool(trainable))
                 loss = out.losses.mean()
+                loss_finite = loss_finite and bool(torch.isfinite(loss.detach()))
                 accelerator.backward(loss / cfg.grad_accum_steps)
             window.add("loss", loss)
             for name, value in out.metrics.items():
                 window.add(name, value)
             step_tokens += batch.num_tokens
+        # Nothing non-finite reaches the weights: the loss and the gradient are checked before the step.
+        grad_norm = gradient_norm(accelerator, trainable, cfg.max_grad_norm, setup.precision.name)
+        if world > 1:
+            loss_finite = bool(accelerator.reduce(torch.tensor(float(not loss_finite), device=accelerator.device),
+                                                  reduction="sum") == 0)
+        check_step(objective, step + 1, loss_finite=loss_finite, grad_norm=grad_norm, precision=setup.precision.name)
         if cfg.max_grad_norm is not None:
-            window.add("grad_norm", accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm))
+            window.add("grad_norm", grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -256,13 +273,12 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
             reporter.step(step, record)
             last_metrics = record
             window = Averager()
-            if not math.isfinite(record["loss"]):
-                raise PrefkitError(f"loss became {record['loss']} at step {step}; lower train.lr or check the data")
         if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps) and accelerator.is_main_process:
-            save_checkpoint(setup.run_dir, step, model=accelerator.unwrap_model(model), optimizer=optimizer,
-                            scheduler=scheduler, keep=cfg.keep_checkpoints, recipe_yaml=setup.resolved_yaml,
-                            state={"micro_batches": micro, "tokens_seen": tokens_seen,
-                                   "trained_seconds": trained_seconds})
+            write_checkpoint(setup, step, model=accelerator.unwrap_model(model), optimizer=optimizer,
+                             scheduler=scheduler, objective=objective,
+                             state={"micro_batches": micro, "tokens_seen": tokens_seen,
+                                    "trained_seconds": trained_seconds, "total_steps": total_steps,
+                                    "data_fingerprint": train_data.fingerprint(), "window": window.state_dict()})
     reporter.finish()
     trackers.finish()
 
@@ -281,6 +297,6 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         "final_metrics": last_logged(metrics_log, last_metrics),
     }
     if accelerator.is_main_process:
-        save_pretrained(accelerator.unwrap_model(model), handle.tokenizer, setup.run_dir / "final")
+        save_final_model(setup, accelerator.unwrap_model(model), handle.tokenizer, objective)
         write_summary(setup.run_dir, summary)
     return summary

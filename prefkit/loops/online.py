@@ -38,21 +38,26 @@ import torch.nn.functional as F
 from prefkit.api import OnlineInputs, PrefkitError, Rollout
 from prefkit.data.batching import Batch, BatchOrder, collate
 from prefkit.data.prepare import TokenizedExample
-from prefkit.loops.checkpoint import save_checkpoint
 from prefkit.loops.metrics import Averager
 from prefkit.loops.optim import build_optimizer
 from prefkit.loops.runs import (
     QuietReporter,
     Reporter,
     begin_run,
+    check_loss_output,
+    check_resumable,
+    check_step,
     describe_data,
+    gradient_norm,
     last_logged,
     make_accelerator,
     open_run_dir,
     plugin_call,
     restore,
+    save_final_model,
     start_run_trackers,
     summary_head,
+    write_checkpoint,
     write_summary,
 )
 from prefkit.models.logprobs import token_logps
@@ -236,10 +241,13 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         raise PrefkitError(f"{objective.name}: the online loop runs in a single process for now; "
                            "start it without `accelerate launch`")
     device = accelerator.device
+    order = BatchOrder(len(prompts.examples), params.rollout_batch_size, recipe.seed)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.batches_per_epoch))
+    check_resumable(setup, total_steps=total_steps, data_fingerprint=prompts.fingerprint())
     # The reward function next: a missing package or reward model fails before anything is written.
     scorer = build_reward(recipe.reward, loaded.reward_params, cache_dir=setup.cache_dir, device=device,
                           registry=registry)
-    metrics_log = open_run_dir(setup)
+    metrics_log = open_run_dir(setup, reporter)
     trackers = start_run_trackers(setup, accelerator)
 
     handle = load_model(recipe.model, loaded.model_options, setup.cache_dir, head="lm", registry=registry)
@@ -251,24 +259,23 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     model = PolicyWithModules(policy, extra, needs.hidden_states).to(device)
     pad_id = handle.tokenizer.pad_token_id
 
-    order = BatchOrder(len(prompts.examples), params.rollout_batch_size, recipe.seed)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.batches_per_epoch))
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)  # the schedule advances once per rollout
     model, optimizer = accelerator.prepare(model, optimizer)
     state = plugin_call(objective, "init_state()", lambda: objective.init_state(params))
     sample_seed = recipe.seed if sampling.seed is None else sampling.seed
 
-    saved = restore(setup, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
-                    metrics_log=metrics_log, reporter=reporter, resume=resume)
+    restored = restore(setup, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
+                       metrics_log=metrics_log, reporter=reporter, total_steps=total_steps)
     step, tokens_seen, trained_seconds = 0, 0, 0.0
-    if saved is not None:
+    if restored.state is not None:
+        saved = restored.state
         step, tokens_seen, trained_seconds = saved["step"], saved["tokens_seen"], saved["trained_seconds"]
         if state is not None:
-            state.load_state_dict(saved["objective_state"])
+            plugin_call(objective, "state load_state_dict()", lambda: state.load_state_dict(saved["objective_state"]))
 
     unwrapped = accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    window = Averager()
+    window = restored.window
     last_metrics: dict[str, float] = {}
     # Dropout stays off for sampling and updates alike (as in TRL), so the first update's ratio is 1.
     model.eval()
@@ -331,6 +338,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
             permutation = torch.randperm(n, generator=generator).tolist()
             for start in range(0, n, mini_batch):
                 minibatch = permutation[start : start + mini_batch]
+                loss_finite = True
                 minibatch_units = int(rollout.mask[minibatch].sum()) if unit == "token" else len(minibatch)
                 for idx in chunks(len(minibatch), cfg.batch_size):
                     idx = [minibatch[i] for i in idx]
@@ -344,7 +352,10 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                         outputs=new_outputs, old_outputs=rows_of(rollout.outputs, idx, cols),
                         extras=rows_of(rollout.extras, idx, cols), scores=rollout.scores[idx],
                         group_ids=rollout.group_ids[idx])
-                    out = plugin_call(objective, "loss()", lambda: objective.loss(params, inputs))
+                    out = check_loss_output(
+                        objective, plugin_call(objective, "loss()", lambda: objective.loss(params, inputs)),
+                        rows=None, needs_grad=bool(trainable))
+                    loss_finite = loss_finite and bool(torch.isfinite(out.losses.detach()))
                     units = int(m.sum()) if unit == "token" else len(idx)
                     # each chunk's mean, weighted by its share of the minibatch's units
                     accelerator.backward(out.losses * (units / max(minibatch_units, 1)))
@@ -353,8 +364,12 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                     for name, value in out.metrics.items():
                         window.add(name, float(value.detach()) if isinstance(value, torch.Tensor) else float(value),
                                    weight=units)
+                # Nothing non-finite reaches the weights: loss and gradient are checked before each step.
+                grad_norm = gradient_norm(accelerator, trainable, cfg.max_grad_norm, setup.precision.name)
+                check_step(objective, step + 1, loss_finite=loss_finite, grad_norm=grad_norm,
+                           precision=setup.precision.name)
                 if cfg.max_grad_norm is not None:
-                    window.add("grad_norm", accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                    window.add("grad_norm", grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -385,15 +400,13 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
             reporter.step(step, record)
             last_metrics = record
             window = Averager()
-            if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
-                bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
-                raise PrefkitError(f"objective {objective.name!r}: {', '.join(bad)} became non-finite at step "
-                                   f"{step}; lower train.lr or check the reward")
         if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
-            save_checkpoint(setup.run_dir, step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
-                            keep=cfg.keep_checkpoints, recipe_yaml=setup.resolved_yaml,
-                            state={"tokens_seen": tokens_seen, "trained_seconds": trained_seconds,
-                                   "objective_state": state.state_dict() if state is not None else None})
+            write_checkpoint(setup, step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
+                             objective=objective,
+                             state={"tokens_seen": tokens_seen, "trained_seconds": trained_seconds,
+                                    "total_steps": total_steps, "data_fingerprint": prompts.fingerprint(),
+                                    "window": window.state_dict(),
+                                    "objective_state": state.state_dict() if state is not None else None})
     reporter.finish()
     trackers.finish()
 
@@ -412,7 +425,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         "tokens_per_s": round(tokens_seen / trained_seconds, 1) if trained_seconds else None,
         "final_metrics": last_logged(metrics_log, last_metrics),
     }
-    save_final(unwrapped, handle.tokenizer, setup.run_dir / "final")
+    save_final_model(setup, unwrapped, handle.tokenizer, objective, save=save_final)
     write_summary(setup.run_dir, summary)
     return summary
 

@@ -8,6 +8,7 @@ Then the directory is opened, a checkpoint restored, and at the end a summary wr
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +21,27 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 import prefkit
-from prefkit.loops.checkpoint import latest_checkpoint, load_checkpoint
+from prefkit.loops.checkpoint import (
+    CheckpointWriteError,
+    NonFiniteWeights,
+    checkpoint_steps,
+    load_checkpoint,
+    newest_intact_checkpoint,
+    remove_leftovers,
+    save_checkpoint,
+)
 from prefkit.api.errors import PrefkitError
-from prefkit.loops.metrics import MetricsLog
+from prefkit.loops.metrics import Averager, MetricsLog
+from prefkit.loops.optim import replan_schedule
 from prefkit.recipe import LoadedRecipe, dump_yaml
 from prefkit.loops.trackers import Trackers, check_trackers, start_trackers
 
 
 # Keys that may differ between a checkpoint's recipe and the recipe used to resume it.
+# ``output_dir`` and ``cache_dir`` may differ too: a run folder can be moved or copied and resumed.
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.save_every", "train.log_every",
-                     "train.eval_every", "train.keep_checkpoints", "train.trackers", "train.project"}
+                     "train.eval_every", "train.keep_checkpoints", "train.trackers", "train.project",
+                     "output_dir", "cache_dir"}
 
 
 class Reporter(Protocol):
@@ -82,19 +94,28 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
-def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> Path | None:
-    """Check the run directory before any heavy work; return the checkpoint to resume, if any."""
-    checkpoint = latest_checkpoint(run_dir)
-    started = (run_dir / "metrics.jsonl").exists() or checkpoint is not None or (run_dir / "final").exists()
+def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> tuple[Path | None, list[str]]:
+    """Check the run directory before any heavy work; return the checkpoint to resume (the newest
+    intact one) and notes on any damaged newer ones."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PrefkitError(f"output_dir {run_dir} is a file, not a folder; set output_dir=... to a folder")
+    started = run_dir.is_dir() and any(run_dir.iterdir())
     if not resume:
         if started:
             raise PrefkitError(
                 f"output_dir {run_dir} already holds a run; pass --resume to continue it, "
                 "or set output_dir=... to start a new one (nothing was changed)"
             )
-        return None
+        return None, []
+    if not started:
+        raise PrefkitError(f"--resume: {run_dir} holds no run to resume; leave out --resume to start one")
+    checkpoint, notes = newest_intact_checkpoint(run_dir)
     if checkpoint is None:
-        return None
+        found = "only damaged checkpoints" if notes else "no checkpoint"
+        raise PrefkitError(
+            f"--resume: {run_dir} has {found} to continue from (set train.save_every to keep some); "
+            f"nothing was changed. Start again with another output_dir=..., or delete {run_dir}"
+        )
     saved = _flatten(yaml.safe_load((checkpoint / "recipe.resolved.yaml").read_text()))
     current = _flatten(resolved)
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
@@ -104,7 +125,33 @@ def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> Path | None:
             f"cannot resume {checkpoint}: the recipe differs from the one it was trained with in "
             + ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in changed[:5])
         )
-    return checkpoint
+    return checkpoint, notes
+
+
+def checkpoint_state(checkpoint: Path | None) -> dict[str, Any]:
+    """The ``state.json`` of a checkpoint (cheap: no tensors), or ``{}``."""
+    if checkpoint is None:
+        return {}
+    return json.loads((checkpoint / "state.json").read_text())
+
+
+def check_resumable(setup: "RunSetup", *, total_steps: int, data_fingerprint: str) -> None:
+    """Before the model loads: a resume must not retrain a finished run, nor continue on other data."""
+    if setup.checkpoint is None:
+        return
+    state = checkpoint_state(setup.checkpoint)
+    saved_data = state.get("data_fingerprint")
+    if saved_data is not None and saved_data != data_fingerprint:
+        raise PrefkitError(
+            f"cannot resume {setup.checkpoint}: the training data changed since it was written "
+            f"({setup.loaded.recipe.data.train}); resuming would mix two datasets. Restore the data, or start "
+            "a new run with another output_dir=... (nothing was changed)"
+        )
+    if state["step"] >= total_steps and (setup.run_dir / "run.json").exists():
+        raise PrefkitError(
+            f"--resume: the run in {setup.run_dir} already finished at step {state['step']} of {total_steps}; "
+            "nothing to do (raise train.max_steps or train.epochs to train it further; nothing was changed)"
+        )
 
 
 @dataclass
@@ -120,6 +167,7 @@ class RunSetup:
     cache_dir: Path
     tokenizer: Any
     started: float
+    notes: list[str]  # what the user should know before training starts (e.g. damaged checkpoints skipped)
 
 
 def begin_run(loaded: LoadedRecipe, resume: bool, registry: Any) -> RunSetup:
@@ -129,7 +177,7 @@ def begin_run(loaded: LoadedRecipe, resume: bool, registry: Any) -> RunSetup:
     recipe = loaded.recipe
     resolved = loaded.resolved_dict()
     run_dir = Path(recipe.output_dir)
-    checkpoint = prepare_run_dir(run_dir, resolved, resume)
+    checkpoint, notes = prepare_run_dir(run_dir, resolved, resume)
     check_trackers(recipe.train.trackers)
     precision = resolve_precision(recipe.train.precision)
     started = time.perf_counter()
@@ -137,7 +185,7 @@ def begin_run(loaded: LoadedRecipe, resume: bool, registry: Any) -> RunSetup:
     model_dir = resolve_model_dir(recipe.model, loaded.model_options, cache_dir, registry=registry)
     tokenizer = load_tokenizer(recipe.model, model_dir, gguf_file=recipe.model.gguf_file)
     return RunSetup(loaded, resolved, dump_yaml(resolved), run_dir, checkpoint, precision, cache_dir, tokenizer,
-                    started)
+                    started, notes)
 
 
 def plugin_call(objective, what: str, call):
@@ -172,24 +220,140 @@ def start_run_trackers(setup: RunSetup, accelerator: Accelerator) -> Trackers:
                           main_process=accelerator.is_main_process)
 
 
-def open_run_dir(setup: RunSetup) -> MetricsLog:
-    setup.run_dir.mkdir(parents=True, exist_ok=True)
-    (setup.run_dir / "recipe.resolved.yaml").write_text(setup.resolved_yaml)
+def open_run_dir(setup: RunSetup, reporter: Reporter) -> MetricsLog:
+    """Create the run folder (or reopen it), remove leftovers of killed writes, write the recipe."""
+    for note in setup.notes:
+        reporter.message(note)
+    try:
+        setup.run_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in remove_leftovers(setup.run_dir):
+            reporter.message(f"removed {leftover.name}, left behind by an interrupted checkpoint write")
+        (setup.run_dir / "recipe.resolved.yaml").write_text(setup.resolved_yaml)
+    except OSError as exc:
+        raise PrefkitError(f"output_dir {setup.run_dir} cannot be written: {exc.strerror or exc}") from exc
     return MetricsLog(setup.run_dir / "metrics.jsonl")
 
 
+@dataclass
+class Restored:
+    """Where a resumed run picks up (all zero for a fresh run)."""
+
+    step: int = 0
+    state: dict[str, Any] | None = None  # the checkpoint's state.json
+    window: Averager | None = None  # the logging window's sums, so a resumed log equals an uninterrupted one
+
+
 def restore(setup: RunSetup, *, model, optimizer, scheduler, metrics_log: MetricsLog, reporter: Reporter,
-            resume: bool) -> dict[str, Any] | None:
-    """Load the checkpoint to resume from (if any) and forget metrics logged after it."""
-    if setup.checkpoint is not None:
+            total_steps: int) -> Restored:
+    """Load the checkpoint to resume from (if any), forget metrics logged after it, and re-plan the
+    learning-rate schedule when the run was extended (see :func:`prefkit.loops.optim.replan_schedule`)."""
+    if setup.checkpoint is None:
+        return Restored(window=Averager())
+    try:
         state = load_checkpoint(setup.checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
-        metrics_log.truncate_after(state["step"])
-        reporter.message(f"resumed from {setup.checkpoint} (step {state['step']})")
-        return state
-    if resume:
-        metrics_log.truncate_after(0)
-        reporter.message("no checkpoint to resume from; starting at step 0")
-    return None
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise PrefkitError(f"cannot resume from {setup.checkpoint}: {type(exc).__name__}: {exc}") from exc
+    note = replan_schedule(scheduler, saved_total=state.get("total_steps"), total_steps=total_steps)
+    if note:
+        reporter.message(note)
+    dropped = metrics_log.truncate_after(state["step"])
+    if dropped:
+        reporter.message(f"metrics.jsonl: {dropped} unreadable line(s) left by an interrupted write dropped")
+    reporter.message(f"resumed from {setup.checkpoint} (step {state['step']})")
+    return Restored(step=state["step"], state=state, window=Averager.from_state(state.get("window")))
+
+
+def check_loss_output(objective, out, *, rows: int | None, needs_grad: bool):
+    """What a plugin's ``loss()`` returned, checked before it is used: a :class:`LossOutput` whose
+    ``losses`` is a floating tensor of ``[rows]`` (offline) or a 0-dim one (online, ``rows=None``),
+    attached to the graph when there are weights to train. Returns ``out``."""
+    from prefkit.api import LossOutput
+
+    where = f"objective {objective.name!r}: loss()"
+    if not isinstance(out, LossOutput):
+        raise PrefkitError(f"{where} returned {type(out).__name__}; it must return prefkit.api.LossOutput")
+    losses = out.losses
+    shape = "a 0-dim tensor" if rows is None else f"a tensor of shape [{rows}] (one loss per example)"
+    if not isinstance(losses, torch.Tensor):
+        raise PrefkitError(f"{where} returned losses of type {type(losses).__name__}; it must be {shape}")
+    if not losses.is_floating_point():
+        raise PrefkitError(f"{where} returned losses of dtype {losses.dtype}; they must be floating point")
+    expected = () if rows is None else (rows,)
+    if tuple(losses.shape) != expected:
+        raise PrefkitError(f"{where} returned losses of shape {list(losses.shape)}; they must be {shape}")
+    if needs_grad and not losses.requires_grad:
+        raise PrefkitError(f"{where} returned losses with no gradient (detached, or computed without the "
+                           "model's outputs); nothing could be trained")
+    if not isinstance(out.metrics, dict):
+        raise PrefkitError(f"{where} returned metrics of type {type(out.metrics).__name__}; it must be a dict")
+    return out
+
+
+def check_step(objective, step: int, *, loss_finite: bool, grad_norm: float | None, precision: str) -> None:
+    """Stop before a non-finite loss or gradient reaches the optimizer (and so the weights on disk)."""
+    bad = [] if loss_finite else ["the loss"]
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        bad.append(f"the gradient norm ({grad_norm})")
+    if bad:
+        hint = "lower train.lr, set train.max_grad_norm"
+        hint += ", use train.precision=fp32" if precision != "fp32" else ""
+        raise PrefkitError(
+            f"objective {objective.name!r}: {' and '.join(bad)} became non-finite at step {step}; the step was not "
+            f"applied and no checkpoint holds it. Try to {hint}, or check the data and the objective's params"
+        )
+
+
+def gradient_norm(accelerator, trainable, max_grad_norm: float | None, precision: str) -> float | None:
+    """The total gradient norm (clipped to ``max_grad_norm`` when set), as a float. With fp16 the
+    loss scaler skips overflowing steps itself, so no norm is taken unless clipping is on."""
+    if max_grad_norm is not None:
+        return float(accelerator.clip_grad_norm_(trainable, max_grad_norm))
+    if precision == "fp16":
+        return None
+    grads = [p.grad for p in trainable if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def save_final_model(setup: RunSetup, model, tokenizer, objective, save=None) -> None:
+    """``final/``: never with non-finite weights, and a full disk is one clear message."""
+    from prefkit.loops.checkpoint import check_finite
+    from prefkit.models.loading import save_pretrained
+
+    bad = check_finite(model)
+    if bad:
+        raise PrefkitError(f"objective {objective.name!r}: the trained weights hold NaN or inf ({bad[0]}); "
+                           f"final/ was not written and {_last_good(setup)}")
+    try:
+        (save or save_pretrained)(model, tokenizer, setup.run_dir / "final")
+    except OSError as exc:
+        raise PrefkitError(f"could not write {setup.run_dir / 'final'}: {exc.strerror or exc}; "
+                           f"{_last_good(setup)}. Free space and continue with --resume") from exc
+
+
+def write_checkpoint(setup: RunSetup, step: int, *, model, optimizer, scheduler, state: dict[str, Any],
+                     objective) -> None:
+    """A checkpoint, or one clear error that leaves the previous checkpoints as they were."""
+    cfg = setup.loaded.recipe.train
+    try:
+        save_checkpoint(setup.run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                        keep=cfg.keep_checkpoints, recipe_yaml=setup.resolved_yaml, state=state)
+    except NonFiniteWeights as exc:
+        raise PrefkitError(
+            f"objective {objective.name!r}: at step {step} {exc}; the checkpoint was not written and "
+            f"{_last_good(setup)}. Try a lower train.lr or train.max_grad_norm"
+        ) from exc
+    except (CheckpointWriteError, OSError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise PrefkitError(
+            f"could not write the checkpoint of step {step} in {setup.run_dir / 'checkpoints'}: "
+            f"{detail}; {_last_good(setup)}. Free space (or fix the folder's permissions) and "
+            "continue with --resume"
+        ) from exc
+
+
+def _last_good(setup: RunSetup) -> str:
+    steps = checkpoint_steps(setup.run_dir)
+    return f"the last good checkpoint, step-{steps[-1][0]}, is kept" if steps else "there is no earlier checkpoint"
 
 
 def last_logged(metrics_log: MetricsLog, last: dict) -> dict:

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -37,7 +38,10 @@ from transformers import (
 )
 
 from prefkit.api import PrefkitError
+from prefkit.manifest import verify_manifest, write_manifest
 from prefkit.recipe import LoraConfig, ModelConfig
+
+log = logging.getLogger("prefkit")
 
 Head = Literal["lm", "scalar"]
 
@@ -69,11 +73,22 @@ def atomic_directory(final: Path) -> Iterator[Path]:
 
 
 def materialize_once(final: Path, build: Callable[[Path], None]) -> Path:
-    """Return ``final`` if it exists; otherwise ``build(tmp_dir)`` and rename it into place."""
+    """Return ``final`` if it exists and is intact; otherwise ``build(tmp_dir)``, write its
+    manifest, and rename it into place. A cached folder that fails its manifest (a flipped byte,
+    a truncated file, a folder from before manifests) is moved aside and built again."""
     final = Path(final)
-    if not final.is_dir():
-        with atomic_directory(final) as tmp:
-            build(tmp)
+    if final.is_dir():
+        problem = verify_manifest(final)
+        if problem is None:
+            return final
+        log.warning("cached model %s is damaged (%s); building it again", final, problem)
+        aside = final.with_name(f".{final.name}.damaged-{os.getpid()}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    with atomic_directory(final) as tmp:
+        build(tmp)
+        write_manifest(tmp)
     return final
 
 
@@ -106,12 +121,30 @@ def clear_quantization_marks(model: torch.nn.Module) -> torch.nn.Module:
 # --------------------------------------------------------------------------- fingerprints
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 hex of a model's state dict: every tensor's name, dtype, shape and bytes.
+# Config keys that name where a model came from, not what it computes.
+_CONFIG_PROVENANCE = {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash"}
 
-    Identical weights give an identical fingerprint, whatever the folder they came from.
+
+def config_fingerprint_text(model: torch.nn.Module) -> str:
+    """The model's whole config (every value that can change its outputs, e.g. ``rms_norm_eps``,
+    rope scaling, the attention implementation) as canonical JSON, provenance keys left out."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return "{}"
+    values = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_PROVENANCE}
+    values["attn_implementation"] = getattr(config, "_attn_implementation", None)
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 hex of what a model computes: its whole config (:func:`config_fingerprint_text`) and
+    its state dict (every tensor's name, dtype, shape and bytes).
+
+    Identical weights and config give an identical fingerprint, whatever the folder they came from.
     """
     digest = hashlib.sha256()
+    digest.update(config_fingerprint_text(model).encode())
+    digest.update(b"\0")
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach()
         digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
