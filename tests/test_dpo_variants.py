@@ -436,6 +436,11 @@ def test_recipe_error_names_the_key_and_the_choices():
                     registry=REGISTRY)
     text = str(caught.value)
     assert "objective.params.loss_type" in text and "unknown loss_type 'hinge2'" in text and "nca_pair" in text
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(ROOT / "recipes" / "dpo_tiny.yaml",
+                    ["objective.params.loss_type=[sigmoid, hinge]", "objective.params.loss_weights=[0.8]"],
+                    registry=REGISTRY)
+    assert "objective.params.loss_weights: Value error, loss_weights has 1 entries" in str(caught.value)
 
 
 @pytest.mark.parametrize(

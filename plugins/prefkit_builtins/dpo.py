@@ -34,7 +34,7 @@ from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, FiniteFloat, field_validator, model_validator
+from pydantic import Field, FiniteFloat, ValidationInfo, field_validator
 
 from prefkit.api import LossInputs, LossOutput, Needs, Objective, ObjectiveParams, hookimpl
 
@@ -248,38 +248,62 @@ class DPOParams(ObjectiveParams):
             _check_loss_types(list(names), 0.0)
         return value
 
+    # The checks below read loss_type, validated before them (fields validate in order); when loss_type
+    # itself was refused they have nothing to compare with, and its own error is the one shown.
+
+    @field_validator("loss_weights")
+    @classmethod
+    def _one_weight_per_loss(cls, weights: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        types = _as_tuple(info.data.get("loss_type"))
+        if weights is None:
+            return weights
+        if types and len(weights) != len(types):
+            raise ValueError(
+                f"loss_weights has {len(weights)} entries but loss_type names {len(types)} ({', '.join(types)}); "
+                "give one weight per loss type"
+            )
+        negative = [w for w in weights if w < 0]
+        if negative:
+            raise ValueError(f"loss_weights must be >= 0; got {negative[0]}")
+        if not any(weights):
+            raise ValueError("loss_weights are all 0, so nothing would be trained")
+        return weights
+
+    @field_validator("label_smoothing")
+    @classmethod
+    def _smoothing_where_read(cls, label_smoothing: float, info: ValidationInfo) -> float:
+        types = _as_tuple(info.data.get("loss_type"))
+        if label_smoothing and types and not set(types) & set(SMOOTHED_LOSS_TYPES):
+            raise ValueError(
+                f"label_smoothing applies to loss_type 'sigmoid' (conservative DPO) and 'robust' only; "
+                f"loss_type is {', '.join(types)}"
+            )
+        return label_smoothing
+
+    @field_validator("bco_reward_shift")
+    @classmethod
+    def _shift_only_for_bco(cls, shift: str, info: ValidationInfo) -> str:
+        types = _as_tuple(info.data.get("loss_type"))
+        if shift != "batch_mean" and types and "bco_pair" not in types:
+            raise ValueError(f"bco_reward_shift applies to loss_type 'bco_pair' only; loss_type is {', '.join(types)}")
+        return shift
+
     @property
     def loss_types(self) -> tuple[LossType, ...]:
         """``loss_type`` as a tuple of names."""
-        return (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
+        return _as_tuple(self.loss_type)
 
     @property
     def weights(self) -> tuple[float, ...]:
         """One weight per entry of :attr:`loss_types` (``loss_weights``, or 1.0 each)."""
         return tuple(self.loss_weights) if self.loss_weights is not None else (1.0,) * len(self.loss_types)
 
-    @model_validator(mode="after")
-    def _consistent(self) -> DPOParams:
-        types = self.loss_types
-        if self.loss_weights is not None:
-            if len(self.loss_weights) != len(types):
-                raise ValueError(
-                    f"loss_weights has {len(self.loss_weights)} entries but loss_type names {len(types)} "
-                    f"({', '.join(types)}); give one weight per loss type"
-                )
-            negative = [w for w in self.loss_weights if w < 0]
-            if negative:
-                raise ValueError(f"loss_weights must be >= 0; got {negative[0]}")
-            if not any(self.loss_weights):
-                raise ValueError("loss_weights are all 0, so nothing would be trained")
-        if self.label_smoothing and not set(types) & set(SMOOTHED_LOSS_TYPES):
-            raise ValueError(
-                f"label_smoothing applies to loss_type 'sigmoid' (conservative DPO) and 'robust' only; "
-                f"loss_type is {', '.join(types)}"
-            )
-        if self.bco_reward_shift != "batch_mean" and "bco_pair" not in types:
-            raise ValueError(f"bco_reward_shift applies to loss_type 'bco_pair' only; loss_type is {', '.join(types)}")
-        return self
+
+def _as_tuple(loss_type: str | list[str] | None) -> tuple[str, ...]:
+    """A validated ``loss_type`` as a tuple of names; None (not validated) as ()."""
+    if loss_type is None:
+        return ()
+    return (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
 
 
 class DPO(Objective):
