@@ -368,8 +368,8 @@ def test_objective_mixture_with_ipo_counts_tokens_from_masks():
     #   ipo (test_dpo_loss.py): h_avg = 0.4 − (−0.5) = 0.9 → (0.9 − 1)² = 0.01
     #   hinge: h = 2 − (−2) = 4, x = 2 → max(0, 1 − 2) = 0
     #   0.5·0.01 + 3·0 = 0.005
-    mask = lambda n: torch.arange(6)[None, :] < n  # noqa: E731
-    given = LossInputs(chosen_logps=t(-10), chosen_mask=mask(5), rejected_logps=t(-12), rejected_mask=mask(4),
+    given = LossInputs(chosen_logps=t(-10), chosen_mask=torch.arange(6)[None, :] < 5,
+                       rejected_logps=t(-12), rejected_mask=torch.arange(6)[None, :] < 4,
                        ref_chosen_logps=t(-12), ref_rejected_logps=t(-10))
     out = DPO().loss(DPOParams(beta=0.5, loss_type=["ipo", "hinge"], loss_weights=[0.5, 3.0]), given)
     close(out.losses, 0.005)
@@ -462,6 +462,10 @@ def test_conformance_on_the_tiny_model(params):
 # ----------------------------------------------------------------------------- a real run
 
 
+def mean(records: list[dict], key: str) -> float:
+    return sum(r[key] for r in records) / len(records)
+
+
 def metrics_of(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -479,7 +483,6 @@ def test_mixture_recipe_trains(tmp_path):
     assert [r["step"] for r in records] == list(range(1, 25))
     for r in records:  # the logged loss is the weighted sum of the logged, unweighted losses
         assert r["loss"] == pytest.approx(0.8 * r["loss/sigmoid"] + 0.2 * r["loss/hinge"], rel=1e-5)
-    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
     first, last = records[:4], records[-4:]
     assert mean(last, "loss") < mean(first, "loss") - 0.1
     assert mean(last, "rewards/margins") > mean(first, "rewards/margins") + 0.5
@@ -495,7 +498,6 @@ def test_each_new_type_trains_on_the_tiny_recipe(loss_type, tmp_path):
     records = train("dpo_tiny.yaml", tmp_path, *overrides)
     assert all(math.isfinite(r["loss"]) for r in records)
     first, last = records[:3], records[-3:]
-    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
     assert mean(last, "loss") < mean(first, "loss"), [r["loss"] for r in records]
     if loss_type == "apo_down":  # what it is for: the chosen answers lose likelihood against the reference
         assert mean(last, "rewards/chosen") < mean(first, "rewards/chosen") - 0.5
