@@ -298,3 +298,7 @@ def label(
 
 def entrypoint() -> None:  # pragma: no cover - used by ``python -m prefkit``
     sys.exit(app())
+
+
+if __name__ == "__main__":  # ``python -m prefkit.cli`` (and ``accelerate launch -m prefkit.cli``) as ``-m prefkit``
+    entrypoint()

@@ -169,7 +169,10 @@ def save_checkpoint(
     state: dict[str, Any],
     recipe_yaml: str,
     keep: int,
+    other_ranks_rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = (),
 ) -> Path:
+    """Write ``checkpoints/step-N`` atomically (see the module docstring). ``other_ranks_rng``: the
+    generator states of processes 1..W-1 of a multi-process run, saved as ``rng-rank<r>.*``."""
     bad = check_finite(model)
     if bad:
         raise NonFiniteWeights(f"{len(bad)} weight tensors hold NaN or inf (first: {bad[0]})")
@@ -183,6 +186,9 @@ def save_checkpoint(
         rng_tensors, rng_plain = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         (tmp / "rng.json").write_text(json.dumps(rng_plain))
+        for rank, (tensors, plain) in enumerate(other_ranks_rng, start=1):
+            save_file(tensors, str(tmp / f"rng-rank{rank}.safetensors"))
+            (tmp / f"rng-rank{rank}.json").write_text(json.dumps(plain))
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
         (tmp / "recipe.resolved.yaml").write_text(recipe_yaml)
         write_manifest(tmp)
@@ -202,12 +208,14 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNG states; return the saved ``state``."""
+    """Restore model, optimizer, scheduler and this process's RNG states (process 0's when the
+    checkpoint was written by fewer processes); return the saved ``state``."""
     path = Path(path)
     load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text()))
+    stem = f"rng-rank{rank}" if rank and (path / f"rng-rank{rank}.json").exists() else "rng"
+    set_rng_state(load_file(str(path / f"{stem}.safetensors")), json.loads((path / f"{stem}.json").read_text()))
     return json.loads((path / "state.json").read_text())

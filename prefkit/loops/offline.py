@@ -33,11 +33,13 @@ from prefkit.loops.runs import (
     check_resumable,
     check_step,
     describe_data,
+    everyone_or_nobody,
     gradient_norm,
     last_logged,
     make_accelerator,
     open_run_dir,
     plugin_call,
+    reduce_window,
     restore,
     save_final_model,
     start_run_trackers,
@@ -75,9 +77,10 @@ def compute_reference(model_handle, dataset, *, batch_size: int, pad_id: int, to
     runs: dict[str, list] = {name: [None] * len(examples) for name in names}
     was_training = model.training
     model.eval()
-    reporter.start(math.ceil(len(order) / batch_size), 0, "reference log-probs")
+    starts = range(0, len(order), batch_size)[accelerator.process_index::accelerator.num_processes]
+    reporter.start(len(starts), 0, "reference log-probs")
     with torch.no_grad(), model_handle.reference(), accelerator.autocast():
-        for start in range(0, len(order), batch_size):
+        for done, start in enumerate(starts, start=1):
             idx = order[start : start + batch_size]
             batch = collate([examples[i] for i in idx], idx, pad_id, names).to(accelerator.device)
             values = token_logps(model, batch).float()
@@ -89,9 +92,18 @@ def compute_reference(model_handle, dataset, *, batch_size: int, pad_id: int, to
                     mask, name_values = batch.completion_mask[rows], values[rows].cpu()
                     for j, i in enumerate(idx):
                         runs[name][i] = name_values[j][mask[j].cpu()]
-            reporter.step(start // batch_size + 1, {})
+            reporter.step(done, {})
     reporter.finish()
     model.train(was_training)
+    if accelerator.num_processes > 1:  # each process computed its share of the batches: put them together
+        from accelerate.utils import gather_object
+
+        for name in names:
+            sums[name] = accelerator.reduce(sums[name].to(accelerator.device), reduction="sum").cpu()
+            if tokens:
+                for shard in gather_object([{i: run for i, run in enumerate(runs[name]) if run is not None}]):
+                    for i, run in shard.items():
+                        runs[name][i] = run
     found = ReferenceLogps(sums=sums)
     if tokens:
         for name in names:
@@ -119,7 +131,7 @@ def reference_for(dataset, *, model_handle, recipe, precision: Precision, tokens
         cache, key, len(dataset.examples), dataset.names, tokens,
         lambda: compute_reference(model_handle, dataset, batch_size=recipe.train.batch_size, pad_id=pad_id,
                                   tokens=tokens, accelerator=accelerator, reporter=reporter),
-        meta, warn=reporter.message,
+        meta, warn=reporter.message, store=accelerator.is_main_process,
     )
 
 
@@ -134,12 +146,14 @@ def add_reference(inputs: LossInputs, ref: ReferenceLogps | None, indices: torch
 
 def evaluate(model, objective, params, needs: Needs, dataset, ref: ReferenceLogps | None, *,
              batch_size: int, pad_id: int, accelerator: Accelerator) -> dict[str, float]:
-    """Loss and metrics over a whole dataset, without gradients; keys prefixed ``eval/``."""
+    """Loss and metrics over a whole dataset, without gradients; keys prefixed ``eval/``. Each
+    process evaluates every ``num_processes``-th batch; the sums are added over processes."""
     averager = Averager()
     was_training = model.training
     model.eval()
+    starts = range(0, len(dataset.examples), batch_size)[accelerator.process_index::accelerator.num_processes]
     with torch.no_grad():
-        for start in range(0, len(dataset.examples), batch_size):
+        for start in starts:
             idx = list(range(start, min(start + batch_size, len(dataset.examples))))
             batch = collate([dataset.examples[i] for i in idx], idx, pad_id, dataset.names).to(accelerator.device)
             with accelerator.autocast():
@@ -151,7 +165,7 @@ def evaluate(model, objective, params, needs: Needs, dataset, ref: ReferenceLogp
             for name, value in out.metrics.items():
                 averager.add(name, value)
     model.train(was_training)
-    return {f"eval/{k}": v for k, v in averager.result().items()}
+    return {f"eval/{k}": v for k, v in reduce_window(accelerator, averager).result().items()}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -185,10 +199,10 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         reporter.message(describe_data("data", data.report))
 
     accelerator = make_accelerator(setup)
-    order = BatchOrder(len(train_data.examples), cfg.batch_size * accelerator.num_processes, recipe.seed)
+    order = BatchOrder(len(train_data.examples), cfg.batch_size, recipe.seed)  # the global batch
     total_steps = total_steps_for(cfg, order.batches_per_epoch)
     check_resumable(setup, total_steps=total_steps, data_fingerprint=train_data.fingerprint())
-    metrics_log = open_run_dir(setup, reporter)
+    metrics_log = open_run_dir(setup, reporter, accelerator)
     trackers = start_run_trackers(setup, accelerator)
     handle = load_model(recipe.model, loaded.model_options, setup.cache_dir, head=needs.head, registry=registry)
     model = handle.model.to(accelerator.device)
@@ -209,7 +223,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     model, optimizer = accelerator.prepare(model, optimizer)
 
     restored = restore(setup, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
-                       metrics_log=metrics_log, reporter=reporter, total_steps=total_steps)
+                       metrics_log=metrics_log, reporter=reporter, total_steps=total_steps, accelerator=accelerator)
     state = restored.state or {}
     step, micro = restored.step, state.get("micro_batches", 0)
     tokens_seen, trained_seconds = state.get("tokens_seen", 0), state.get("trained_seconds", 0.0)
@@ -226,7 +240,10 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         loss_finite = True
         lr = scheduler.get_last_lr()[0]
         for k in range(cfg.grad_accum_steps):
-            idx = order.indices(micro)[rank::world]
+            # every process takes its share of the global micro-batch; one left without rows runs one
+            # row at weight 0, since every process must take part in every backward pass
+            whole = order.indices(micro)
+            idx, weight = whole[rank::world] or whole[:1], float(bool(whole[rank::world]))
             micro += 1
             batch = collate([train_data.examples[i] for i in idx], idx, pad_id, train_data.names)
             batch = batch.to(accelerator.device)
@@ -239,11 +256,14 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                                         rows=len(idx), needs_grad=bool(trainable))
                 loss = out.losses.mean()
                 loss_finite = loss_finite and bool(torch.isfinite(loss.detach()))
-                accelerator.backward(loss / cfg.grad_accum_steps)
-            window.add("loss", loss)
-            for name, value in out.metrics.items():
-                window.add(name, value)
-            step_tokens += batch.num_tokens
+                # each process's share of the global mean (gradients are averaged over processes)
+                share = loss if world == 1 else out.losses.sum() * (weight * world / len(whole))
+                accelerator.backward(share / cfg.grad_accum_steps)
+            if weight:
+                window.add("loss", loss, weight=len(idx))
+                for name, value in out.metrics.items():
+                    window.add(name, value)
+                step_tokens += batch.num_tokens
         # Nothing non-finite reaches the weights: the loss and the gradient are checked before the step.
         grad_norm = gradient_norm(accelerator, trainable, cfg.max_grad_norm, setup.precision.name)
         if world > 1:
@@ -263,9 +283,10 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
 
         do_eval = eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps)
         if step % cfg.log_every == 0 or step == total_steps or do_eval:
+            window = reduce_window(accelerator, window)
             record = {"step": step, "epoch": round(order.epoch_of(micro), 4), **window.result(), "lr": lr}
             if do_eval:
-                record.update(evaluate(model, objective, params, needs, eval_data, ref_eval,
+                record.update(evaluate(accelerator.unwrap_model(model), objective, params, needs, eval_data, ref_eval,
                                        batch_size=cfg.batch_size, pad_id=pad_id, accelerator=accelerator))
             if accelerator.is_main_process:
                 metrics_log.write(record)
@@ -273,9 +294,9 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
             reporter.step(step, record)
             last_metrics = record
             window = Averager()
-        if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps) and accelerator.is_main_process:
+        if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
             write_checkpoint(setup, step, model=accelerator.unwrap_model(model), optimizer=optimizer,
-                             scheduler=scheduler, objective=objective,
+                             scheduler=scheduler, objective=objective, accelerator=accelerator,
                              state={"micro_batches": micro, "tokens_seen": tokens_seen,
                                     "trained_seconds": trained_seconds, "total_steps": total_steps,
                                     "data_fingerprint": train_data.fingerprint(), "window": window.state_dict()})
@@ -290,13 +311,16 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         "device": str(accelerator.device),
         "reference_cache": cache_status,
         "steps": step,
-        "examples_per_step": cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes,
+        "examples_per_step": cfg.batch_size * cfg.grad_accum_steps,  # the global batch, over all processes
+        "processes": accelerator.num_processes,
         "train_seconds": round(trained_seconds, 3),
         "wall_seconds": round(time.perf_counter() - setup.started, 3),
         "tokens_per_s": round(tokens_seen / trained_seconds, 1) if trained_seconds else None,
         "final_metrics": last_logged(metrics_log, last_metrics),
     }
-    if accelerator.is_main_process:
+    def finish():
         save_final_model(setup, accelerator.unwrap_model(model), handle.tokenizer, objective)
         write_summary(setup.run_dir, summary)
+
+    everyone_or_nobody(accelerator, finish)
     return summary

@@ -207,10 +207,68 @@ def describe_data(kind: str, report) -> str:
 
 
 def make_accelerator(setup: RunSetup) -> Accelerator:
-    """Seed everything, then a fresh accelerate state (runs in one process may differ in precision)."""
+    """Seed everything, then a fresh accelerate state (runs in one process may differ in precision).
+
+    Under a launcher (``accelerate launch``, ``torchrun``) each worker dies with its launcher, and
+    ``train.batch_size`` (the global batch) must split evenly over the processes."""
     set_seed(setup.loaded.recipe.seed)
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=setup.precision.accelerate, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=setup.precision.accelerate, cpu=not torch.cuda.is_available())
+    if accelerator.num_processes > 1:
+        die_with_launcher()
+        batch = setup.loaded.recipe.train.batch_size
+        if batch % accelerator.num_processes:
+            raise PrefkitError(f"train.batch_size: {batch} examples do not split evenly over "
+                               f"{accelerator.num_processes} processes; use a multiple of {accelerator.num_processes}")
+    return accelerator
+
+
+def die_with_launcher() -> None:
+    """Ask Linux to kill this worker when its parent (the launcher) dies, even by SIGKILL."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+
+
+def reduce_window(accelerator: Accelerator, window: Averager) -> Averager:
+    """The logging window summed over all processes (every process gets the same numbers)."""
+    if accelerator.num_processes == 1:
+        return window
+    from accelerate.utils import gather_object
+
+    names = sorted({name for names in gather_object([sorted(window.sums)]) for name in names})
+    local = torch.tensor([[window.sums.get(n, 0.0), window.counts.get(n, 0.0)] for n in names],
+                         dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum").cpu()
+    merged = Averager()
+    for name, (value, count) in zip(names, total.tolist()):
+        merged.sums[name], merged.counts[name] = value, count
+    return merged
+
+
+def everyone_or_nobody(accelerator: Accelerator, action):
+    """Run ``action()`` on the main process; if it fails, every process stops with its message."""
+    if accelerator.num_processes == 1:
+        return action()
+    from accelerate.utils import broadcast_object_list
+
+    failure = [None]
+    if accelerator.is_main_process:
+        try:
+            action()
+        except PrefkitError as exc:
+            failure = [str(exc)]
+    broadcast_object_list(failure, from_process=0)
+    if failure[0] is not None:
+        raise PrefkitError(failure[0])
 
 
 def start_run_trackers(setup: RunSetup, accelerator: Accelerator) -> Trackers:
@@ -220,17 +278,23 @@ def start_run_trackers(setup: RunSetup, accelerator: Accelerator) -> Trackers:
                           main_process=accelerator.is_main_process)
 
 
-def open_run_dir(setup: RunSetup, reporter: Reporter) -> MetricsLog:
-    """Create the run folder (or reopen it), remove leftovers of killed writes, write the recipe."""
+def open_run_dir(setup: RunSetup, reporter: Reporter, accelerator: Accelerator) -> MetricsLog:
+    """Create the run folder (or reopen it), remove leftovers of killed writes, write the recipe.
+    Process 0 does it, once every process has checked the folder as it was."""
     for note in setup.notes:
         reporter.message(note)
-    try:
-        setup.run_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in remove_leftovers(setup.run_dir):
-            reporter.message(f"removed {leftover.name}, left behind by an interrupted checkpoint write")
-        (setup.run_dir / "recipe.resolved.yaml").write_text(setup.resolved_yaml)
-    except OSError as exc:
-        raise PrefkitError(f"output_dir {setup.run_dir} cannot be written: {exc.strerror or exc}") from exc
+
+    def create():
+        try:
+            setup.run_dir.mkdir(parents=True, exist_ok=True)
+            for leftover in remove_leftovers(setup.run_dir):
+                reporter.message(f"removed {leftover.name}, left behind by an interrupted checkpoint write")
+            (setup.run_dir / "recipe.resolved.yaml").write_text(setup.resolved_yaml)
+        except OSError as exc:
+            raise PrefkitError(f"output_dir {setup.run_dir} cannot be written: {exc.strerror or exc}") from exc
+
+    accelerator.wait_for_everyone()
+    everyone_or_nobody(accelerator, create)
     return MetricsLog(setup.run_dir / "metrics.jsonl")
 
 
@@ -244,19 +308,20 @@ class Restored:
 
 
 def restore(setup: RunSetup, *, model, optimizer, scheduler, metrics_log: MetricsLog, reporter: Reporter,
-            total_steps: int) -> Restored:
+            total_steps: int, accelerator: Accelerator) -> Restored:
     """Load the checkpoint to resume from (if any), forget metrics logged after it, and re-plan the
     learning-rate schedule when the run was extended (see :func:`prefkit.loops.optim.replan_schedule`)."""
     if setup.checkpoint is None:
         return Restored(window=Averager())
     try:
-        state = load_checkpoint(setup.checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(setup.checkpoint, model=model, optimizer=optimizer, scheduler=scheduler,
+                                rank=accelerator.process_index)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise PrefkitError(f"cannot resume from {setup.checkpoint}: {type(exc).__name__}: {exc}") from exc
     note = replan_schedule(scheduler, saved_total=state.get("total_steps"), total_steps=total_steps)
     if note:
         reporter.message(note)
-    dropped = metrics_log.truncate_after(state["step"])
+    dropped = metrics_log.truncate_after(state["step"]) if accelerator.is_main_process else 0
     if dropped:
         reporter.message(f"metrics.jsonl: {dropped} unreadable line(s) left by an interrupted write dropped")
     reporter.message(f"resumed from {setup.checkpoint} (step {state['step']})")
@@ -331,12 +396,29 @@ def save_final_model(setup: RunSetup, model, tokenizer, objective, save=None) ->
 
 
 def write_checkpoint(setup: RunSetup, step: int, *, model, optimizer, scheduler, state: dict[str, Any],
-                     objective) -> None:
-    """A checkpoint, or one clear error that leaves the previous checkpoints as they were."""
+                     objective, accelerator: Accelerator) -> None:
+    """A checkpoint, or one clear error that leaves the previous checkpoints as they were. Every
+    process takes part (process 0 writes, with the others' generator states) and every process
+    stops if the write fails."""
+    other_ranks_rng = []
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        from prefkit.loops.checkpoint import rng_state
+
+        other_ranks_rng = gather_object([rng_state()])[1:]
+    everyone_or_nobody(accelerator, lambda: _write_checkpoint(setup, step, model=model, optimizer=optimizer,
+                                                              scheduler=scheduler, state=state, objective=objective,
+                                                              other_ranks_rng=other_ranks_rng))
+
+
+def _write_checkpoint(setup: RunSetup, step: int, *, model, optimizer, scheduler, state: dict[str, Any],
+                      objective, other_ranks_rng) -> None:
     cfg = setup.loaded.recipe.train
     try:
         save_checkpoint(setup.run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                        keep=cfg.keep_checkpoints, recipe_yaml=setup.resolved_yaml, state=state)
+                        keep=cfg.keep_checkpoints, recipe_yaml=setup.resolved_yaml, state=state,
+                        other_ranks_rng=other_ranks_rng)
     except NonFiniteWeights as exc:
         raise PrefkitError(
             f"objective {objective.name!r}: at step {step} {exc}; the checkpoint was not written and "

@@ -155,9 +155,11 @@ def get_or_compute(
     compute: Callable[[], ReferenceLogps],
     meta: dict,
     warn: Callable[[str], None] = lambda text: None,
+    store: bool = True,
 ) -> tuple[ReferenceLogps, str]:
-    """Return (log-probs, "hit" | "miss"). ``cache=None`` computes without storing. A damaged
-    entry is recomputed and replaced; a failed write is a warning, never an error."""
+    """Return (log-probs, "hit" | "miss"). ``cache=None`` computes without storing; ``store=False``
+    reads but leaves the writing to another process. A damaged entry is recomputed and replaced;
+    a failed write is a warning, never an error."""
     if cache is not None:
         try:
             found = cache.load(key, num_examples, names, tokens)
@@ -167,7 +169,7 @@ def get_or_compute(
         if found is not None:
             return found, "hit"
     logps = compute()
-    if cache is not None:
+    if cache is not None and store:
         try:
             cache.save(key, logps, meta)
         except OSError as exc:
