@@ -9,7 +9,11 @@ import torch
 
 from prefkit_builtins.best_of_n import best_of_n_kl
 from prefkit.compare.evaluation import (
+    bootstrap_indices,
+    bootstrap_interval,
+    bootstrap_means,
     mean,
+    paired_difference,
     pair_outcomes,
     sample_kl,
     scalar_judge,
@@ -139,6 +143,113 @@ def test_mean_and_std_helpers():
     assert math.isnan(mean([]))
     assert std([1.0, 2.0, 3.0]) == pytest.approx(1.0)  # sample std (n - 1)
     assert std([5.0]) == 0.0
+
+
+# ----------------------------------------------------------------------------- bootstrap intervals
+
+
+def test_the_interval_of_a_constant_is_zero_wide_at_the_constant():
+    assert bootstrap_interval([0.3] * 17) == (pytest.approx(0.3), pytest.approx(0.3), pytest.approx(0.3))
+    estimate, lo, hi = bootstrap_interval(np.full((3, 9), -2.0))  # three seeds, nine prompts
+    assert estimate == lo == hi == -2.0
+
+
+def test_two_prompts_by_hand():
+    """Values [0, 1]: a resample of two prompts has mean 0 (1/4), 1/2 (1/2) or 1 (1/4), so with
+    1000 resamples the 2.5% and 97.5% quantiles are 0 and 1, and the estimate is 1/2."""
+    assert bootstrap_interval([0.0, 1.0], resamples=1000, seed=0) == (0.5, 0.0, 1.0)
+
+
+def test_the_vectorised_replicates_equal_a_plain_loop():
+    values = np.random.default_rng(3).normal(size=(3, 7))
+    got = bootstrap_means(values, resamples=200, seed=5)
+    prompt_idx = bootstrap_indices(7, 200, 5)
+    seed_idx = bootstrap_indices(3, 200, 6)
+    for b in range(200):
+        expected = np.mean([values[s][prompt_idx[b]].mean() for s in seed_idx[b]])
+        assert got[b] == pytest.approx(expected)
+    one = bootstrap_means(values[0], resamples=200, seed=5)  # one seed: prompts only
+    assert one == pytest.approx(values[0][prompt_idx].mean(1))
+
+
+def test_the_draws_are_fixed_by_the_seed():
+    values = np.random.default_rng(0).normal(size=30)
+    assert bootstrap_interval(values, seed=1) == bootstrap_interval(values, seed=1)
+    assert bootstrap_interval(values, seed=1) != bootstrap_interval(values, seed=2)
+    with pytest.raises(ValueError):
+        bootstrap_interval(values, confidence=1.0)
+
+
+def test_95_percent_intervals_cover_the_true_mean_about_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    covered = 0
+    for _ in range(300):
+        sample = rng.normal(loc=1.0, scale=2.0, size=40)
+        _, lo, hi = bootstrap_interval(sample, resamples=1000, seed=int(rng.integers(1 << 30)))
+        covered += lo <= 1.0 <= hi
+    # the percentile bootstrap under-covers slightly at n = 40 (about 93%); a broken interval is far off
+    assert 0.89 <= covered / 300 <= 0.98
+
+
+def test_intervals_shrink_like_one_over_the_square_root_of_the_prompts():
+    rng = np.random.default_rng(1)
+    widths = {}
+    for n in (100, 400, 1600):
+        sample = rng.normal(size=n)
+        _, lo, hi = bootstrap_interval(sample, resamples=2000, seed=0)
+        widths[n] = hi - lo
+        assert widths[n] == pytest.approx(2 * 1.96 * sample.std() / math.sqrt(n), rel=0.1)  # the normal interval
+    assert 0.4 < widths[400] / widths[100] < 0.6 and 0.4 < widths[1600] / widths[400] < 0.6
+
+
+def test_seed_to_seed_variation_widens_the_interval():
+    """Three seeds whose means differ by 1 and prompts that vary by 0.1: resampling the seeds gives
+    an interval as wide as the seeds' spread; the prompts alone would give a tenth of it."""
+    rng = np.random.default_rng(2)
+    values = np.array([[-1.0], [0.0], [1.0]]) + 0.1 * rng.normal(size=(3, 50))
+    _, lo, hi = bootstrap_interval(values)
+    _, plo, phi = bootstrap_interval(values.mean(0))  # the mean over seeds, prompts resampled only
+    assert hi - lo > 1.0 and (phi - plo) < 0.1 * (hi - lo)
+
+
+def test_the_paired_test_of_two_identical_policies_is_within_noise():
+    a = np.random.default_rng(4).normal(size=(2, 30))
+    result = paired_difference(a, a.copy())
+    assert result == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "p_value": 1.0, "within_noise": True}
+
+
+def test_the_paired_test_detects_a_planted_difference():
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=200)
+    a, b = base + 0.5 + rng.normal(size=200), base + rng.normal(size=200)  # s.e. of the difference: 0.1
+    result = paired_difference(a, b, resamples=2000)
+    assert result["diff"] == pytest.approx(float((a - b).mean()))
+    assert 0 < result["lo"] < result["diff"] < result["hi"] and not result["within_noise"]
+    assert result["p_value"] < 0.01
+    flipped = paired_difference(b, a, resamples=2000)
+    assert flipped["diff"] == pytest.approx(-result["diff"]) and flipped["hi"] < 0
+
+
+def test_pairing_removes_the_prompts_own_variation():
+    """b is a plus 0.05 on every prompt, while the prompts themselves vary by 5: unpaired intervals
+    overlap almost entirely, the paired difference is exactly 0.05, outside noise, and p is the
+    smallest the resamples can give, 2 / (B + 1)."""
+    a = 5 * np.random.default_rng(6).normal(size=60)
+    b = a + 0.05
+    _, alo, ahi = bootstrap_interval(a)
+    _, blo, bhi = bootstrap_interval(b)
+    assert alo < blo < ahi  # overlapping
+    result = paired_difference(b, a, resamples=999)
+    assert result["diff"] == pytest.approx(0.05) and result["lo"] == pytest.approx(0.05)
+    assert not result["within_noise"] and result["p_value"] == pytest.approx(2 / 1000)
+
+
+def test_a_difference_of_pure_noise_is_within_noise():
+    rng = np.random.default_rng(7)
+    result = paired_difference(rng.normal(size=(2, 80)), rng.normal(size=(2, 80)))
+    assert result["within_noise"] and result["p_value"] > 0.05
+    with pytest.raises(ValueError, match="same shape"):
+        paired_difference(np.zeros(3), np.zeros(4))
 
 
 # ----------------------------------------------------------------------------- on a model

@@ -14,7 +14,10 @@ The harness (:mod:`prefkit.compare.harness`) measures every policy the same way:
   Stiennon et al. 2020, Beirami et al. 2024, https://arxiv.org/abs/2401.01879);
 - **win rate**: the share of pairs (policy sample, baseline) the judge prefers the policy's, a tie
   counting ½, with the A/B order randomised per pair (:func:`win_rate`);
-- **length**: completion tokens, the end token included.
+- **length**: completion tokens, the end token included;
+- **uncertainty**: percentile bootstrap intervals over prompts (and seeds) of any of these means
+  (:func:`bootstrap_interval`), and the paired bootstrap of the difference between two policies
+  measured on the same prompts (:func:`paired_difference`).
 """
 
 from __future__ import annotations
@@ -99,6 +102,82 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], *, seed: int,
     if not outcomes:
         raise ValueError("no pairs to compare")
     return float(sum(outcomes) / len(outcomes))
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+
+def bootstrap_indices(n: int, resamples: int, seed: int) -> np.ndarray:
+    """``[resamples, n]`` indices into ``n`` items, drawn with replacement from ``seed`` (and ``n``).
+
+    The same ``(n, resamples, seed)`` always gives the same draws, so every arm is resampled over
+    the same prompts (and seeds) and their intervals and differences are computed alike."""
+    if n < 1 or resamples < 1:
+        raise ValueError(f"need at least one item and one resample (got n={n}, resamples={resamples})")
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, n, 0x424F4F54]).integers(0, n, size=(resamples, n))
+
+
+def bootstrap_means(values: Any, *, resamples: int, seed: int) -> np.ndarray:
+    """Bootstrap replicates of the mean of ``values``: ``[S, P]`` (S seeds x P prompts) or ``[P]``.
+
+    Each replicate draws P prompts with replacement (the same drawn prompts for every seed) and S
+    seeds with replacement, and takes the mean over the drawn seeds of the mean over the drawn
+    prompts. With one seed this is the ordinary bootstrap over prompts. Vectorised: returns
+    ``[resamples]``."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 1:
+        values = values[None, :]
+    if values.ndim != 2 or values.size == 0:
+        raise ValueError(f"values must be [seeds, prompts] or [prompts], got shape {values.shape}")
+    seeds, prompts = values.shape
+    prompt_idx = bootstrap_indices(prompts, resamples, seed)
+    per_seed = values[:, prompt_idx].mean(-1)  # [S, B]: each seed's mean over the drawn prompts
+    if seeds == 1:
+        return per_seed[0]
+    seed_idx = bootstrap_indices(seeds, resamples, seed + 1)  # [B, S]
+    return per_seed[seed_idx, np.arange(resamples)[:, None]].mean(-1)
+
+
+def percentile_interval(replicates: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The percentile interval of bootstrap replicates: their (1-c)/2 and (1+c)/2 quantiles."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
+    lo, hi = np.quantile(np.asarray(replicates, dtype=np.float64), [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(lo), float(hi)
+
+
+def bootstrap_interval(values: Any, *, resamples: int = 1000, seed: int = 0,
+                       confidence: float = 0.95) -> tuple[float, float, float]:
+    """``(estimate, lo, hi)``: the mean of ``values`` (``[S, P]`` or ``[P]``: the mean over seeds of
+    the mean over prompts) and its percentile bootstrap interval (:func:`bootstrap_means`).
+    A constant gives a zero-width interval at the constant."""
+    values = np.asarray(values, dtype=np.float64)
+    estimate = float(values.mean(-1).mean()) if values.ndim == 2 else float(values.mean())
+    lo, hi = percentile_interval(bootstrap_means(values, resamples=resamples, seed=seed), confidence)
+    # the quantiles of replicates of a constant are the constant up to rounding; keep lo <= estimate <= hi
+    return estimate, min(lo, estimate), max(hi, estimate)
+
+
+def paired_difference(a: Any, b: Any, *, resamples: int = 1000, seed: int = 0,
+                      confidence: float = 0.95) -> dict[str, Any]:
+    """The paired bootstrap of ``mean(a) - mean(b)`` over the same prompts (and seeds).
+
+    ``a`` and ``b`` are ``[S, P]`` (or ``[P]``) per-prompt values of two policies measured on the
+    same prompts with the same sampling seeds, so each prompt's difference is taken first and the
+    differences are resampled (:func:`bootstrap_means`). Returns ``diff``, its interval ``lo``,
+    ``hi``, a two-sided bootstrap ``p_value`` (twice the smaller share of replicates on either side
+    of 0, each counted as (k + 1) / (B + 1), at most 1), and ``within_noise`` (the interval covers 0).
+    Two identical policies give diff 0, the interval [0, 0], p 1 and within_noise True."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need the same shape, got {a.shape} and {b.shape}")
+    diff = a - b
+    estimate, lo, hi = bootstrap_interval(diff, resamples=resamples, seed=seed, confidence=confidence)
+    replicates = bootstrap_means(diff, resamples=resamples, seed=seed)
+    below = (int((replicates <= 0).sum()) + 1) / (resamples + 1)
+    above = (int((replicates >= 0).sum()) + 1) / (resamples + 1)
+    return {"diff": estimate, "lo": lo, "hi": hi, "p_value": min(1.0, 2 * min(below, above)),
+            "within_noise": bool(lo <= 0.0 <= hi)}
 
 
 def mean(values: Sequence[float]) -> float:
