@@ -247,22 +247,11 @@ def compare(
             reporter.finish()
     except PrefkitError as exc:
         _fail(exc, 2 if validate_only else 1)
-    set_params = {arm.name: dict(arm.arm.params) for arm in loaded.arms}  # as written in the recipe
-    table_rows = []
-    for row in rows:
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in {**set_params.get(row["arm"], {}), **{
-            f"train.{k}": v for k, v in row["train_overrides"].items()}}.items())
-        if row["reward"] and row["arm"] in set_params:
-            params = ", ".join(filter(None, [params, f"reward={row['reward']}"]))
-        kl = _fmt(row["kl"]) + (" (analytic)" if row["kl_method"] != "token_kl" else "")
-        table_rows.append([row["arm"], row["objective"], params,
-                           _fmt(row["temperature"]), f"{_fmt(row['gold_reward'])} ± {_fmt(row['gold_reward_std'], 2)}",
-                           kl, _fmt(row["win_rate"], 3), _fmt(row["length"], 3), str(row["train_steps"])])
-    ev = loaded.compare.evaluation
-    ui.table(f"compare: gold {ev.gold.name}, win rate vs {ev.win_against}",
-             ["arm", "objective", "params", "T", "gold reward", "KL", "win rate", "length", "steps"], table_rows)
-    ui.console.print(f"compare directory: {loaded.compare.output_dir} (report.md, results.jsonl, results.csv, "
-                     "frontier.png, winrate.png)", highlight=False)
+    from prefkit.compare.report import console_table
+
+    ui.table(*console_table(rows, loaded))  # rows: the CompareResult
+    ui.console.print(f"compare directory: {loaded.compare.output_dir} (report.md, results.jsonl, aggregate.jsonl, "
+                     "paired.jsonl, budget.jsonl and their .csv, frontier.png, winrate.png)", highlight=False)
 
 
 @app.command()

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from prefkit.cli import app
 from prefkit.compare.recipe import (
     Arm,
+    Budget,
     CompareRecipe,
     EvaluationConfig,
     is_compare_document,
@@ -43,8 +44,10 @@ def test_the_compare_recipes_are_found():
 def test_compare_recipe_validates(path):
     loaded = load_compare(path, registry=REGISTRY)
     assert loaded.arms and loaded.compare.output_dir
+    first = loaded.compare.run_seeds[0]
     for arm in loaded.arms:
-        assert Path(arm.loaded.recipe.output_dir) == Path(loaded.compare.output_dir) / "arms" / arm.name
+        assert Path(arm.loaded.recipe.output_dir) == Path(loaded.compare.output_dir) / "arms" / arm.name / f"seed-{first}"
+        assert arm.loaded.recipe.seed == first
 
 
 @pytest.mark.parametrize("path", SENTIMENT_RUNS, ids=rel)
@@ -147,10 +150,39 @@ def test_the_validate_option_of_the_command(tmp_path):
     assert result.exit_code == 2 and "arms.1.params.beta" in result.output and "Traceback" not in result.output
 
 
+def test_seeds_pairs_and_budgets_are_checked(tmp_path):
+    message = bad(tmp_path, lambda d: d["evaluation"].update(paired=[["dpo-b0.1", "nope"], ["kto", "kto"]]))
+    assert "evaluation.paired.0.1: 'nope' is not an arm" in message and "evaluation.paired.1: pairs 'kto' with itself" in message
+
+    def no_reference(data):
+        data["evaluation"].update(include_reference=False, paired=[["bon-1", "reference"]])
+
+    assert "evaluation.paired.0.1: 'reference' is not evaluated" in bad(tmp_path, no_reference)
+    assert "seeds: seed is set too" in bad(tmp_path, lambda d: d.update(seed=3))
+    message = bad(tmp_path, lambda d: d.update(seeds=[0, 0]))
+    assert "seeds:" in message and "seeds must not repeat" in message
+    assert "budget: train.epochs is set too" in bad(tmp_path, lambda d: d["train"].update(epochs=2))
+    assert "budget.labels" in bad(tmp_path, lambda d: d.update(budget={"labels": 0}))
+    assert "budget.bogus: unknown key" in bad(tmp_path, lambda d: d.update(budget={"bogus": 1}))
+    assert "evaluation.every_steps" in bad(tmp_path, lambda d: d["evaluation"].update(every_steps=0))
+    assert "evaluation.paired_at" in bad(tmp_path, lambda d: d["evaluation"].update(paired_at="middle"))
+    assert "evaluation.confidence" in bad(tmp_path, lambda d: d["evaluation"].update(confidence=1.0))
+
+
+def test_one_seed_by_default(tmp_path):
+    data = yaml.safe_load((ROOT / "recipes" / "compare_tiny.yaml").read_text())
+    del data["seeds"]
+    data["seed"] = 7
+    path = tmp_path / "one.yaml"
+    path.write_text(yaml.safe_dump(data))
+    loaded = load_compare(path, registry=REGISTRY)
+    assert loaded.compare.run_seeds == [7] and loaded.arms[0].loaded.recipe.seed == 7
+
+
 # ----------------------------------------------------------------------------- docs/compare.md
 
 
-SECTIONS = {"Top level": CompareRecipe, "`arms`": Arm, "`evaluation`": EvaluationConfig}
+SECTIONS = {"Top level": CompareRecipe, "`budget`": Budget, "`arms`": Arm, "`evaluation`": EvaluationConfig}
 
 
 def section(text: str, heading: str) -> str:
@@ -188,10 +220,23 @@ def test_every_compare_key_is_documented_with_its_default():
                     assert value == str(default), name
 
 
-def test_the_result_columns_are_documented():
-    from prefkit.compare.harness import RESULT_COLUMNS
+def _table_after(text: str, marker: str) -> set[str]:
+    """The backticked names in the first cell of each row of the table that follows ``marker``."""
+    lines = text.split(marker, 1)[1].strip().splitlines()
+    names: set[str] = set()
+    for line in lines[2:]:  # header and rule
+        if not line.startswith("| "):
+            break
+        names |= set(re.findall(r"`(\w+)`", line.split("|")[1]))
+    return names
 
-    part = DOCS.read_text().split("The result columns:")[1]
-    documented = set(re.findall(r"`(\w+)`", "\n".join(line.split("|")[1] for line in part.splitlines()
-                                                       if line.startswith("| `"))))
-    assert documented == set(RESULT_COLUMNS)
+
+def test_every_output_column_is_documented():
+    from prefkit.compare.harness import OUTPUTS
+
+    text = DOCS.read_text()
+    for name, columns in OUTPUTS.items():
+        assert _table_after(text, f"The columns of `{name}.jsonl`") == set(columns), name
+    outputs = section(text, "Outputs")
+    for name in OUTPUTS:
+        assert f"`{name}.jsonl`, `{name}.csv`" in outputs

@@ -26,13 +26,14 @@ before any model loads.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from prefkit.api.errors import RecipeError
 from prefkit.loops.online import check_online_recipe
@@ -99,7 +100,7 @@ class EvaluationConfig(Strict):
     top_k: int = Field(0, ge=0)
     num_samples: int = Field(1, gt=0, description="Completions per prompt and temperature.")
     batch_size: int = Field(16, gt=0, description="Sequences generated or scored together.")
-    seed: int | None = Field(None, description="Sampling seed, the same for every arm. Default: the recipe's seed.")
+    seed: int | None = Field(None, description="Sampling seed, the same for every arm and seed. Default: each seed itself.")
     gold: RewardConfig = Field(description="The gold reward function every sample is scored with.")
     judge: RewardConfig | None = Field(None, description="Decides win rates. Default: `gold`.")
     win_against: Literal["reference", "chosen"] = Field(
@@ -107,6 +108,18 @@ class EvaluationConfig(Strict):
         "chosen answers."
     )
     include_reference: bool = Field(True, description="Also evaluate the starting policy (a `reference` row).")
+    every_steps: int | None = Field(
+        None, gt=0, description="Also evaluate each trained arm at every N-th training step, from its checkpoints "
+        "(a curve over training). Default: only the final policy.")
+    paired: list[tuple[str, str]] | None = Field(
+        None, description="Pairs of arms (or `reference`) to test against each other. Default: every arm against "
+        "`reference`.")
+    paired_at: Literal["final", "matched_kl"] = Field(
+        "final", description="Where a pair is compared: both arms' final steps, or the steps nearest the largest "
+        "KL both reach.")
+    bootstrap_resamples: int = Field(1000, ge=100, description="Bootstrap resamples of every interval and test.")
+    bootstrap_seed: int = Field(0, description="The seed of the bootstrap draws (the same draws for every arm).")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="The coverage of every interval.")
 
     @field_validator("temperatures")
     @classmethod
@@ -118,9 +131,29 @@ class EvaluationConfig(Strict):
         return value
 
 
+class Budget(Strict):
+    """One training budget for every trained arm, in one unit (exactly one key)."""
+
+    epochs: float | None = Field(
+        None, gt=0, description="Offline arms: this many epochs of their own training data (`train.epochs`). "
+        "Online arms: as many rollouts as make their reward calls equal the pairs in that many epochs of `data`.")
+    labels: int | None = Field(
+        None, gt=0, description="Labels per arm: offline arms train ceil(labels / examples per step) steps; online "
+        "arms ceil(labels / (rollout_batch_size x sampling.num_samples)) rollouts.")
+
+    @model_validator(mode="after")
+    def _one_unit(self) -> "Budget":
+        if (self.epochs is None) == (self.labels is None):
+            raise ValueError("set exactly one of budget.epochs and budget.labels")
+        return self
+
+
 class CompareRecipe(Strict):
     output_dir: str = Field(description="The compare directory: arms/, results, plots and report.")
-    seed: int = 0
+    seed: int = Field(0, description="The seed when `seeds` is not set.")
+    seeds: list[int] | None = Field(
+        None, min_length=1, description="Train and evaluate every arm once per seed. Default: `[seed]`.")
+    budget: Budget | None = Field(None, description="One budget for every trained arm (epochs or labels).")
     cache_dir: str | None = Field(None, description="Default: $PREFKIT_CACHE or ~/.cache/prefkit.")
     model: ModelConfig
     data: DataConfig
@@ -131,21 +164,36 @@ class CompareRecipe(Strict):
     arms: list[Arm] = Field(min_length=1)
     evaluation: EvaluationConfig
 
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("seeds must not repeat")
+        return value
+
+    @property
+    def run_seeds(self) -> list[int]:
+        """The seeds every arm is trained and evaluated with."""
+        return list(self.seeds) if self.seeds is not None else [self.seed]
+
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
             return Path(self.cache_dir).expanduser()
         env = os.environ.get("PREFKIT_CACHE")
         return Path(env).expanduser() if env else Path.home() / ".cache" / "prefkit"
 
-    def arm_dir(self, name: str) -> Path:
-        return Path(self.output_dir) / "arms" / name
+    def arm_dir(self, name: str, seed: int) -> Path:
+        """An arm's run directory for one seed: ``<output_dir>/arms/<name>/seed-<seed>``."""
+        return Path(self.output_dir) / "arms" / name / f"seed-{seed}"
 
 
 @dataclass
 class LoadedArm:
     arm: Arm
     index: int
-    loaded: LoadedRecipe  # the arm's validated run recipe
+    loaded: LoadedRecipe  # the arm's validated run recipe (for the first seed)
+    budget_train: dict[str, Any] = field(default_factory=dict)  # `train` keys the compare's budget sets
+    with_reward: bool = True  # whether the arm's run recipe carries a reward source
 
     @property
     def name(self) -> str:
@@ -165,6 +213,7 @@ class LoadedCompare:
     judge_params: Any = None  # the judge's validated Params (None: the judge is the gold reward)
     model_options: Any = None
     data: dict[str, Any] = field(default_factory=dict)  # the document after overrides
+    registry: Any = None  # the plugins the recipe was validated against
 
     def resolved_dict(self) -> dict[str, Any]:
         out = self.compare.model_dump(mode="json")
@@ -229,15 +278,24 @@ def _list_index(items: list, parts: list[str], start: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- validation
 
 
-def arm_recipe_dict(compare: CompareRecipe, arm: Arm, *, with_reward: bool = True) -> dict[str, Any]:
-    """The run recipe of one arm: the shared blocks plus the arm's objective, params, reward and
-    ``train`` overrides, written to ``<output_dir>/arms/<name>``."""
+def arm_recipe_dict(compare: CompareRecipe, arm: Arm, *, seed: int | None = None, with_reward: bool = True,
+                    budget_train: dict[str, Any] | None = None,
+                    harness_train: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run recipe of one arm and seed: the shared blocks plus the arm's objective, params, reward
+    and ``train`` keys, written to ``<output_dir>/arms/<name>/seed-<seed>``.
+
+    ``train`` is the shared ``train``, then the budget's keys (``budget_train``), then the arm's own
+    overrides (which win: an arm may set its own budget), then the keys the harness needs
+    (``harness_train``: checkpoints for evaluation during training)."""
+    seed = compare.run_seeds[0] if seed is None else seed
     train = compare.train.model_dump(mode="json")
+    train.update(copy.deepcopy(budget_train or {}))
     train.update(copy.deepcopy(arm.train))
+    train.update(copy.deepcopy(harness_train or {}))
     reward = arm.reward or compare.reward
     data: dict[str, Any] = {
-        "output_dir": str(compare.arm_dir(arm.name)),
-        "seed": compare.seed,
+        "output_dir": str(compare.arm_dir(arm.name, seed)),
+        "seed": seed,
         "cache_dir": compare.cache_dir,
         "model": compare.model.model_dump(mode="json", exclude_unset=True),
         "data": {**compare.data.model_dump(mode="json", exclude_unset=True), **copy.deepcopy(arm.data)},
@@ -276,6 +334,73 @@ def _reward_params(cfg: RewardConfig, registry, path: str) -> tuple[Any, list[tu
     return params, []
 
 
+ARM_SETS_BUDGET = ("max_steps", "epochs")  # an arm overriding either keeps its own budget
+
+
+def budget_train_keys(compare: CompareRecipe, arm: Arm, loaded: LoadedRecipe, *,
+                      pairs: int | None = None) -> dict[str, Any] | None:
+    """The ``train`` keys the compare's ``budget`` gives one arm (``{}``: none apply).
+
+    ``labels: L``: an offline arm trains ceil(L / examples per step) optimizer steps (examples per
+    step = ``batch_size`` x ``grad_accum_steps``); an online arm ceil(L / (``rollout_batch_size`` x
+    ``sampling.num_samples``)) rollouts, so its reward calls equal L. ``epochs: E``: an offline arm
+    trains E epochs of its own data; an online arm ceil(E x ``pairs`` / (``rollout_batch_size`` x
+    ``sampling.num_samples``)) rollouts, where ``pairs`` is the number of training pairs in ``data``
+    (known only once the data is read: without it, ``None``). Inference arms, and arms whose own
+    ``train`` sets ``max_steps`` or ``epochs``, get nothing."""
+    budget = compare.budget
+    kind = loaded.objective.kind
+    if budget is None or kind not in ("offline", "online") or any(k in arm.train for k in ARM_SETS_BUDGET):
+        return {}
+    train = loaded.recipe.train
+    if kind == "offline":
+        if budget.labels is not None:
+            return {"max_steps": math.ceil(budget.labels / (train.batch_size * train.grad_accum_steps))}
+        return {"epochs": float(budget.epochs), "max_steps": None}
+    per_rollout = loaded.params.rollout_batch_size * loaded.recipe.sampling.num_samples
+    labels = budget.labels if budget.labels is not None else (
+        None if pairs is None else math.ceil(budget.epochs * pairs))
+    if labels is None:
+        return None
+    return {"max_steps": math.ceil(labels / per_rollout)}
+
+
+def arm_run_recipe(loaded: "LoadedCompare", arm: LoadedArm, seed: int, *, budget_train: dict[str, Any] | None = None,
+                   harness_train: dict[str, Any] | None = None) -> LoadedRecipe:
+    """The validated run recipe of ``arm`` for ``seed`` (problems named by their compare path)."""
+    data = arm_recipe_dict(loaded.compare, arm.arm, seed=seed, with_reward=arm.with_reward,
+                           budget_train=arm.budget_train if budget_train is None else budget_train,
+                           harness_train=harness_train)
+    try:
+        return validate_recipe(data, loaded.path, registry=loaded.registry)
+    except RecipeError as exc:
+        raise RecipeError(loaded.path, [(_arm_path(path, arm.index, arm.arm), message)
+                                        for path, message in exc.problems]) from None
+
+
+def _compare_problems(compare: CompareRecipe) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    evaluation = compare.evaluation
+    names = {arm.name for arm in compare.arms} | {REFERENCE_ARM}
+    for i, (a, b) in enumerate(evaluation.paired or []):
+        for j, name in enumerate((a, b)):
+            if name not in names:
+                problems.append((f"evaluation.paired.{i}.{j}", f"{name!r} is not an arm (nor {REFERENCE_ARM!r})"))
+            elif name == REFERENCE_ARM and not evaluation.include_reference:
+                problems.append((f"evaluation.paired.{i}.{j}", f"{REFERENCE_ARM!r} is not evaluated "
+                                 "(evaluation.include_reference is false)"))
+        if a == b:
+            problems.append((f"evaluation.paired.{i}", f"pairs {a!r} with itself"))
+    if compare.seeds is not None and "seed" in compare.model_fields_set:
+        problems.append(("seeds", "seed is set too; give the seeds in one place (seeds: [...], or seed: N)"))
+    if compare.budget is not None:
+        for key in ARM_SETS_BUDGET:
+            if key in compare.train.model_fields_set:
+                problems.append(("budget", f"train.{key} is set too; give the shared budget in one place "
+                                 f"(budget, or train.max_steps / train.epochs)"))
+    return problems
+
+
 def validate_compare(data: dict[str, Any], where: str, *, registry: Any) -> LoadedCompare:
     """Validate a compare document and every arm's run recipe. Raises RecipeError with compare paths."""
 
@@ -299,16 +424,23 @@ def validate_compare(data: dict[str, Any], where: str, *, registry: Any) -> Load
         problems += found
     if compare.reward is not None:
         problems += _reward_params(compare.reward, registry, "reward")[1]
+    problems += _compare_problems(compare)
 
     arms: list[LoadedArm] = []
     model_options = None
     for i, arm in enumerate(compare.arms):
+        with_reward, budget_train = True, {}
         try:
             loaded = validate_recipe(arm_recipe_dict(compare, arm), where, registry=registry)
             # The shared reward goes only to arms that need one (PPO, best-of-N); an arm's own always stays.
             if arm.reward is None and loaded.recipe.reward is not None and \
                     not loaded.objective.needs(loaded.params).reward:
+                with_reward = False
                 loaded = validate_recipe(arm_recipe_dict(compare, arm, with_reward=False), where, registry=registry)
+            budget_train = budget_train_keys(compare, arm, loaded) or {}  # online arms on epochs: at run time
+            if budget_train:
+                loaded = validate_recipe(arm_recipe_dict(compare, arm, with_reward=with_reward,
+                                                         budget_train=budget_train), where, registry=registry)
         except RecipeError as exc:
             problems += [(_arm_path(path, i, arm), message) for path, message in exc.problems]
             continue
@@ -320,13 +452,13 @@ def validate_compare(data: dict[str, Any], where: str, *, registry: Any) -> Load
         if loaded.objective.kind == "online":
             problems += [(_arm_path(path, i, arm), message) for path, message in check_online_recipe(loaded)]
         model_options = loaded.model_options
-        arms.append(LoadedArm(arm=arm, index=i, loaded=loaded))
+        arms.append(LoadedArm(arm=arm, index=i, loaded=loaded, budget_train=budget_train, with_reward=with_reward))
 
     if problems:
         unique = list(dict.fromkeys(problems))  # the shared blocks' problems would repeat once per arm
         raise RecipeError(where, unique)
     return LoadedCompare(compare=compare, path=where, arms=arms, gold_params=gold_params,
-                         judge_params=judge_params, model_options=model_options, data=data)
+                         judge_params=judge_params, model_options=model_options, data=data, registry=registry)
 
 
 def is_compare_document(data: dict[str, Any]) -> bool:
