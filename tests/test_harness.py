@@ -89,6 +89,18 @@ def test_every_output_is_written(tiny_run):
         assert (out / name).is_file()
 
 
+def test_every_record_field_is_documented(tiny_run):
+    _, _, out, _ = tiny_run
+    text = (ROOT / "docs" / "compare.md").read_text().split("The fields of a per-sample record in `eval.jsonl`:")[1]
+    documented = set()
+    for line in text.strip().splitlines()[2:]:
+        if not line.startswith("| "):
+            break
+        documented |= set(re.findall(r"`(\w+)`", line.split("|")[1]))
+    fields = {key for path in (out / "arms").glob("*/seed-0/eval.jsonl") for r in read_jsonl(path) for key in r}
+    assert fields == documented
+
+
 def test_one_row_per_arm_seed_step_and_temperature(tiny_run):
     loaded, result, _, _ = tiny_run
     expected = {("reference", seed, 0, t) for seed in (0, 1) for t in (0.7, 1.0)}
@@ -354,6 +366,24 @@ def test_checkpoints_kept_for_evaluation_are_deleted_after_it(tmp_path, monkeypa
     assert partial.notes == ["arm dpo seed 0: steps 2, 4, 6 not evaluated: their checkpoints are gone and no "
                              "current evaluation of them is cached"]
     assert "## Not evaluated" in (tmp_path / "c" / "report.md").read_text()
+
+
+def test_re_evaluating_one_step_keeps_the_cached_steps_whose_checkpoints_are_gone(tmp_path):
+    arms = "arms=[{name: dpo, objective: dpo, params: {beta: 0.1}}]"
+    opts = [arms, "seeds=[0]", "evaluation.temperatures=[1.0]", "train.keep_checkpoints=4",
+            "evaluation.every_steps=2", "evaluation.paired=null"]
+    _, result = compare(tmp_path / "c", tmp_path / "cache", *opts)
+    run_dir = tmp_path / "c" / "arms" / "dpo" / "seed-0"
+    for step in (4, 6):
+        shutil.rmtree(run_dir / "checkpoints" / f"step-{step}")
+    records = read_jsonl(run_dir / "eval.jsonl")
+    for r in records:
+        if r["step"] == 2:
+            r["fingerprint"] = "stale"  # step 2 is evaluated again (its checkpoint is there)
+    (run_dir / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _, again = compare(tmp_path / "c", tmp_path / "cache", *opts)
+    assert again.rows == result.rows and again.notes == []
+    assert sorted({r["step"] for r in read_jsonl(run_dir / "eval.jsonl")}) == [2, 4, 6, 8]
 
 
 def test_the_same_compare_twice_gives_the_same_numbers(tiny_run, tmp_path):

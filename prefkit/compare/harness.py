@@ -592,9 +592,11 @@ class Evaluator:
                 for r in records:
                     r.update(fingerprint=fingerprint, common=common, step=step)
                 found[step] = self._memo[fingerprint] = records
-            _write_atomic(cache, _jsonl([r for s in sorted(found) for r in found[s]]))
-        if not cache.is_file() and found:
-            _write_atomic(cache, _jsonl([r for s in sorted(found) for r in found[s]]))
+            # written after every step, keeping the cached records of the steps still to come (their
+            # checkpoints may be gone), so an interruption loses at most the step in progress
+            kept = {s: cached[s] for s in steps if s in cached and s not in found and s not in missing}
+            merged = {**kept, **found}
+            _write_atomic(cache, _jsonl([r for s in sorted(merged) for r in merged[s]]))
         return found, missing
 
     def _evaluate_at(self, plan: ArmPlan | None, policy: torch.nn.Module | None, temperature: float,

@@ -353,6 +353,8 @@ def console_table(result: Any, loaded: LoadedCompare) -> tuple[str, list[str], l
                      interval(row, "win_rate"), str(row["step"]), str(row["n_seeds"])])
     pct = f"{ev.confidence * 100:g}%"
     title = f"compare: gold {ev.gold.name}, win rate vs {ev.win_against}, final step, {pct} intervals"
+    if any(row["std_ge_mean"] for row in final_rows(result.aggregate)):
+        title += f" ({FLAG}: gold reward std ≥ mean)"
     columns = ["arm", "objective", "params", "T", "gold reward", "KL", "win rate", "step", "seeds"]
     return title, columns, rows
 
