@@ -319,7 +319,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         "final_metrics": last_logged(metrics_log, last_metrics),
     }
     def finish():
-        save_final_model(setup, accelerator.unwrap_model(model), handle.tokenizer, objective)
+        save_final_model(setup, accelerator.unwrap_model(model), handle.tokenizer, objective, summary)
         write_summary(setup.run_dir, summary)
 
     everyone_or_nobody(accelerator, finish)

@@ -484,21 +484,22 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         "final_metrics": last_logged(metrics_log, last_metrics),
     }
     def finish():
-        save_final_model(setup, unwrapped, handle.tokenizer, objective, save=save_final)
+        save_final_model(setup, unwrapped, handle.tokenizer, objective, summary, save=save_final)
         write_summary(setup.run_dir, summary)
 
     everyone_or_nobody(accelerator, finish)
     return summary
 
 
-def save_final(model: PolicyWithModules, tokenizer, out_dir: Path) -> None:
-    """``final/``: the policy in Hugging Face format (a LoRA adapter merged) and each of the
-    objective's modules beside it as ``NAME.safetensors``."""
+def save_final(model: PolicyWithModules, tokenizer, out_dir: Path, **options) -> None:
+    """``final/``: the policy in Hugging Face format (a LoRA adapter merged; ``options`` as
+    :func:`prefkit.models.loading.save_pretrained`'s) and each of the objective's modules beside
+    it as ``NAME.safetensors`` (fp32)."""
     from safetensors.torch import save_file
 
     from prefkit.models.loading import save_pretrained
 
-    save_pretrained(model.policy, tokenizer, out_dir)
+    save_pretrained(model.policy, tokenizer, out_dir, **options)
     for name, module in model.extra.items():
         tensors = {key: t.detach().cpu().contiguous().clone() for key, t in module.state_dict().items()}
         tmp = out_dir / f".{name}.safetensors.tmp"
