@@ -461,3 +461,10 @@ def test_a_run_killed_at_a_random_moment_resumes_bit_identically(tmp_path, recip
     train(killed, *overrides, recipe=path, resume=True)
     assert records(killed) == records(tmp_path / "whole")
     assert [s for s, _ in checkpoint_steps(killed)] == saves
+
+
+def test_an_exception_inside_a_plugin_loss_names_the_objective_and_its_package(tmp_path):
+    with pytest.raises(PrefkitError) as info:
+        train(tmp_path / "run", *SHORT, "train.max_steps=3", objective_loss=fail_at_call(2, crash))
+    message = str(info.value)
+    assert message.startswith("objective 'dpo' (from package prefkit ") and "RuntimeError: the machine went away" in message

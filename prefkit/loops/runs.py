@@ -194,13 +194,27 @@ def begin_run(loaded: LoadedRecipe, resume: bool, registry: Any) -> RunSetup:
 
 def plugin_call(objective, what: str, call):
     """Run ``call()`` (a method of the objective, its reward function, ...); an exception inside it
-    becomes a PrefkitError that names the objective. A PrefkitError passes through unchanged."""
+    becomes a PrefkitError that names the objective and the package it comes from. A PrefkitError
+    passes through unchanged."""
     try:
         return call()
     except PrefkitError:
         raise
     except Exception as exc:
-        raise PrefkitError(f"objective {objective.name!r}: {what} raised {type(exc).__name__}: {exc}") from exc
+        raise PrefkitError(f"objective {objective.name!r}{distribution_of(objective)}: {what} raised "
+                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def distribution_of(obj) -> str:
+    """`` (from package NAME VERSION)`` for the installed distribution that holds ``obj``'s class."""
+    from importlib import metadata
+
+    top = type(obj).__module__.split(".")[0]
+    try:
+        names = metadata.packages_distributions().get(top) or []
+        return f" (from package {names[0]} {metadata.version(names[0])})" if names else ""
+    except Exception:  # metadata of a broken installation: the objective's name alone must do
+        return ""
 
 
 def describe_data(kind: str, report) -> str:
