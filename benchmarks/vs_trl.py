@@ -67,6 +67,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -370,6 +371,8 @@ def launch(spec: dict, work: Path) -> dict:
         tail = "\n".join(log_path.read_text().splitlines()[-30:])
         raise SystemExit(f"{spec['library']} ({spec['variant']}) failed with status {proc.returncode}:\n{tail}")
     result = json.loads(Path(spec["result"]).read_text())
+    for saved in [p for p in out.rglob("final") if p.is_dir()]:  # saving was timed; no need to keep 28 copies
+        shutil.rmtree(saved, ignore_errors=True)
     result["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
     result["step_seconds"] = [b - a for a, b in zip(result["marks"], result["marks"][1:])]
     return result
