@@ -35,6 +35,7 @@ from prefkit.loops.metrics import Averager, MetricsLog
 from prefkit.loops.optim import replan_schedule
 from prefkit.recipe import LoadedRecipe, dump_yaml
 from prefkit.loops.trackers import Trackers, check_trackers, start_trackers
+from prefkit.models.precision import auto_precision
 
 
 # Keys that may differ between a checkpoint's recipe and the recipe used to resume it.
@@ -74,13 +75,10 @@ class Precision:
     accelerate: str  # accelerate's mixed_precision: "no" | "bf16" | "fp16"
 
 
-def resolve_precision(requested: str) -> Precision:
+def resolve_precision(requested: str, cache_dir: Path | None = None) -> Precision:
     cuda = torch.cuda.is_available()
     if requested == "auto":
-        if cuda:
-            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            requested = "fp32"
+        requested = auto_precision(cache_dir)  # on a CPU measured once per machine, cached in cache_dir
     if requested == "fp16" and not cuda:
         raise PrefkitError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU")
     return Precision(requested, "no" if requested == "fp32" else requested)
@@ -181,7 +179,7 @@ def begin_run(loaded: LoadedRecipe, resume: bool, registry: Any) -> RunSetup:
     run_dir = Path(recipe.output_dir)
     checkpoint, notes = prepare_run_dir(run_dir, resolved, resume)
     check_trackers(recipe.train.trackers)
-    precision = resolve_precision(recipe.train.precision)
+    precision = resolve_precision(recipe.train.precision, recipe.resolved_cache_dir())
     started = time.perf_counter()
     cache_dir = recipe.resolved_cache_dir()
     model_dir = resolve_model_dir(recipe.model, loaded.model_options, cache_dir, registry=registry)
