@@ -296,6 +296,23 @@ def label(
     ui.table("label", ["", "value"], [[k, _fmt(v)] for k, v in report.to_dict().items()])
 
 
+@app.command("eval")
+def eval_(
+    target: str = typer.Argument(..., help="A run folder, or a recipe (its model is then the reference)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. data.eval=pairs.jsonl"),
+    model: Optional[str] = typer.Option(None, "--model", help="The policy to judge (default: the run's final/)."),
+) -> None:
+    """An offline objective's loss and metrics (accuracy, margins) on a preference set, without training."""
+    from prefkit.workflows import evaluate
+
+    registry = _report_plugin_problems()
+    try:
+        metrics = evaluate(target, overrides or [], model=model, registry=registry, reporter=ui.RichReporter())
+    except PrefkitError as exc:
+        _fail(exc)
+    ui.table(f"evaluation of {model or target}", ["metric", "value"], [[k, f"{v:.6g}"] for k, v in metrics.items()])
+
+
 @app.command()
 def export(
     run_dir: str = typer.Argument(..., help="A run folder (output_dir of `prefkit run`)."),

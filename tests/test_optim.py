@@ -43,3 +43,26 @@ def test_no_fused_kernel_falls_back_to_the_default_adamw():
     assert not optimizer.param_groups[0]["fused"]
     param.grad = torch.ones_like(param)
     optimizer.step()  # would raise with fused=True
+
+
+def test_weight_decay_spares_biases_and_norm_weights():
+    """As in transformers and TRL: weight matrices decay, biases and normalisation weights do not."""
+    from prefkit.models.tiny import build_tiny_model
+
+    model = build_tiny_model(vocab_size=64)
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(64))  # a bias to spare
+    optimizer, _ = build_optimizer(model, TrainConfig(weight_decay=0.1), total_steps=10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    assert "model.layers.0.self_attn.q_proj.weight" in by_decay[0.1]
+    assert "model.embed_tokens.weight" in by_decay[0.1]
+    assert {"model.norm.weight", "model.layers.0.input_layernorm.weight", "lm_head.bias"} <= by_decay[0.0]
+    assert all(p.dim() >= 2 for p in optimizer.param_groups[0]["params"])
+    # one step with zero gradients: decayed weights shrink by lr * wd, spared ones do not move
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(model.get_parameter(q), before[q] * (1 - 5e-6 * 0.1), rtol=0, atol=1e-9)
+    assert torch.equal(model.get_parameter("model.norm.weight"), before["model.norm.weight"])
