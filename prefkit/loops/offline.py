@@ -19,7 +19,7 @@ from accelerate import Accelerator
 import prefkit
 from prefkit.data.batching import Batch, BatchOrder, collate
 from prefkit.models.logprobs import sequence_logps, sequence_rewards, token_logps
-from prefkit.loops.metrics import Averager
+from prefkit.loops.metrics import Averager, PhaseClock
 from prefkit.api import LossInputs, Needs
 from prefkit.loops.optim import build_optimizer
 from prefkit.recipe import LoadedRecipe
@@ -211,6 +211,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     # Reference log-probs, from the initial weights (before any checkpoint is loaded).
     ref_train = ref_eval = None
     cache_status = "none"
+    reference_started = time.perf_counter()
     if needs.reference:
         common = dict(model_handle=handle, recipe=recipe, precision=setup.precision, tokens=needs.reference_tokens,
                       accelerator=accelerator, pad_id=pad_id, reporter=reporter)
@@ -218,6 +219,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         if eval_data is not None:
             ref_eval, _ = reference_for(eval_data, **common)
         reporter.message(f"reference log-probs: cache {cache_status}")
+    reference_seconds = time.perf_counter() - reference_started
 
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -231,11 +233,13 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     trainable = [p for p in model.parameters() if p.requires_grad]
     rank, world = accelerator.process_index, accelerator.num_processes
     window = restored.window
+    clock = PhaseClock(state.get("seconds_by_phase"))
     last_metrics: dict[str, float] = {}
     model.train()
     reporter.start(total_steps, step)
     while step < total_steps:
         step_start = time.perf_counter()
+        clock.restart()
         step_tokens = 0
         loss_finite = True
         lr = scheduler.get_last_lr()[0]
@@ -247,6 +251,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
             micro += 1
             batch = collate([train_data.examples[i] for i in idx], idx, pad_id, train_data.names)
             batch = batch.to(accelerator.device)
+            clock.lap("batch")
             sync = k == cfg.grad_accum_steps - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 with accelerator.autocast():
@@ -258,7 +263,9 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                 loss_finite = loss_finite and bool(torch.isfinite(loss.detach()))
                 # each process's share of the global mean (gradients are averaged over processes)
                 share = loss if world == 1 else out.losses.sum() * (weight * world / len(whole))
+                clock.lap("forward_and_loss")
                 accelerator.backward(share / cfg.grad_accum_steps)
+                clock.lap("backward")
             if weight:
                 window.add("loss", loss, weight=len(idx))
                 for name, value in out.metrics.items():
@@ -275,6 +282,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        clock.lap("optimizer")
         step += 1
         seconds = time.perf_counter() - step_start
         trained_seconds += seconds
@@ -294,12 +302,15 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
             reporter.step(step, record)
             last_metrics = record
             window = Averager()
+            clock.lap("log_and_eval")
         if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
             write_checkpoint(setup, step, model=accelerator.unwrap_model(model), optimizer=optimizer,
                              scheduler=scheduler, objective=objective, accelerator=accelerator,
                              state={"micro_batches": micro, "tokens_seen": tokens_seen,
                                     "trained_seconds": trained_seconds, "total_steps": total_steps,
-                                    "data_fingerprint": train_data.fingerprint(), "window": window.state_dict()})
+                                    "data_fingerprint": train_data.fingerprint(), "window": window.state_dict(),
+                                    "seconds_by_phase": dict(clock.seconds)})
+            clock.lap("checkpoint")
     reporter.finish()
     trackers.finish()
 
@@ -316,10 +327,13 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         "train_seconds": round(trained_seconds, 3),
         "wall_seconds": round(time.perf_counter() - setup.started, 3),
         "tokens_per_s": round(tokens_seen / trained_seconds, 1) if trained_seconds else None,
+        "reference_seconds": round(reference_seconds, 3),  # this invocation's lookup or pass
+        "seconds_by_phase": clock.totals(),  # process 0's training steps; see PhaseClock
         "final_metrics": last_logged(metrics_log, last_metrics),
     }
+
     def finish():
-        save_final_model(setup, accelerator.unwrap_model(model), handle.tokenizer, objective)
+        save_final_model(setup, accelerator.unwrap_model(model), handle.tokenizer, objective, summary)
         write_summary(setup.run_dir, summary)
 
     everyone_or_nobody(accelerator, finish)

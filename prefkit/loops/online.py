@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from prefkit.api import OnlineInputs, PrefkitError, Rollout
 from prefkit.data.batching import Batch, BatchOrder, collate
 from prefkit.data.prepare import TokenizedExample
-from prefkit.loops.metrics import Averager
+from prefkit.loops.metrics import Averager, PhaseClock
 from prefkit.loops.optim import build_optimizer
 from prefkit.loops.runs import (
     QuietReporter,
@@ -317,12 +317,14 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     unwrapped = accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     window = restored.window
+    clock = PhaseClock((restored.state or {}).get("seconds_by_phase"))
     last_metrics: dict[str, float] = {}
     # Dropout stays off for sampling and updates alike (as in TRL), so the first update's ratio is 1.
     model.eval()
     reporter.start(total_steps, step, objective.name)
     while step < total_steps:
         step_start = time.perf_counter()
+        clock.restart()
         lr = scheduler.get_last_lr()[0]
 
         # 1-3. Prompts, samples, scores (each process samples and scores its share of the prompts).
@@ -331,12 +333,14 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
             samples = generate(unwrapped.policy, handle.tokenizer, [ex.prompt_ids for ex in batch_prompts],
                                sampling, seed=sub_seed(sample_seed, step) if world == 1 else
                                sub_seed(sample_seed, step, rank))
+        clock.lap("generate")
         flat = [(p, ex, s) for p, (ex, per_prompt) in enumerate(zip(batch_prompts, samples)) for s in per_prompt]
         examples = [TokenizedExample(ex.row, ex.prompt_ids, {COMPLETION: list(s.token_ids)}, prompt=ex.prompt)
                     for _, ex, s in flat]
         scores = torch.tensor(plugin_call(objective, f"reward function {recipe.reward.name!r}",
                                      lambda: scorer([ex.prompt for _, ex, _ in flat], [s.text for _, _, s in flat])),
                               dtype=torch.float32)
+        clock.lap("score")
 
         # 4. Log-probs, entropy and token outputs of the policy; log-probs of the reference.
         n = len(examples)
@@ -374,9 +378,11 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
             n, scores, mask, old_logps = rollout.num_sequences, rollout.scores, rollout.mask, rollout.logps
             ref_logps, entropy = rollout.ref_logps, rollout.entropy
 
+        clock.lap("rollout_logprobs")
         # 5. The objective's advantages (and its controllers).
         with torch.no_grad():
             rollout_metrics = plugin_call(objective, "prepare()", lambda: objective.prepare(params, rollout, state))
+        clock.lap("prepare")
 
         # 6. Update epochs over shuffled minibatches; one optimizer step per minibatch.
         reported = set(rollout_metrics)  # names the objective reports itself: the loop's own are left out
@@ -398,6 +404,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                     batch = collate([examples[i] for i in idx], idx, pad_id, (COMPLETION,)).to(device)
                     with accelerator.autocast():
                         new_logps, _, new_outputs, m = policy_forward(model, objective, params, batch)
+                    clock.lap("update_forward")
                     cols = m.shape[1]
                     inputs = OnlineInputs(
                         logps=new_logps, mask=m, old_logps=rollout.logps[idx, :cols],
@@ -412,7 +419,9 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                     units = int(m.sum()) if unit == "token" else len(idx)
                     # each chunk's mean, weighted by its share of the minibatch's units (times the
                     # number of processes, as their gradients are averaged)
+                    clock.lap("update_loss")
                     accelerator.backward(out.losses * (weight * world * units / max(minibatch_units, 1)))
+                    clock.lap("update_backward")
                     reported.update(out.metrics)
                     if weight:
                         window.add("loss", float(out.losses.detach()), weight=units)
@@ -427,6 +436,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                     window.add("grad_norm", grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                clock.lap("optimizer")
         scheduler.step()
         step += 1
         seconds = time.perf_counter() - step_start
@@ -462,8 +472,9 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                              objective=objective, accelerator=accelerator,
                              state={"tokens_seen": tokens_seen, "trained_seconds": trained_seconds,
                                     "total_steps": total_steps, "data_fingerprint": prompts.fingerprint(),
-                                    "window": window.state_dict(),
+                                    "window": window.state_dict(), "seconds_by_phase": dict(clock.seconds),
                                     "objective_state": state.state_dict() if state is not None else None})
+        clock.lap("log_and_checkpoint")
     reporter.finish()
     trackers.finish()
 
@@ -481,24 +492,26 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         "train_seconds": round(trained_seconds, 3),
         "wall_seconds": round(time.perf_counter() - setup.started, 3),
         "tokens_per_s": round(tokens_seen / trained_seconds, 1) if trained_seconds else None,
+        "seconds_by_phase": clock.totals(),  # process 0's rollouts; see PhaseClock
         "final_metrics": last_logged(metrics_log, last_metrics),
     }
     def finish():
-        save_final_model(setup, unwrapped, handle.tokenizer, objective, save=save_final)
+        save_final_model(setup, unwrapped, handle.tokenizer, objective, summary, save=save_final)
         write_summary(setup.run_dir, summary)
 
     everyone_or_nobody(accelerator, finish)
     return summary
 
 
-def save_final(model: PolicyWithModules, tokenizer, out_dir: Path) -> None:
-    """``final/``: the policy in Hugging Face format (a LoRA adapter merged) and each of the
-    objective's modules beside it as ``NAME.safetensors``."""
+def save_final(model: PolicyWithModules, tokenizer, out_dir: Path, **options) -> None:
+    """``final/``: the policy in Hugging Face format (a LoRA adapter merged; ``options`` as
+    :func:`prefkit.models.loading.save_pretrained`'s) and each of the objective's modules beside
+    it as ``NAME.safetensors`` (fp32)."""
     from safetensors.torch import save_file
 
     from prefkit.models.loading import save_pretrained
 
-    save_pretrained(model.policy, tokenizer, out_dir)
+    save_pretrained(model.policy, tokenizer, out_dir, **options)
     for name, module in model.extra.items():
         tensors = {key: t.detach().cpu().contiguous().clone() for key, t in module.state_dict().items()}
         tmp = out_dir / f".{name}.safetensors.tmp"

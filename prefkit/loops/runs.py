@@ -35,12 +35,14 @@ from prefkit.loops.metrics import Averager, MetricsLog
 from prefkit.loops.optim import replan_schedule
 from prefkit.recipe import LoadedRecipe, dump_yaml
 from prefkit.loops.trackers import Trackers, check_trackers, start_trackers
+from prefkit.models.precision import auto_precision
 
 
 # Keys that may differ between a checkpoint's recipe and the recipe used to resume it.
 # ``output_dir`` and ``cache_dir`` may differ too: a run folder can be moved or copied and resumed.
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.save_every", "train.log_every",
                      "train.eval_every", "train.keep_checkpoints", "train.trackers", "train.project",
+                     "train.final_dtype",
                      "output_dir", "cache_dir"}
 
 
@@ -73,13 +75,10 @@ class Precision:
     accelerate: str  # accelerate's mixed_precision: "no" | "bf16" | "fp16"
 
 
-def resolve_precision(requested: str) -> Precision:
+def resolve_precision(requested: str, cache_dir: Path | None = None) -> Precision:
     cuda = torch.cuda.is_available()
     if requested == "auto":
-        if cuda:
-            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            requested = "fp32"
+        requested = auto_precision(cache_dir)  # on a CPU measured once per machine, cached in cache_dir
     if requested == "fp16" and not cuda:
         raise PrefkitError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU")
     return Precision(requested, "no" if requested == "fp32" else requested)
@@ -168,6 +167,7 @@ class RunSetup:
     tokenizer: Any
     started: float
     notes: list[str]  # what the user should know before training starts (e.g. damaged checkpoints skipped)
+    base_name: str  # the base model as named outside this machine (see base_model_name)
 
 
 def begin_run(loaded: LoadedRecipe, resume: bool, registry: Any) -> RunSetup:
@@ -179,24 +179,40 @@ def begin_run(loaded: LoadedRecipe, resume: bool, registry: Any) -> RunSetup:
     run_dir = Path(recipe.output_dir)
     checkpoint, notes = prepare_run_dir(run_dir, resolved, resume)
     check_trackers(recipe.train.trackers)
-    precision = resolve_precision(recipe.train.precision)
+    precision = resolve_precision(recipe.train.precision, recipe.resolved_cache_dir())
     started = time.perf_counter()
     cache_dir = recipe.resolved_cache_dir()
     model_dir = resolve_model_dir(recipe.model, loaded.model_options, cache_dir, registry=registry)
     tokenizer = load_tokenizer(recipe.model, model_dir, gguf_file=recipe.model.gguf_file)
+    named = registry.model_sources.get(recipe.model.source)
+    base_name = getattr(named, "hub_id", None) or recipe.model.source
     return RunSetup(loaded, resolved, dump_yaml(resolved), run_dir, checkpoint, precision, cache_dir, tokenizer,
-                    started, notes)
+                    started, notes, base_name)
 
 
 def plugin_call(objective, what: str, call):
     """Run ``call()`` (a method of the objective, its reward function, ...); an exception inside it
-    becomes a PrefkitError that names the objective. A PrefkitError passes through unchanged."""
+    becomes a PrefkitError that names the objective and the package it comes from. A PrefkitError
+    passes through unchanged."""
     try:
         return call()
     except PrefkitError:
         raise
     except Exception as exc:
-        raise PrefkitError(f"objective {objective.name!r}: {what} raised {type(exc).__name__}: {exc}") from exc
+        raise PrefkitError(f"objective {objective.name!r}{distribution_of(objective)}: {what} raised "
+                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def distribution_of(obj) -> str:
+    """`` (from package NAME VERSION)`` for the installed distribution that holds ``obj``'s class."""
+    from importlib import metadata
+
+    top = type(obj).__module__.split(".")[0]
+    try:
+        names = metadata.packages_distributions().get(top) or []
+        return f" (from package {names[0]} {metadata.version(names[0])})" if names else ""
+    except Exception:  # metadata of a broken installation: the objective's name alone must do
+        return ""
 
 
 def describe_data(kind: str, report) -> str:
@@ -379,8 +395,16 @@ def gradient_norm(accelerator, trainable, max_grad_norm: float | None, precision
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
-def save_final_model(setup: RunSetup, model, tokenizer, objective, save=None) -> None:
-    """``final/``: never with non-finite weights, and a full disk is one clear message."""
+def final_dtype(setup: RunSetup) -> torch.dtype:
+    wanted = setup.loaded.recipe.train.final_dtype
+    if wanted == "auto":
+        wanted = "bf16" if setup.precision.name == "bf16" else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[wanted]
+
+
+def save_final_model(setup: RunSetup, model, tokenizer, objective, summary: dict[str, Any], save=None) -> None:
+    """``final/`` in the recipe's ``train.final_dtype``, with a model card; never with non-finite
+    weights, and a full disk is one clear message."""
     from prefkit.loops.checkpoint import check_finite
     from prefkit.models.loading import save_pretrained
 
@@ -388,11 +412,58 @@ def save_final_model(setup: RunSetup, model, tokenizer, objective, save=None) ->
     if bad:
         raise PrefkitError(f"objective {objective.name!r}: the trained weights hold NaN or inf ({bad[0]}); "
                            f"final/ was not written and {_last_good(setup)}")
+    out = setup.run_dir / "final"
     try:
-        (save or save_pretrained)(model, tokenizer, setup.run_dir / "final")
+        (save or save_pretrained)(model, tokenizer, out, dtype=final_dtype(setup),
+                                  base_name=base_model_name(setup))
+        (out / "README.md").write_text(model_card(setup, summary))
     except OSError as exc:
-        raise PrefkitError(f"could not write {setup.run_dir / 'final'}: {exc.strerror or exc}; "
+        raise PrefkitError(f"could not write {out}: {exc.strerror or exc}; "
                            f"{_last_good(setup)}. Free space and continue with --resume") from exc
+
+
+def base_model_name(setup: RunSetup) -> str:
+    """The base model as others can find it: a named source's hub id (when it has one), else the
+    recipe's ``model.source`` as written (a hub id, a source name or a path)."""
+    return setup.base_name
+
+
+def model_card(setup: RunSetup, summary: dict[str, Any]) -> str:
+    """``final/README.md``: what was trained, on what, how, and how it ended."""
+    recipe = setup.loaded.recipe
+    metrics = {k: v for k, v in (summary.get("final_metrics") or {}).items() if isinstance(v, (int, float))}
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"base_model: {base_model_name(setup)}",
+        "tags: [prefkit, " + summary.get("objective", "") + "]",
+        "---",
+        "",
+        f"# {setup.run_dir.name}",
+        "",
+        f"Trained with prefkit {summary.get('prefkit_version')} using the objective `{summary.get('objective')}` "
+        f"for {summary.get('steps')} steps ({summary.get('examples_per_step')} examples a step, "
+        f"{summary.get('processes', 1)} process(es), precision {summary.get('precision')}); weights saved as "
+        f"{str(final_dtype(setup)).replace('torch.', '')}.",
+        "",
+        f"- base model: `{base_model_name(setup)}`",
+        f"- training data: `{recipe.data.train}` (fingerprint `{(summary.get('data') or {}).get('train_fingerprint')}`)",
+        f"- objective parameters: `{json.dumps(summary.get('objective_params'), sort_keys=True)}`",
+        "",
+        "## Final metrics",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        *[f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items())],
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        setup.resolved_yaml.rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def write_checkpoint(setup: RunSetup, step: int, *, model, optimizer, scheduler, state: dict[str, Any],

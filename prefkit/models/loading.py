@@ -332,6 +332,22 @@ class LoadedModel:
         return contextlib.nullcontext()
 
 
+# Module attributes that hold a dropout probability used functionally (e.g. Llama's attention).
+_DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout_p", "dropout_rate")
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Set every dropout probability inside ``model`` to 0: ``nn.Dropout`` modules and the float
+    attributes attention layers read at run time. The saved config keeps its values."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for attr in _DROPOUT_ATTRIBUTES:
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+    return model
+
+
 def apply_lora(model: torch.nn.Module, lora: LoraConfig, head: Head = "lm") -> torch.nn.Module:
     """Wrap ``model`` in peft LoRA adapters; only adapter weights (and a scalar head) train."""
     from peft import LoraConfig as PeftLoraConfig
@@ -385,6 +401,8 @@ def load_model(
 
     clear_quantization_marks(model)
     model.to(torch.float32)
+    if not cfg.dropout:
+        disable_dropout(model)
     # The scalar head reads the reward at the last non-pad token, so it must know the pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
     generation_config = getattr(model, "generation_config", None)
@@ -430,11 +448,16 @@ def save_pretrained(
     loaded_or_model: LoadedModel | torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     out_dir: Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    base_name: str | None = None,
 ) -> None:
-    """Save a final model in Hugging Face format (safetensors) with its tokenizer.
+    """Save a final model in Hugging Face format (safetensors) with its tokenizer, its weights
+    in ``dtype`` (the model in memory is not changed).
 
     With LoRA the adapter is merged into a copy, so ``out_dir`` holds a plain model that loads
-    with ``AutoModelForCausalLM.from_pretrained``; the adapter alone goes to ``out_dir/adapter``.
+    with ``AutoModelForCausalLM.from_pretrained``; the adapter alone goes to ``out_dir/adapter``,
+    naming ``base_name`` (a hub id or source name that resolves on another machine) as its base.
     Everything is written to a temporary folder first, then moved into place.
     """
     from peft import PeftModel
@@ -446,9 +469,16 @@ def save_pretrained(
     try:
         if isinstance(model, PeftModel):
             model.save_pretrained(str(staging / "adapter"), safe_serialization=True)
+            if base_name:
+                adapter_config = staging / "adapter" / "adapter_config.json"
+                config = json.loads(adapter_config.read_text())
+                config["base_model_name_or_path"] = base_name
+                adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True))
             merged = copy.deepcopy(model).merge_and_unload()
         else:
             merged = model
+        if dtype != torch.float32:
+            merged = copy.deepcopy(merged).to(dtype)
         merged.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         _move_into(staging, out_dir)
