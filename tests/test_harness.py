@@ -368,6 +368,36 @@ def test_checkpoints_kept_for_evaluation_are_deleted_after_it(tmp_path, monkeypa
     assert "## Not evaluated" in (tmp_path / "c" / "report.md").read_text()
 
 
+def test_a_lora_arm_is_evaluated_from_its_adapter_checkpoints(tmp_path):
+    """A LoRA checkpoint holds the adapter alone: loaded into the starting model with the compare's
+    adapters, it computes what final/ (the adapter merged) computes."""
+    from prefkit.compare.harness import PolicySource, load_policy
+
+    arms = "arms=[{name: dpo, objective: dpo, params: {beta: 0.1}}]"
+    loaded, result = compare(tmp_path / "c", tmp_path / "cache", arms, "model.lora={r: 4, alpha: 8}", "seeds=[0]",
+                             "evaluation.temperatures=[1.0]", "evaluation.paired=null")
+    run_dir = tmp_path / "c" / "arms" / "dpo" / "seed-0"
+    assert set(load_file_keys(run_dir / "checkpoints" / "step-8" / "trainable.safetensors")) and all(
+        "lora" in key for key in load_file_keys(run_dir / "checkpoints" / "step-8" / "trainable.safetensors"))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        adapter = load_policy(PolicySource({}, "checkpoint", run_dir / "checkpoints" / "step-8"),
+                              loaded.compare.model, loaded.model_options, tmp_path / "cache", online=False,
+                              registry=REGISTRY).eval()(input_ids=ids).logits
+        merged = load_policy(PolicySource({}, "final", run_dir / "final"), None, None, tmp_path / "cache",
+                             online=False, registry=REGISTRY).eval()(input_ids=ids).logits
+    assert torch.allclose(adapter, merged, atol=1e-4)
+    steps = [r["step"] for r in result.rows if r["arm"] == "dpo"]
+    kls = [r["kl"] for r in result.rows if r["arm"] == "dpo"]
+    assert steps == [4, 8] and 0 < kls[0] < kls[1]
+
+
+def load_file_keys(path):
+    from safetensors.torch import load_file
+
+    return list(load_file(str(path)))
+
+
 def test_re_evaluating_one_step_keeps_the_cached_steps_whose_checkpoints_are_gone(tmp_path):
     arms = "arms=[{name: dpo, objective: dpo, params: {beta: 0.1}}]"
     opts = [arms, "seeds=[0]", "evaluation.temperatures=[1.0]", "train.keep_checkpoints=4",
