@@ -273,9 +273,10 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                 step_tokens += batch.num_tokens
         # Nothing non-finite reaches the weights: the loss and the gradient are checked before the step.
         grad_norm = gradient_norm(accelerator, trainable, cfg.max_grad_norm, setup.precision.name)
-        if world > 1:
-            loss_finite = bool(accelerator.reduce(torch.tensor(float(not loss_finite), device=accelerator.device),
-                                                  reduction="sum") == 0)
+        if world > 1:  # every process stops on a bad loss anywhere; tokens count over all processes
+            bad, step_tokens = accelerator.reduce(torch.tensor([float(not loss_finite), float(step_tokens)],
+                                                               device=accelerator.device), reduction="sum").tolist()
+            loss_finite, step_tokens = bad == 0, int(step_tokens)
         check_step(objective, step + 1, loss_finite=loss_finite, grad_norm=grad_norm, precision=setup.precision.name)
         if cfg.max_grad_norm is not None:
             window.add("grad_norm", grad_norm)
@@ -326,6 +327,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         "processes": accelerator.num_processes,
         "train_seconds": round(trained_seconds, 3),
         "wall_seconds": round(time.perf_counter() - setup.started, 3),
+        "tokens_seen": tokens_seen,  # every token of every forward-backward pass of training, over the run
         "tokens_per_s": round(tokens_seen / trained_seconds, 1) if trained_seconds else None,
         "reference_seconds": round(reference_seconds, 3),  # this invocation's lookup or pass
         "seconds_by_phase": clock.totals(),  # process 0's training steps; see PhaseClock

@@ -491,6 +491,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         "objective_state": state.state_dict() if state is not None else None,
         "train_seconds": round(trained_seconds, 3),
         "wall_seconds": round(time.perf_counter() - setup.started, 3),
+        "tokens_seen": tokens_seen,  # every token of every forward-backward pass of training, over the run
         "tokens_per_s": round(tokens_seen / trained_seconds, 1) if trained_seconds else None,
         "seconds_by_phase": clock.totals(),  # process 0's rollouts; see PhaseClock
         "final_metrics": last_logged(metrics_log, last_metrics),
