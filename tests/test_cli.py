@@ -69,7 +69,7 @@ def test_run_and_resume_through_the_cli(tmp_path):
     assert json.loads((out / "run.json").read_text())["steps"] == 4
     # a second run into the same directory is refused, with the way out named
     result = invoke("run", TINY, f"output_dir={out}", "train.max_steps=4", "data.eval=null", "train.save_every=2")
-    assert result.exit_code == 1 and "--resume" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "--resume" in result.output and "Traceback" not in result.output
     result = invoke("run", TINY, f"output_dir={out}", "train.max_steps=6", "data.eval=null", "train.save_every=2",
                     "--resume")
     assert result.exit_code == 0, result.output
@@ -80,6 +80,6 @@ def test_run_with_bad_data_fails_before_loading_a_model(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"prompt": "hi", "chosen": "", "rejected": "no"}) + "\n")
     result = invoke("run", TINY, f"output_dir={tmp_path / 'r'}", f"data.train={data}", "data.eval=null")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert str(data) in result.output and "row 1" in result.output and "chosen" in result.output
     assert not (tmp_path / "r").exists()

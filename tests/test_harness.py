@@ -227,7 +227,7 @@ def test_the_compare_command(tmp_path):
     assert "bon-2" in result.output and "reference" in result.output and "report.md" in result.output
     assert (tmp_path / "c" / "report.md").is_file()
     result = runner.invoke(app, ["compare", str(TINY), "arms.1.params.beta=-1"])
-    assert result.exit_code == 1 and "arms.1.params.beta" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "arms.1.params.beta" in result.output and "Traceback" not in result.output
 
 
 def test_the_sentiment_pipeline_end_to_end_on_the_tiny_model(tmp_path):

@@ -195,6 +195,6 @@ def test_a_missing_tracker_package_fails_before_anything_is_written(tmp_path, mo
     monkeypatch.delitem(sys.modules, "mlflow", raising=False)
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["run", TINY, f"output_dir={out}", "train.trackers=[mlflow]"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "tracker 'mlflow' needs the package mlflow, which is not installed; run: pip install mlflow" in result.output
     assert not out.exists() and "Traceback" not in result.output
