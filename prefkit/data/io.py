@@ -4,6 +4,7 @@ Hugging Face hub dataset, read into plain dicts. Nothing here checks what the ro
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from collections.abc import Mapping
@@ -22,14 +23,13 @@ from prefkit.inputs import (
     is_dir,
     is_file,
     json_value,
-    os_reason,
     read_bytes,
 )
 from prefkit.data.rows import listing as _listing
 from prefkit.data.rows import type_name as _type_name
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-_CACHE_SIZE = 4  # files whose rows are kept, so the checks before a run and the run read a file once
+_CACHE_SIZE = 4  # files whose rows are kept (by content), so the checks before a run and the run parse once
 _cache: dict[tuple, list[dict]] = {}
 
 
@@ -117,19 +117,17 @@ def read_file(path: Path, split: str, *, shown_as: str | None = None) -> list[di
         raise DataError(f"{where}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
     try:
         checked = check_readable_file(path)
-        stat = checked.stat()
+        data = read_bytes(checked)
     except InputError as exc:
         raise DataError(f"{where}: {exc.reason}") from None
-    except OSError as exc:
-        raise DataError(f"{where}: cannot read the file: {os_reason(exc)}") from None
-    key = (str(checked.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = (suffix, hashlib.blake2b(data, digest_size=16).digest())  # the same bytes parse to the same rows
     if key in _cache:
         return list(_cache[key])
     try:
         if suffix == ".parquet":
-            rows = _read_parquet(checked, where)
+            rows = _read_parquet(data, where)
         else:
-            text = decode_utf8(read_bytes(checked), path)
+            text = decode_utf8(data, path)
             rows = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}[suffix](text, where)
     except InputError as exc:
         raise DataError(f"{where}: {exc.reason}") from None
@@ -240,12 +238,12 @@ def _read_csv(text: str, where: str) -> list[dict]:
     return rows
 
 
-def _read_parquet(path: Path, where: str) -> list[dict]:
+def _read_parquet(data: bytes, where: str) -> list[dict]:
     import pyarrow
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(path).to_pylist()
+        rows = pq.read_table(pyarrow.BufferReader(data)).to_pylist()
     except (pyarrow.ArrowException, OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{where}: not a readable Parquet file: {reason}") from None
