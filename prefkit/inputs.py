@@ -163,10 +163,19 @@ def check_shape(value: Any, path: str | os.PathLike | None = None, *, max_depth:
 # ----------------------------------------------------------------------------- JSON
 
 
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = next(key for key in keys if keys.count(key) > 1)
+        raise ValueError(f"the key {short_repr(twice)} appears twice in one object; keep one")
+    return dict(pairs)
+
+
 def json_value(text: str | bytes) -> Any:
-    """``json.loads``; nesting too deep for Python raises ValueError (like any other bad JSON)."""
+    """``json.loads`` that refuses a key written twice in one object; nesting too deep for Python
+    raises ValueError (like any other bad JSON)."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_object)
     except RecursionError:
         raise ValueError(f"nested more than the JSON reader's limit of about {MAX_DEPTH * 10} levels") from None
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from prefkit.api.errors import PrefkitError, RecipeError
-from prefkit.inputs import InputError, check_writable_dir, is_dir, path_problem
+from prefkit.inputs import InputError, check_writable_dir, is_dir, is_file, path_problem
 from prefkit.models.positions import folder_positions
 from prefkit.recipe import MAX_STEPS, LoadedRecipe
 
@@ -46,7 +46,9 @@ def preflight(loaded: LoadedRecipe, registry: Any, *, command: str = "run", outp
     except InputError as exc:
         raise PrefkitError(f"{where}: {exc}") from None
 
-    problems: list[tuple[str, str]] = []
+    problems = model_problems(loaded, registry)
+    if command in ("run", "validate", "compare"):
+        problems += setting_problems(loaded)
     positions = model_positions(loaded, registry)
     if positions is not None:
         count, origin = positions
@@ -81,6 +83,45 @@ def check_output_file(output: Path | str) -> None:
 
 
 # ----------------------------------------------------------------------------- the model
+
+
+def setting_problems(loaded: LoadedRecipe) -> list[tuple[str, str]]:
+    """Settings this machine cannot honour: fp16 without a GPU, a tracker whose package is missing."""
+    from prefkit.loops.trackers import check_trackers
+
+    train = loaded.recipe.train
+    problems: list[tuple[str, str]] = []
+    if train.precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(("train.precision", "fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU"))
+    try:
+        check_trackers(train.trackers)
+    except PrefkitError as exc:
+        problems.append(("train.trackers", str(exc).removeprefix("train.trackers: ")))
+    return problems
+
+
+def model_problems(loaded: LoadedRecipe, registry: Any) -> list[tuple[str, str]]:
+    """A local model folder (or tokenizer) that cannot be one, found without loading anything."""
+    from prefkit.models.loading import _is_hub_id
+
+    model = loaded.recipe.model
+    problems: list[tuple[str, str]] = []
+    if model.source not in registry.model_sources and is_dir(model.source):
+        folder = Path(model.source).expanduser()
+        if model.gguf_file:
+            if not is_file(folder / model.gguf_file):
+                found = ", ".join(sorted(p.name for p in folder.glob("*.gguf"))) or "none"
+                problems.append(("model.gguf_file", f"{model.gguf_file!r} is not in {model.source!r} "
+                                                    f"(GGUF files there: {found})"))
+        elif not is_file(folder / "config.json"):
+            problems.append(("model.source", f"{model.source!r} is not a Hugging Face model folder (no config.json); "
+                                             "point it at one, or set model.gguf_file for a GGUF file inside it"))
+    if model.tokenizer and not is_dir(model.tokenizer) and not _is_hub_id(model.tokenizer):
+        problems.append(("model.tokenizer", f"{model.tokenizer!r}: no such folder, and not a hub id (org/name)"))
+    return problems
 
 
 def model_positions(loaded: LoadedRecipe, registry: Any) -> tuple[int, str] | None:

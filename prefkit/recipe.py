@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from prefkit.api.errors import RecipeError
 from prefkit.inputs import (
     InputError,
+    check_readable_file,
     check_shape,
     closest,
     did_you_mean,
@@ -44,6 +45,7 @@ MAX_STEPS = 10_000_000
 MAX_BATCH = 65_536
 MAX_TOKENS = 1_048_576
 SEED_LIMIT = 2**32  # numpy's generators take seeds in [0, 2**32)
+MAX_RECIPE_BYTES = 16 * 1024 * 1024
 
 
 class Strict(BaseModel):
@@ -332,7 +334,12 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """A recipe file's document: UTF-8 YAML, read safely, no key written twice, a mapping."""
     where = str(path)
     try:
+        size = check_readable_file(path).stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise InputError(path, f"is {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,} (is this a data file?)")
         data = load_yaml(read_text(path), where)
+    except OSError as exc:
+        raise file_error(where, f"cannot read: {exc.strerror or type(exc).__name__}") from None
     except InputError as exc:
         raise file_error(where, exc.reason) from None
     if data is None:

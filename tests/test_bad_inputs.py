@@ -127,6 +127,15 @@ def test_a_missing_recipe_or_a_directory(tmp_path):
     refused(cli("validate", tmp_path), str(tmp_path), "is a directory, not a file")
 
 
+def test_a_recipe_that_is_not_a_regular_file_or_too_big(tmp_path):
+    """A FIFO or a device would block or never end; a data file passed as a recipe is refused by size."""
+    os.mkfifo(tmp_path / "fifo.yaml")
+    refused(cli("validate", tmp_path / "fifo.yaml"), "fifo.yaml", "is not a regular file")
+    refused(cli("validate", "/dev/zero"), "/dev/zero", "is not a regular file")
+    big = write(tmp_path / "big.yaml", "# " + "x" * (17 * 1024 * 1024) + "\n")
+    refused(cli("validate", big), "big.yaml", "a recipe is at most")
+
+
 def test_an_unreadable_recipe(tmp_path, monkeypatch):
     path = recipe(tmp_path)
     real = Path.read_bytes
@@ -172,6 +181,8 @@ BAD_DATA = [
     ("extra.csv", "prompt,chosen,rejected\n" + "p,a,b\n" * 5 + "p,a,b,c\n", ["row 6 (line 7)", "4 cells"]),
     ("dupheader.csv", "prompt,chosen,prompt\np,a,b\n", ["header names 'prompt' more than once"]),
     ("scalar.json", "42", ["expected a JSON list of objects"]),
+    ("dupkey.jsonl", rows(3) + '{"prompt": "a", "prompt": "b", "chosen": "c", "rejected": "d"}\n',
+     ["line 4", "the key 'prompt' appears twice"]),
     ("rows.txt", rows(3), ["unsupported file type '.txt'"]),
     ("roles.jsonl", "".join(json.dumps({"prompt": [{"role": "robot", "content": f"hi {i}"}],
                                         "chosen": [{"role": "assistant", "content": "a"}],
@@ -203,6 +214,19 @@ def test_a_directory_or_a_missing_file_as_data(tmp_path):
             "folder.jsonl", "is a directory")
     refused(cli("validate", recipe(tmp_path, data__train=str(tmp_path / "gone.jsonl"))), "gone.jsonl",
             "file not found")
+
+
+def test_a_fifo_as_data_is_refused_not_read(tmp_path):
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    refused(cli("validate", recipe(tmp_path, data__train=str(tmp_path / "fifo.jsonl"))), "fifo.jsonl",
+            "is not a regular file")
+
+
+def test_long_csv_cells_are_fine(tmp_path):
+    long = "word " * 40_000  # past the csv module's default 128 KiB field limit
+    data = write(tmp_path / "long.csv", "prompt,chosen,rejected\n" + "".join(f"p{i},{long},b\n" for i in range(4)))
+    result = cli("validate", recipe(tmp_path, data__train=str(data)))
+    assert result.exit_code == 0, result.output
 
 
 def test_unreadable_data(tmp_path, monkeypatch):
@@ -304,6 +328,23 @@ def test_numbers_out_of_range_are_refused_at_validation(tmp_path, override, need
         assert result.exit_code == 0, result.output
         return
     refused(result, "r.yaml", *needles)
+
+
+def test_settings_this_machine_cannot_honour_and_impossible_paths(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        refused(cli("validate", recipe(tmp_path), "train.precision=fp16"), "train.precision", "needs a CUDA GPU")
+    refused(cli("validate", recipe(tmp_path), "output_dir=" + "a" * 300), "output_dir", "more than the 255")
+    refused(cli("validate", recipe(tmp_path), "data.train=" + "b/" * 2100 + "x.jsonl"), "data.train",
+            "too long for a path")
+    (tmp_path / "notamodel").mkdir()
+    refused(cli("validate", recipe(tmp_path), f"model.source={tmp_path / 'notamodel'}", "model.options={}"),
+            "model.source", "no config.json")
+    refused(cli("validate", recipe(tmp_path), f"model.source={tmp_path / 'notamodel'}", "model.options={}",
+                "model.gguf_file=m.gguf"), "model.gguf_file", "GGUF files there: none")
+    refused(cli("validate", recipe(tmp_path), "model.tokenizer=./no/such/tokenizer"), "model.tokenizer",
+            "no such folder")
 
 
 def test_epochs_beyond_reason_and_warmup_beyond_the_epochs(tmp_path):

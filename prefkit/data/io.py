@@ -20,6 +20,7 @@ from prefkit.inputs import (
     check_shape,
     closest,
     decode_utf8,
+    exists,
     is_dir,
     is_file,
     json_value,
@@ -49,7 +50,7 @@ def load_rows(
         return _load_named(named, split, registry), named.name
 
     path = Path(source).expanduser()
-    if is_file(path):
+    if is_file(path) or (exists(path) and not is_dir(path)):  # a FIFO or a device is refused by read_file
         return read_file(path, split), source
     if is_dir(path):
         if path.suffix.lower() in FILE_SUFFIXES:
@@ -69,7 +70,7 @@ def is_local_source(source: str, registry: Any) -> bool:
     if source in registry.datasets:
         return True
     path = Path(source).expanduser()
-    if is_file(path):
+    if is_file(path) or (exists(path) and not is_dir(path)):
         return True
     if is_dir(path):
         return path.suffix.lower() in FILE_SUFFIXES
@@ -214,6 +215,8 @@ def _read_csv(text: str, where: str) -> list[dict]:
     A row with more cells than the header is refused (its cells would be silently dropped)."""
     rows, problems = [], []
     reader = csv.reader(io.StringIO(text, newline=""))
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))  # a long text cell is fine (the default stops at 128 KiB)
     try:
         header = next(reader, None)
         if header is None:
@@ -232,6 +235,8 @@ def _read_csv(text: str, where: str) -> list[dict]:
                          for i, key in enumerate(header)})
     except csv.Error as exc:
         raise DataError(f"{where}: line {reader.line_num}: not valid CSV: {exc}") from None
+    finally:
+        csv.field_size_limit(limit)
     if problems:
         raise DataError(_listing(f"{where}: rows with more cells than the header (quote cells that hold commas)",
                                  problems))
