@@ -29,7 +29,7 @@ from typing import Any
 from prefkit.api.errors import PrefkitError, RecipeError
 from prefkit.inputs import InputError, check_writable_dir, is_dir, is_file, path_problem
 from prefkit.models.positions import folder_positions
-from prefkit.recipe import MAX_STEPS, LoadedRecipe
+from prefkit.recipe import MAX_STEPS, LoadedRecipe, warmup_beyond_run
 
 def preflight(loaded: LoadedRecipe, registry: Any, *, command: str = "run", output: Path | str | None = None,
               check_output_dir: bool = True) -> None:
@@ -213,7 +213,7 @@ def budget_problems(loaded: LoadedRecipe, rows: int | None) -> list[tuple[str, s
     if steps > MAX_STEPS:
         problems.append(("train.epochs", f"{train.epochs:g} epochs over {rows} rows is {steps:,} steps, more than "
                                          f"{MAX_STEPS:,}; set fewer epochs or train.max_steps"))
-    elif train.warmup_steps > steps:
+    elif warmup_beyond_run(train.warmup_steps, steps):
         problems.append(("train.warmup_steps", f"{train.warmup_steps} is more than the run's {steps} steps "
                                                f"({train.epochs:g} epoch(s) over {rows} rows), so the learning rate "
                                                "would never reach train.lr; lower it"))

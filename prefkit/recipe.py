@@ -357,6 +357,15 @@ def check_finite(data: Any, where: str, prefix: str = "") -> None:
         raise RecipeError(where, bad)
 
 
+SMOKE_STEPS = 10  # runs shorter than this are smoke tests: a recipe's warmup may outlast them
+
+
+def warmup_beyond_run(warmup_steps: int, steps: int) -> bool:
+    """A warmup longer than a real run (one of at least SMOKE_STEPS steps) never reaches the
+    learning rate: a mistake. A smoke test (``train.max_steps=2`` on a recipe warming up for 5) is not."""
+    return steps >= SMOKE_STEPS and warmup_steps > steps
+
+
 def check_paths(where: str, values: dict[str, str | None]) -> None:
     """Refuse settings that cannot be paths on this machine (too long), naming their keys."""
     problems = [(key, problem) for key, value in values.items() if value and (problem := path_problem(value))]
@@ -422,7 +431,7 @@ def validate_recipe(data: dict[str, Any], where: str, registry: Any) -> LoadedRe
                         "model.gguf_file": recipe.model.gguf_file, "data.train": recipe.data.train,
                         "data.eval": recipe.data.eval})
     train = recipe.train
-    if train.max_steps is not None and train.warmup_steps > train.max_steps:
+    if train.max_steps is not None and warmup_beyond_run(train.warmup_steps, train.max_steps):
         raise RecipeError(where, [("train.warmup_steps", f"{train.warmup_steps} is more than train.max_steps "
                                                          f"({train.max_steps}), so the learning rate would never "
                                                          "reach train.lr; lower it")])
