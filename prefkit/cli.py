@@ -340,5 +340,28 @@ def label(
     ui.table("label", ["", "value"], [[k, _fmt(v)] for k, v in report.to_dict().items()])
 
 
+@app.command()
+@_user_errors
+def export(
+    run_dir: str = typer.Argument(..., help="A run folder (output_dir of `prefkit run`)."),
+    step: Optional[int] = typer.Option(None, "--step", help="The checkpoint's step (default: the newest)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Where to write (default: RUN/export/step-N)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+) -> None:
+    """Write a checkpoint of a run as a Hugging Face folder (loads with from_pretrained)."""
+    from pathlib import Path
+
+    from prefkit.loops.export import export_checkpoint
+
+    registry = _report_plugin_problems()
+    out = export_checkpoint(Path(run_dir), step=step, out_dir=Path(output) if output else None, dtype=dtype,
+                            registry=registry)
+    ui.console.print(f"exported to {out}")
+
+
 def entrypoint() -> None:  # pragma: no cover - used by ``python -m prefkit``
     sys.exit(app())
+
+
+if __name__ == "__main__":  # ``python -m prefkit.cli`` (and ``accelerate launch -m prefkit.cli``) as ``-m prefkit``
+    entrypoint()

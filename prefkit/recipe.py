@@ -72,6 +72,12 @@ class ModelConfig(Strict):
     tokenizer: str | None = Field(None, description="Load the tokenizer from here instead.")
     revision: str | None = None
     trust_remote_code: bool = False
+    dropout: bool = Field(
+        False,
+        description="Keep the model's own dropout while training. Off by default (as TRL does for DPO and "
+        "reward models), so the policy, its reference and its rollouts compute the same function; "
+        "LoRA's own dropout is model.lora.dropout.",
+    )
     lora: LoraConfig | None = None
 
     @field_validator("source", "gguf_file", "tokenizer", "revision")
@@ -132,7 +138,8 @@ class SamplingConfig(Strict):
 class TrainConfig(Strict):
     max_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="Optimizer steps; overrides epochs.")
     epochs: float = Field(1.0, gt=0, le=1_000_000)
-    batch_size: int = Field(4, gt=0, le=MAX_BATCH, description="Examples per micro-batch.")
+    batch_size: int = Field(4, gt=0, le=MAX_BATCH, description="Examples per micro-batch, over all processes (the "
+                            "global batch; each of N processes takes batch_size / N).")
     grad_accum_steps: int = Field(1, gt=0, le=MAX_BATCH)
     lr: float = Field(5e-6, gt=0, le=10.0)
     weight_decay: float = Field(0.0, ge=0, le=100.0)
@@ -146,6 +153,9 @@ class TrainConfig(Strict):
     eval_every: int | None = Field(None, gt=0, le=MAX_STEPS)
     save_every: int | None = Field(None, gt=0, le=MAX_STEPS)
     keep_checkpoints: int = Field(2, gt=0, le=10_000)
+    final_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="The dtype of final/'s weights; auto: bf16 when training ran in bf16, else fp32."
+    )
     reference_cache: bool = Field(True, description="Store reference log-probs on disk and reuse them.")
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="Experiment trackers besides metrics.jsonl; off by default."

@@ -97,3 +97,42 @@ def test_tiny_reward_model_learns_the_preference(tmp_path):
         rewards = sequence_rewards(model, batch)
     n = len(test.examples)
     assert (rewards[:n] > rewards[n:]).float().mean().item() >= 0.9
+
+
+def test_a_saved_reward_model_scores_like_transformers_when_pad_is_eos(tmp_path):
+    """The reward is read where transformers' *ForSequenceClassification reads it (the last token that
+    is not the pad token), so final/ scores the same text the same way outside prefkit, even for a
+    model whose pad token is its end-of-text token (as SmolLM2's)."""
+    from transformers import AutoModelForSequenceClassification
+
+    import prefkit.loops as engine
+    from prefkit.data.batching import collate
+    from prefkit.data.prepare import prepare_dataset
+    from prefkit.models.logprobs import sequence_rewards
+    from prefkit.models.tiny import build_tiny_model, build_tiny_tokenizer
+    from prefkit.recipe import load_recipe
+
+    folder = tmp_path / "pad-is-eos"
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    build_tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.eos_token_id,
+                     eos_token_id=tokenizer.eos_token_id).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "bt_reward_tiny.yaml"
+    loaded = load_recipe(recipe, [f"output_dir={tmp_path / 'rm'}", f"model.source={folder}", "model.options={}",
+                                  "data.eval=null", "train.max_steps=6", "train.save_every=null"], registry=REGISTRY)
+    engine.train(loaded, registry=REGISTRY)
+
+    final = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "final").eval()
+    assert final.config.pad_token_id == tokenizer.eos_token_id
+    data = prepare_dataset(loaded.recipe.data, tokenizer, REGISTRY.data_kinds["pairs"], split="train",
+                           registry=REGISTRY)
+    idx = list(range(6))
+    batch = collate([data.examples[i] for i in idx], idx, tokenizer.pad_token_id, data.names)
+    assert (batch.input_ids[batch.attention_mask.bool()] == tokenizer.eos_token_id).any()  # answers end in EOS
+    with torch.no_grad():
+        ours = sequence_rewards(final, batch)
+        theirs = torch.stack([final(input_ids=row[mask.bool()][None]).logits[0, 0]
+                              for row, mask in zip(batch.input_ids, batch.attention_mask)])
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours, theirs)
+    assert ours.std() > 0  # trained: the scores differ between answers

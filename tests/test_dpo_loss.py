@@ -94,7 +94,7 @@ def test_ipo_requires_lengths():
 
 def test_unknown_loss_type_is_refused():
     with pytest.raises(ValueError, match="loss_type"):
-        dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="hinge")  # type: ignore[arg-type]
+        dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="hinge_squared")  # type: ignore[arg-type]
 
 
 def test_objective_loss_and_metrics():
@@ -163,7 +163,7 @@ def test_params_defaults():
         {"beta": -1.0},
         {"label_smoothing": 0.5},
         {"label_smoothing": -0.1},
-        {"loss_type": "hinge"},
+        {"loss_type": "hinge_squared"},
         {"loss_type": "ipo", "label_smoothing": 0.1},
     ],
 )

@@ -160,7 +160,9 @@ def test_an_interrupted_compare_retrains_only_the_unfinished_arm(tiny_run, tmp_p
     _, rows, out, cache = tiny_run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    (copy / "arms" / "unlikelihood-a0.5" / "run.json").unlink()  # as if killed before the end
+    # as if killed before the end, and before its first checkpoint (the tiny compare keeps none)
+    (copy / "arms" / "unlikelihood-a0.5" / "run.json").unlink()
+    assert not (copy / "arms" / "unlikelihood-a0.5" / "checkpoints").exists()
     trained = []
     real_train = engine.train
 
@@ -170,7 +172,7 @@ def test_an_interrupted_compare_retrains_only_the_unfinished_arm(tiny_run, tmp_p
 
     monkeypatch.setattr(engine, "train", spy)
     _, again = compare(copy, cache)
-    assert trained == [("unlikelihood-a0.5", True)]
+    assert trained == [("unlikelihood-a0.5", False)]  # nothing to continue from: trained from the start
     assert numbers(again) == numbers(rows)  # retrained on CPU: the same weights, the same numbers
 
 

@@ -448,3 +448,34 @@ def test_gguf_file_loads_directly_to_the_same_weights(smollm2, registry, cache):
     assert getattr(direct.model.config, "quantization_config", None) is None
     assert direct.weights_fingerprint == smollm2.weights_fingerprint
     assert direct.tokenizer_fingerprint == smollm2.tokenizer_fingerprint
+
+
+def test_dropout_is_off_by_default_and_can_be_kept(tmp_path):
+    """A model with dropout in its config computes a deterministic function in train mode unless the
+    recipe keeps its dropout (model.dropout: true)."""
+    from prefkit.models.loading import load_model
+    from prefkit.models.tiny import build_tiny_model, build_tiny_tokenizer
+    from prefkit.recipe import ModelConfig
+
+    folder = tmp_path / "with-dropout"
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    model.config.attention_dropout = 0.5
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    registry = load_registry()
+
+    def two_passes(**extra):
+        handle = load_model(ModelConfig(source=str(folder), **extra), {}, tmp_path / "cache", registry=registry)
+        handle.model.train()
+        torch.manual_seed(0)
+        return handle.model(input_ids=ids).logits, handle.model(input_ids=ids).logits
+
+    first, second = two_passes()
+    assert torch.equal(first, second)
+    first, second = two_passes(dropout=True)
+    assert not torch.equal(first, second)
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(folder).attention_dropout == 0.5  # the model's own config is untouched

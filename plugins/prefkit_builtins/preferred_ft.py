@@ -27,6 +27,7 @@ from pydantic import Field
 from prefkit.api import LossInputs, LossOutput, Needs, Objective, ObjectiveParams, hookimpl
 
 Average = Literal["token", "sequence"]
+SFTAverage = Literal["token", "sequence", "batch_token"]
 
 
 def masked_sum_and_count(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +53,7 @@ def reduce_tokens(values: torch.Tensor, mask: torch.Tensor, average: Average) ->
     raise ValueError(f"unknown average {average!r}; expected 'token' or 'sequence'")
 
 
-def sft_loss(token_logps: torch.Tensor, mask: torch.Tensor, *, average: Average = "token") -> torch.Tensor:
+def sft_loss(token_logps: torch.Tensor, mask: torch.Tensor, *, average: SFTAverage = "token") -> torch.Tensor:
     """Per-example negative log-likelihood of the answer tokens, ``[B]`` in fp32.
 
     ``token_logps[b, t]`` is log p(token t of row b); ``mask`` marks the answer tokens (prompt and
@@ -63,17 +64,25 @@ def sft_loss(token_logps: torch.Tensor, mask: torch.Tensor, *, average: Average 
       (TRL's default instead divides the batch's summed NLL by the batch's total token count,
       which weighs long answers more).
     - ``"sequence"``: −Σ_t log p, the NLL of the whole answer (long answers weigh more).
+    - ``"batch_token"``: row b's −Σ_t log p times B / (answer tokens of the whole batch), so that
+      the engine's batch mean is the batch's summed NLL over its answer-token count: every token
+      of the batch weighs the same (TRL SFTTrainer's loss, per micro-batch).
     """
+    if average == "batch_token":
+        total, _ = masked_sum_and_count(token_logps, mask)
+        tokens = mask.bool().sum().to(torch.float32).clamp(min=1.0)
+        return -total * (total.numel() / tokens)
     return -reduce_tokens(token_logps, mask, average)
 
 
 class PreferredFTParams(ObjectiveParams):
     """Recipe ``objective.params`` for ``preferred_ft``."""
 
-    average: Average = Field(
+    average: SFTAverage = Field(
         "token",
         description="'token': per-answer mean NLL over its tokens (each row weighs the same); "
-        "'sequence': summed NLL over the answer (long answers weigh more).",
+        "'sequence': summed NLL over the answer (long answers weigh more); "
+        "'batch_token': the batch's summed NLL over its answer-token count (each token weighs the same, as TRL's SFT).",
     )
 
 

@@ -21,6 +21,9 @@ class ModelSource(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     Params: ClassVar[type[ModelSourceParams]] = ModelSourceParams
+    # Where the same weights live on the Hugging Face hub, if anywhere: trained models and LoRA
+    # adapters name it as their base model (a local cache path would resolve nowhere else).
+    hub_id: ClassVar[str | None] = None
 
     @abstractmethod
     def materialize(self, params: ModelSourceParams, cache_dir: Path) -> Path:

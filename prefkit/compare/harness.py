@@ -31,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -231,7 +232,11 @@ def train_arm(arm: LoadedArm, *, reporter: Reporter, registry: Any) -> dict[str,
             f"(nothing was changed)"
         )
     else:
-        started = run_dir.is_dir() and any(run_dir.iterdir())
+        started = bool(checkpoint_steps(run_dir))
+        if not started and run_dir.is_dir() and any(run_dir.iterdir()):
+            # killed before its first checkpoint: nothing in it can be continued
+            reporter.message(f"arm {arm.name}: interrupted before its first checkpoint; training it from the start")
+            shutil.rmtree(run_dir)
         reporter.message(f"arm {arm.name}: {'resuming' if started else 'training'} {arm.loaded.objective.name} "
                          f"in {run_dir}")
         loops.train(arm.loaded, resume=started, reporter=reporter, registry=registry)

@@ -8,8 +8,16 @@
   rng.json               Python's and NumPy's generator states
   state.json             step, micro-batch position, tokens seen, elapsed time
   recipe.resolved.yaml   the recipe the run was started with
+  manifest.json          every other file's size and sha256, written last
 A checkpoint is written to a temporary folder and renamed into place, so a run killed at
-any moment leaves either the whole checkpoint or none of it.
+any moment leaves either the whole checkpoint or none of it. Only folders with a manifest are
+listed, and a resume verifies the manifest before it trusts a checkpoint (a damaged newest one
+falls back to the newest intact one). Old checkpoints are renamed aside before they are
+deleted, so a kill during rotation never leaves a half-deleted one in the list; leftovers of
+killed writes are removed when the run directory is opened again.
+
+Nothing non-finite is ever written: :func:`save_checkpoint` refuses weights with NaN or inf, so a
+bad step can never push out the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +35,33 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from prefkit.api.errors import PrefkitError
+from prefkit.manifest import MANIFEST, verify_manifest, write_manifest
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
+LEFTOVER = re.compile(r"^\.(tmp|old|trash)-step-")  # folders a killed write or rotation leaves behind
+
+
+class NonFiniteWeights(PrefkitError):
+    """The weights hold NaN or inf; they are not written."""
+
+
+class CheckpointWriteError(Exception):
+    """Writing a checkpoint failed (full disk, read-only folder, ...); nothing of it was kept."""
+
+
+def describe_write_error(exc: BaseException, folder: Path) -> str:
+    """An OSError's own words; for other errors (``torch.save`` reports a full disk as a
+    RuntimeError) their text plus the free space left."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = f"{type(exc).__name__}: {exc}"
+    try:
+        free = shutil.disk_usage(folder).free
+        text += f" ({free} bytes free on that disk" + ("; No space left on device)" if free < (1 << 20) else ")")
+    except OSError:
+        pass
+    return text
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -77,7 +111,7 @@ def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for child in root.iterdir():
         match = STEP_DIR.match(child.name)
-        if match and (child / "state.json").exists():
+        if match and (child / MANIFEST).exists():
             found.append((int(match.group(1)), child))
     return sorted(found)
 
@@ -85,6 +119,44 @@ def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     steps = checkpoint_steps(run_dir)
     return steps[-1][1] if steps else None
+
+
+def newest_intact_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose files match its manifest, and a note for each damaged newer one."""
+    notes = []
+    for step, path in reversed(checkpoint_steps(run_dir)):
+        problem = verify_manifest(path)
+        if problem is None:
+            return path, notes
+        notes.append(f"checkpoint {path} is damaged ({problem}); skipped")
+    return None, notes
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete the temporary folders of killed checkpoint writes and rotations; return them."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [child for child in root.iterdir() if child.is_dir() and LEFTOVER.match(child.name)]
+    # a step folder without a manifest is a write a kill interrupted before this format existed, or
+    # a half-deleted one: never listed, so it only wastes space
+    found += [child for child in root.iterdir() if STEP_DIR.match(child.name) and not (child / MANIFEST).exists()]
+    for child in found:
+        shutil.rmtree(child, ignore_errors=True)
+    return found
+
+
+def _discard(folder: Path) -> None:
+    """Rename a checkpoint aside (atomic: it leaves the list at once), then delete it."""
+    trash = folder.parent / f".trash-{folder.name}"
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def check_finite(model: torch.nn.Module) -> list[str]:
+    """Names of trainable parameters holding NaN or inf (empty when all are finite)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
 
 
 def save_checkpoint(
@@ -97,7 +169,13 @@ def save_checkpoint(
     state: dict[str, Any],
     recipe_yaml: str,
     keep: int,
+    other_ranks_rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = (),
 ) -> Path:
+    """Write ``checkpoints/step-N`` atomically (see the module docstring). ``other_ranks_rng``: the
+    generator states of processes 1..W-1 of a multi-process run, saved as ``rng-rank<r>.*``."""
+    bad = check_finite(model)
+    if bad:
+        raise NonFiniteWeights(f"{len(bad)} weight tensors hold NaN or inf (first: {bad[0]})")
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
@@ -108,32 +186,36 @@ def save_checkpoint(
         rng_tensors, rng_plain = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         (tmp / "rng.json").write_text(json.dumps(rng_plain))
+        for rank, (tensors, plain) in enumerate(other_ranks_rng, start=1):
+            save_file(tensors, str(tmp / f"rng-rank{rank}.safetensors"))
+            (tmp / f"rng-rank{rank}.json").write_text(json.dumps(plain))
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
         (tmp / "recipe.resolved.yaml").write_text(recipe_yaml)
+        write_manifest(tmp)
         final = root / f"step-{step}"
         if final.exists():  # re-written after a resume: move the old one aside first
-            old = root / f".old-step-{step}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+            _discard(final)
+        os.rename(tmp, final)
+    except (OSError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(describe_write_error(exc, root)) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for _, stale in checkpoint_steps(run_dir)[:-keep]:
-        shutil.rmtree(stale, ignore_errors=True)
+        _discard(stale)
     return final
 
 
 def load_checkpoint(
-    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNG states; return the saved ``state``."""
+    """Restore model, optimizer, scheduler and this process's RNG states (process 0's when the
+    checkpoint was written by fewer processes); return the saved ``state``."""
     path = Path(path)
     load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text()))
+    stem = f"rng-rank{rank}" if rank and (path / f"rng-rank{rank}.json").exists() else "rng"
+    set_rng_state(load_file(str(path / f"{stem}.safetensors")), json.loads((path / f"{stem}.json").read_text()))
     return json.loads((path / "state.json").read_text())

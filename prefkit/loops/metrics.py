@@ -14,21 +14,44 @@ class MetricsLog:
     def __init__(self, path: Path):
         self.path = Path(path)
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: forget lines logged after the checkpoint (they will be logged again)."""
+    def _lines(self) -> tuple[list[tuple[str, dict]], int]:
+        """Readable records with their text, and how many lines could not be read (a kill during a
+        write leaves a half-written last line)."""
         if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+            return [], 0
+        found, bad = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(record, dict):
+                found.append((line, record))
+            else:
+                bad += 1
+        return found, bad
+
+    def truncate_after(self, step: int) -> int:
+        """On resume: forget lines logged after the checkpoint (they will be logged again) and
+        unreadable ones; returns how many unreadable lines were dropped."""
+        if not self.path.exists():
+            return 0
+        found, bad = self._lines()
+        kept = [line for line, record in found if record.get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+        return bad
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [record for _, record in self._lines()[0]]
 
 
 class Averager:
@@ -48,6 +71,18 @@ class Averager:
             value = float(value)
         self.sums[name] += float(value) * weight
         self.counts[name] += weight
+
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        """The running sums, for a checkpoint (JSON floats round-trip exactly)."""
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> "Averager":
+        averager = cls()
+        if state:
+            averager.sums.update(state["sums"])
+            averager.counts.update(state["counts"])
+        return averager
 
     def result(self) -> dict[str, float]:
         return {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k] > 0}

@@ -18,10 +18,9 @@ from accelerate import Accelerator
 
 import prefkit
 from prefkit.data.batching import Batch, BatchOrder, collate
-from prefkit.loops.checkpoint import save_checkpoint
 from prefkit.models.logprobs import sequence_logps, sequence_rewards, token_logps
 from prefkit.loops.metrics import Averager
-from prefkit.api import LossInputs, Needs, PrefkitError
+from prefkit.api import LossInputs, Needs
 from prefkit.loops.optim import build_optimizer
 from prefkit.recipe import LoadedRecipe
 from prefkit.models.refcache import ReferenceCache, ReferenceLogps, get_or_compute, reference_fingerprint
@@ -30,14 +29,22 @@ from prefkit.loops.runs import (
     QuietReporter,
     Reporter,
     begin_run,
+    check_loss_output,
+    check_resumable,
+    check_step,
     describe_data,
+    everyone_or_nobody,
+    gradient_norm,
     last_logged,
     make_accelerator,
     open_run_dir,
     plugin_call,
+    reduce_window,
     restore,
+    save_final_model,
     start_run_trackers,
     summary_head,
+    write_checkpoint,
     write_summary,
 )
 
@@ -70,9 +77,10 @@ def compute_reference(model_handle, dataset, *, batch_size: int, pad_id: int, to
     runs: dict[str, list] = {name: [None] * len(examples) for name in names}
     was_training = model.training
     model.eval()
-    reporter.start(math.ceil(len(order) / batch_size), 0, "reference log-probs")
+    starts = range(0, len(order), batch_size)[accelerator.process_index::accelerator.num_processes]
+    reporter.start(len(starts), 0, "reference log-probs")
     with torch.no_grad(), model_handle.reference(), accelerator.autocast():
-        for start in range(0, len(order), batch_size):
+        for done, start in enumerate(starts, start=1):
             idx = order[start : start + batch_size]
             batch = collate([examples[i] for i in idx], idx, pad_id, names).to(accelerator.device)
             values = token_logps(model, batch).float()
@@ -84,9 +92,18 @@ def compute_reference(model_handle, dataset, *, batch_size: int, pad_id: int, to
                     mask, name_values = batch.completion_mask[rows], values[rows].cpu()
                     for j, i in enumerate(idx):
                         runs[name][i] = name_values[j][mask[j].cpu()]
-            reporter.step(start // batch_size + 1, {})
+            reporter.step(done, {})
     reporter.finish()
     model.train(was_training)
+    if accelerator.num_processes > 1:  # each process computed its share of the batches: put them together
+        from accelerate.utils import gather_object
+
+        for name in names:
+            sums[name] = accelerator.reduce(sums[name].to(accelerator.device), reduction="sum").cpu()
+            if tokens:
+                for shard in gather_object([{i: run for i, run in enumerate(runs[name]) if run is not None}]):
+                    for i, run in shard.items():
+                        runs[name][i] = run
     found = ReferenceLogps(sums=sums)
     if tokens:
         for name in names:
@@ -114,7 +131,7 @@ def reference_for(dataset, *, model_handle, recipe, precision: Precision, tokens
         cache, key, len(dataset.examples), dataset.names, tokens,
         lambda: compute_reference(model_handle, dataset, batch_size=recipe.train.batch_size, pad_id=pad_id,
                                   tokens=tokens, accelerator=accelerator, reporter=reporter),
-        meta,
+        meta, warn=reporter.message, store=accelerator.is_main_process,
     )
 
 
@@ -129,23 +146,26 @@ def add_reference(inputs: LossInputs, ref: ReferenceLogps | None, indices: torch
 
 def evaluate(model, objective, params, needs: Needs, dataset, ref: ReferenceLogps | None, *,
              batch_size: int, pad_id: int, accelerator: Accelerator) -> dict[str, float]:
-    """Loss and metrics over a whole dataset, without gradients; keys prefixed ``eval/``."""
+    """Loss and metrics over a whole dataset, without gradients; keys prefixed ``eval/``. Each
+    process evaluates every ``num_processes``-th batch; the sums are added over processes."""
     averager = Averager()
     was_training = model.training
     model.eval()
+    starts = range(0, len(dataset.examples), batch_size)[accelerator.process_index::accelerator.num_processes]
     with torch.no_grad():
-        for start in range(0, len(dataset.examples), batch_size):
+        for start in starts:
             idx = list(range(start, min(start + batch_size, len(dataset.examples))))
             batch = collate([dataset.examples[i] for i in idx], idx, pad_id, dataset.names).to(accelerator.device)
             with accelerator.autocast():
                 inputs = loss_inputs(model, batch, needs)
             add_reference(inputs, ref, batch.indices, accelerator.device)
-            out = plugin_call(objective, "loss()", lambda: objective.loss(params, inputs))
+            out = check_loss_output(objective, plugin_call(objective, "loss()", lambda: objective.loss(params, inputs)),
+                                    rows=len(idx), needs_grad=False)
             averager.add("loss", out.losses)
             for name, value in out.metrics.items():
                 averager.add(name, value)
     model.train(was_training)
-    return {f"eval/{k}": v for k, v in averager.result().items()}
+    return {f"eval/{k}": v for k, v in reduce_window(accelerator, averager).result().items()}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -161,7 +181,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
           registry: Any) -> dict[str, Any]:
     """Train with the recipe's objective; returns the run summary also written to ``run.json``."""
     from prefkit.data.prepare import prepare_dataset
-    from prefkit.models.loading import load_model, save_pretrained
+    from prefkit.models.loading import load_model
 
     reporter = reporter or QuietReporter()
     recipe, objective, params = loaded.recipe, loaded.objective, loaded.params
@@ -178,8 +198,11 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     for data in filter(None, [train_data, eval_data]):
         reporter.message(describe_data("data", data.report))
 
-    metrics_log = open_run_dir(setup)
     accelerator = make_accelerator(setup)
+    order = BatchOrder(len(train_data.examples), cfg.batch_size, recipe.seed)  # the global batch
+    total_steps = total_steps_for(cfg, order.batches_per_epoch)
+    check_resumable(setup, total_steps=total_steps, data_fingerprint=train_data.fingerprint())
+    metrics_log = open_run_dir(setup, reporter, accelerator)
     trackers = start_run_trackers(setup, accelerator)
     handle = load_model(recipe.model, loaded.model_options, setup.cache_dir, head=needs.head, registry=registry)
     model = handle.model.to(accelerator.device)
@@ -196,28 +219,31 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
             ref_eval, _ = reference_for(eval_data, **common)
         reporter.message(f"reference log-probs: cache {cache_status}")
 
-    order = BatchOrder(len(train_data.examples), cfg.batch_size * accelerator.num_processes, recipe.seed)
-    total_steps = total_steps_for(cfg, order.batches_per_epoch)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    state = restore(setup, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
-                    metrics_log=metrics_log, reporter=reporter, resume=resume) or {}
-    step, micro = state.get("step", 0), state.get("micro_batches", 0)
+    restored = restore(setup, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
+                       metrics_log=metrics_log, reporter=reporter, total_steps=total_steps, accelerator=accelerator)
+    state = restored.state or {}
+    step, micro = restored.step, state.get("micro_batches", 0)
     tokens_seen, trained_seconds = state.get("tokens_seen", 0), state.get("trained_seconds", 0.0)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     rank, world = accelerator.process_index, accelerator.num_processes
-    window = Averager()
+    window = restored.window
     last_metrics: dict[str, float] = {}
     model.train()
     reporter.start(total_steps, step)
     while step < total_steps:
         step_start = time.perf_counter()
         step_tokens = 0
+        loss_finite = True
         lr = scheduler.get_last_lr()[0]
         for k in range(cfg.grad_accum_steps):
-            idx = order.indices(micro)[rank::world]
+            # every process takes its share of the global micro-batch; one left without rows runs one
+            # row at weight 0, since every process must take part in every backward pass
+            whole = order.indices(micro)
+            idx, weight = whole[rank::world] or whole[:1], float(bool(whole[rank::world]))
             micro += 1
             batch = collate([train_data.examples[i] for i in idx], idx, pad_id, train_data.names)
             batch = batch.to(accelerator.device)
@@ -226,15 +252,26 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                 with accelerator.autocast():
                     inputs = loss_inputs(model, batch, needs)
                 add_reference(inputs, ref_train, batch.indices, accelerator.device)
-                out = plugin_call(objective, "loss()", lambda: objective.loss(params, inputs))
+                out = check_loss_output(objective, plugin_call(objective, "loss()", lambda: objective.loss(params, inputs)),
+                                        rows=len(idx), needs_grad=bool(trainable))
                 loss = out.losses.mean()
-                accelerator.backward(loss / cfg.grad_accum_steps)
-            window.add("loss", loss)
-            for name, value in out.metrics.items():
-                window.add(name, value)
-            step_tokens += batch.num_tokens
+                loss_finite = loss_finite and bool(torch.isfinite(loss.detach()))
+                # each process's share of the global mean (gradients are averaged over processes)
+                share = loss if world == 1 else out.losses.sum() * (weight * world / len(whole))
+                accelerator.backward(share / cfg.grad_accum_steps)
+            if weight:
+                window.add("loss", loss, weight=len(idx))
+                for name, value in out.metrics.items():
+                    window.add(name, value)
+                step_tokens += batch.num_tokens
+        # Nothing non-finite reaches the weights: the loss and the gradient are checked before the step.
+        grad_norm = gradient_norm(accelerator, trainable, cfg.max_grad_norm, setup.precision.name)
+        if world > 1:
+            loss_finite = bool(accelerator.reduce(torch.tensor(float(not loss_finite), device=accelerator.device),
+                                                  reduction="sum") == 0)
+        check_step(objective, step + 1, loss_finite=loss_finite, grad_norm=grad_norm, precision=setup.precision.name)
         if cfg.max_grad_norm is not None:
-            window.add("grad_norm", accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm))
+            window.add("grad_norm", grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -246,9 +283,10 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
 
         do_eval = eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps)
         if step % cfg.log_every == 0 or step == total_steps or do_eval:
+            window = reduce_window(accelerator, window)
             record = {"step": step, "epoch": round(order.epoch_of(micro), 4), **window.result(), "lr": lr}
             if do_eval:
-                record.update(evaluate(model, objective, params, needs, eval_data, ref_eval,
+                record.update(evaluate(accelerator.unwrap_model(model), objective, params, needs, eval_data, ref_eval,
                                        batch_size=cfg.batch_size, pad_id=pad_id, accelerator=accelerator))
             if accelerator.is_main_process:
                 metrics_log.write(record)
@@ -256,13 +294,12 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
             reporter.step(step, record)
             last_metrics = record
             window = Averager()
-            if not math.isfinite(record["loss"]):
-                raise PrefkitError(f"loss became {record['loss']} at step {step}; lower train.lr or check the data")
-        if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps) and accelerator.is_main_process:
-            save_checkpoint(setup.run_dir, step, model=accelerator.unwrap_model(model), optimizer=optimizer,
-                            scheduler=scheduler, keep=cfg.keep_checkpoints, recipe_yaml=setup.resolved_yaml,
-                            state={"micro_batches": micro, "tokens_seen": tokens_seen,
-                                   "trained_seconds": trained_seconds})
+        if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
+            write_checkpoint(setup, step, model=accelerator.unwrap_model(model), optimizer=optimizer,
+                             scheduler=scheduler, objective=objective, accelerator=accelerator,
+                             state={"micro_batches": micro, "tokens_seen": tokens_seen,
+                                    "trained_seconds": trained_seconds, "total_steps": total_steps,
+                                    "data_fingerprint": train_data.fingerprint(), "window": window.state_dict()})
     reporter.finish()
     trackers.finish()
 
@@ -274,13 +311,16 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         "device": str(accelerator.device),
         "reference_cache": cache_status,
         "steps": step,
-        "examples_per_step": cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes,
+        "examples_per_step": cfg.batch_size * cfg.grad_accum_steps,  # the global batch, over all processes
+        "processes": accelerator.num_processes,
         "train_seconds": round(trained_seconds, 3),
         "wall_seconds": round(time.perf_counter() - setup.started, 3),
         "tokens_per_s": round(tokens_seen / trained_seconds, 1) if trained_seconds else None,
         "final_metrics": last_logged(metrics_log, last_metrics),
     }
-    if accelerator.is_main_process:
-        save_pretrained(accelerator.unwrap_model(model), handle.tokenizer, setup.run_dir / "final")
+    def finish():
+        save_final_model(setup, accelerator.unwrap_model(model), handle.tokenizer, objective, summary)
         write_summary(setup.run_dir, summary)
+
+    everyone_or_nobody(accelerator, finish)
     return summary

@@ -38,21 +38,28 @@ import torch.nn.functional as F
 from prefkit.api import OnlineInputs, PrefkitError, Rollout
 from prefkit.data.batching import Batch, BatchOrder, collate
 from prefkit.data.prepare import TokenizedExample
-from prefkit.loops.checkpoint import save_checkpoint
 from prefkit.loops.metrics import Averager
 from prefkit.loops.optim import build_optimizer
 from prefkit.loops.runs import (
     QuietReporter,
     Reporter,
     begin_run,
+    check_loss_output,
+    check_resumable,
+    check_step,
     describe_data,
+    everyone_or_nobody,
+    gradient_norm,
     last_logged,
     make_accelerator,
     open_run_dir,
     plugin_call,
+    reduce_window,
     restore,
+    save_final_model,
     start_run_trackers,
     summary_head,
+    write_checkpoint,
     write_summary,
 )
 from prefkit.models.logprobs import token_logps
@@ -137,7 +144,8 @@ def policy_forward(model: PolicyWithModules, objective, params, batch: Batch, *,
     targets = batch.input_ids[batch.completion_mask]
     lengths = batch.completion_mask.sum(-1)
     logits, hidden = model(batch.input_ids, batch.attention_mask, keep)
-    outputs = objective.token_outputs(params, dict(model.extra), hidden) if hidden is not None else {}
+    extra = getattr(model, "module", model).extra  # through a DDP wrapper
+    outputs = objective.token_outputs(params, dict(extra), hidden) if hidden is not None else {}
     with torch.autocast(device_type=logits.device.type, enabled=False):
         logps = F.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         entropy = pack(entropy_from_logits(logits.detach()), lengths)[0] if with_entropy else None
@@ -204,6 +212,43 @@ def check_online_recipe(loaded: LoadedRecipe) -> list[tuple[str, str]]:
     return problems
 
 
+def gather_rollout(rollout: Rollout, examples: list, device) -> tuple[Rollout, list]:
+    """Every process's rollout put together, rows in process order, on every process (token
+    tensors right-padded to the widest; each process's group ids shifted past the previous ones)."""
+    from accelerate.utils import gather_object
+
+    def local(t):
+        return None if t is None else t.detach().cpu()
+
+    mine = {"prompts": rollout.prompts, "completions": rollout.completions, "group_ids": local(rollout.group_ids),
+            "scores": local(rollout.scores), "finished": local(rollout.finished), "mask": local(rollout.mask),
+            "logps": local(rollout.logps), "ref_logps": local(rollout.ref_logps), "entropy": local(rollout.entropy),
+            "outputs": {k: local(v) for k, v in rollout.outputs.items()}, "examples": examples}
+    parts = gather_object([mine])
+    width = max(part["mask"].shape[1] for part in parts)
+
+    def cat(get):
+        values = [get(part) for part in parts]
+        if values[0] is None:
+            return None
+        if values[0].dim() == 2:
+            values = [F.pad(v, (0, width - v.shape[1])) for v in values]
+        return torch.cat(values).to(device)
+
+    offsets, total = [], 0
+    for part in parts:
+        offsets.append(total)
+        total += int(part["group_ids"].max()) + 1 if part["group_ids"].numel() else 0
+    group_ids = torch.cat([part["group_ids"] + offset for part, offset in zip(parts, offsets)])
+    whole = Rollout(step=rollout.step, prompts=[p for part in parts for p in part["prompts"]],
+                    completions=[c for part in parts for c in part["completions"]], group_ids=group_ids,
+                    scores=cat(lambda part: part["scores"]), finished=cat(lambda part: part["finished"]),
+                    mask=cat(lambda part: part["mask"]), logps=cat(lambda part: part["logps"]),
+                    ref_logps=cat(lambda part: part["ref_logps"]), entropy=cat(lambda part: part["entropy"]),
+                    outputs={k: cat(lambda part, k=k: part["outputs"][k]) for k in rollout.outputs})
+    return whole, [ex for part in parts for ex in part["examples"]]
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -232,14 +277,18 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         reporter.message(f"{objective.name} does not evaluate on data.eval during training; use `prefkit compare`")
 
     accelerator = make_accelerator(setup)
-    if accelerator.num_processes > 1:
-        raise PrefkitError(f"{objective.name}: the online loop runs in a single process for now; "
-                           "start it without `accelerate launch`")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if params.rollout_batch_size % world:
+        raise PrefkitError(f"objective.params.rollout_batch_size: {params.rollout_batch_size} prompts do not split "
+                           f"evenly over {world} processes; use a multiple of {world}")
     device = accelerator.device
+    order = BatchOrder(len(prompts.examples), params.rollout_batch_size, recipe.seed)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.batches_per_epoch))
+    check_resumable(setup, total_steps=total_steps, data_fingerprint=prompts.fingerprint())
     # The reward function next: a missing package or reward model fails before anything is written.
     scorer = build_reward(recipe.reward, loaded.reward_params, cache_dir=setup.cache_dir, device=device,
                           registry=registry)
-    metrics_log = open_run_dir(setup)
+    metrics_log = open_run_dir(setup, reporter, accelerator)
     trackers = start_run_trackers(setup, accelerator)
 
     handle = load_model(recipe.model, loaded.model_options, setup.cache_dir, head="lm", registry=registry)
@@ -251,24 +300,23 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     model = PolicyWithModules(policy, extra, needs.hidden_states).to(device)
     pad_id = handle.tokenizer.pad_token_id
 
-    order = BatchOrder(len(prompts.examples), params.rollout_batch_size, recipe.seed)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.batches_per_epoch))
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)  # the schedule advances once per rollout
     model, optimizer = accelerator.prepare(model, optimizer)
     state = plugin_call(objective, "init_state()", lambda: objective.init_state(params))
     sample_seed = recipe.seed if sampling.seed is None else sampling.seed
 
-    saved = restore(setup, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
-                    metrics_log=metrics_log, reporter=reporter, resume=resume)
+    restored = restore(setup, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
+                       metrics_log=metrics_log, reporter=reporter, total_steps=total_steps, accelerator=accelerator)
     step, tokens_seen, trained_seconds = 0, 0, 0.0
-    if saved is not None:
+    if restored.state is not None:
+        saved = restored.state
         step, tokens_seen, trained_seconds = saved["step"], saved["tokens_seen"], saved["trained_seconds"]
         if state is not None:
-            state.load_state_dict(saved["objective_state"])
+            plugin_call(objective, "state load_state_dict()", lambda: state.load_state_dict(saved["objective_state"]))
 
     unwrapped = accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    window = Averager()
+    window = restored.window
     last_metrics: dict[str, float] = {}
     # Dropout stays off for sampling and updates alike (as in TRL), so the first update's ratio is 1.
     model.eval()
@@ -277,11 +325,12 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         step_start = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
 
-        # 1-3. Prompts, samples, scores.
-        batch_prompts = [prompts.examples[i] for i in order.indices(step)]
+        # 1-3. Prompts, samples, scores (each process samples and scores its share of the prompts).
+        batch_prompts = [prompts.examples[i] for i in order.indices(step)[rank::world]]
         with accelerator.autocast():
             samples = generate(unwrapped.policy, handle.tokenizer, [ex.prompt_ids for ex in batch_prompts],
-                               sampling, seed=sub_seed(sample_seed, step))
+                               sampling, seed=sub_seed(sample_seed, step) if world == 1 else
+                               sub_seed(sample_seed, step, rank))
         flat = [(p, ex, s) for p, (ex, per_prompt) in enumerate(zip(batch_prompts, samples)) for s in per_prompt]
         examples = [TokenizedExample(ex.row, ex.prompt_ids, {COMPLETION: list(s.token_ids)}, prompt=ex.prompt)
                     for _, ex, s in flat]
@@ -302,7 +351,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                 batch = collate([examples[i] for i in idx], idx, pad_id, (COMPLETION,)).to(device)
                 step_tokens += batch.num_tokens
                 with accelerator.autocast():
-                    lp, ent, outputs, m = policy_forward(model, objective, params, batch, with_entropy=True)
+                    lp, ent, outputs, m = policy_forward(unwrapped, objective, params, batch, with_entropy=True)
                     if needs.reference:
                         if reference is None:
                             with handle.reference():
@@ -319,6 +368,11 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                           group_ids=torch.tensor([p for p, _, _ in flat], dtype=torch.long),
                           scores=scores, finished=torch.tensor([s.finished for _, _, s in flat], dtype=torch.bool),
                           mask=mask, logps=old_logps, ref_logps=ref_logps, entropy=entropy, outputs=old_outputs)
+        if world > 1:  # every process sees the whole rollout, so prepare() and its state agree everywhere
+            step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=device), reduction="sum"))
+            rollout, examples = gather_rollout(rollout, examples, device)
+            n, scores, mask, old_logps = rollout.num_sequences, rollout.scores, rollout.mask, rollout.logps
+            ref_logps, entropy = rollout.ref_logps, rollout.entropy
 
         # 5. The objective's advantages (and its controllers).
         with torch.no_grad():
@@ -331,9 +385,16 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
             permutation = torch.randperm(n, generator=generator).tolist()
             for start in range(0, n, mini_batch):
                 minibatch = permutation[start : start + mini_batch]
+                loss_finite = True
                 minibatch_units = int(rollout.mask[minibatch].sum()) if unit == "token" else len(minibatch)
-                for idx in chunks(len(minibatch), cfg.batch_size):
-                    idx = [minibatch[i] for i in idx]
+                # each process trains on its share of the minibatch; one left without rows runs one row
+                # at weight 0, since every process must take part in every backward pass
+                mine, weight = minibatch[rank::world] or minibatch[:1], float(bool(minibatch[rank::world]))
+                parts = [([mine[i] for i in idx], weight) for idx in chunks(len(mine), cfg.batch_size)]
+                # the same number of forward and backward passes on every process (DDP needs it)
+                most = math.ceil(math.ceil(len(minibatch) / world) / cfg.batch_size)
+                parts += [(minibatch[:1], 0.0)] * (most - len(parts))
+                for idx, weight in parts:
                     batch = collate([examples[i] for i in idx], idx, pad_id, (COMPLETION,)).to(device)
                     with accelerator.autocast():
                         new_logps, _, new_outputs, m = policy_forward(model, objective, params, batch)
@@ -344,17 +405,26 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                         outputs=new_outputs, old_outputs=rows_of(rollout.outputs, idx, cols),
                         extras=rows_of(rollout.extras, idx, cols), scores=rollout.scores[idx],
                         group_ids=rollout.group_ids[idx])
-                    out = plugin_call(objective, "loss()", lambda: objective.loss(params, inputs))
+                    out = check_loss_output(
+                        objective, plugin_call(objective, "loss()", lambda: objective.loss(params, inputs)),
+                        rows=None, needs_grad=bool(trainable))
+                    loss_finite = loss_finite and bool(torch.isfinite(out.losses.detach()))
                     units = int(m.sum()) if unit == "token" else len(idx)
-                    # each chunk's mean, weighted by its share of the minibatch's units
-                    accelerator.backward(out.losses * (units / max(minibatch_units, 1)))
-                    window.add("loss", float(out.losses.detach()), weight=units)
+                    # each chunk's mean, weighted by its share of the minibatch's units (times the
+                    # number of processes, as their gradients are averaged)
+                    accelerator.backward(out.losses * (weight * world * units / max(minibatch_units, 1)))
                     reported.update(out.metrics)
-                    for name, value in out.metrics.items():
-                        window.add(name, float(value.detach()) if isinstance(value, torch.Tensor) else float(value),
-                                   weight=units)
+                    if weight:
+                        window.add("loss", float(out.losses.detach()), weight=units)
+                        for name, value in out.metrics.items():
+                            window.add(name, float(value.detach()) if isinstance(value, torch.Tensor)
+                                       else float(value), weight=units)
+                # Nothing non-finite reaches the weights: loss and gradient are checked before each step.
+                grad_norm = gradient_norm(accelerator, trainable, cfg.max_grad_norm, setup.precision.name)
+                check_step(objective, step + 1, loss_finite=loss_finite, grad_norm=grad_norm,
+                           precision=setup.precision.name)
                 if cfg.max_grad_norm is not None:
-                    window.add("grad_norm", accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                    window.add("grad_norm", grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -379,21 +449,21 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         for name, value in rollout_metrics.items():
             window.add(name, float(value))
         if step % cfg.log_every == 0 or step == total_steps:
+            window = reduce_window(accelerator, window)
             record = {"step": step, "epoch": round(order.epoch_of(step), 4), **window.result(), "lr": lr}
-            metrics_log.write(record)
-            trackers.log(record, step)
+            if accelerator.is_main_process:
+                metrics_log.write(record)
+                trackers.log(record, step)
             reporter.step(step, record)
             last_metrics = record
             window = Averager()
-            if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
-                bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
-                raise PrefkitError(f"objective {objective.name!r}: {', '.join(bad)} became non-finite at step "
-                                   f"{step}; lower train.lr or check the reward")
         if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
-            save_checkpoint(setup.run_dir, step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
-                            keep=cfg.keep_checkpoints, recipe_yaml=setup.resolved_yaml,
-                            state={"tokens_seen": tokens_seen, "trained_seconds": trained_seconds,
-                                   "objective_state": state.state_dict() if state is not None else None})
+            write_checkpoint(setup, step, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
+                             objective=objective, accelerator=accelerator,
+                             state={"tokens_seen": tokens_seen, "trained_seconds": trained_seconds,
+                                    "total_steps": total_steps, "data_fingerprint": prompts.fingerprint(),
+                                    "window": window.state_dict(),
+                                    "objective_state": state.state_dict() if state is not None else None})
     reporter.finish()
     trackers.finish()
 
@@ -405,26 +475,31 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         "device": str(device),
         "reference_cache": "none",  # the online reference is run live on every rollout
         "steps": step,
-        "examples_per_step": per_rollout,
+        "examples_per_step": per_rollout,  # over all processes
+        "processes": world,
         "objective_state": state.state_dict() if state is not None else None,
         "train_seconds": round(trained_seconds, 3),
         "wall_seconds": round(time.perf_counter() - setup.started, 3),
         "tokens_per_s": round(tokens_seen / trained_seconds, 1) if trained_seconds else None,
         "final_metrics": last_logged(metrics_log, last_metrics),
     }
-    save_final(unwrapped, handle.tokenizer, setup.run_dir / "final")
-    write_summary(setup.run_dir, summary)
+    def finish():
+        save_final_model(setup, unwrapped, handle.tokenizer, objective, summary, save=save_final)
+        write_summary(setup.run_dir, summary)
+
+    everyone_or_nobody(accelerator, finish)
     return summary
 
 
-def save_final(model: PolicyWithModules, tokenizer, out_dir: Path) -> None:
-    """``final/``: the policy in Hugging Face format (a LoRA adapter merged) and each of the
-    objective's modules beside it as ``NAME.safetensors``."""
+def save_final(model: PolicyWithModules, tokenizer, out_dir: Path, **options) -> None:
+    """``final/``: the policy in Hugging Face format (a LoRA adapter merged; ``options`` as
+    :func:`prefkit.models.loading.save_pretrained`'s) and each of the objective's modules beside
+    it as ``NAME.safetensors`` (fp32)."""
     from safetensors.torch import save_file
 
     from prefkit.models.loading import save_pretrained
 
-    save_pretrained(model.policy, tokenizer, out_dir)
+    save_pretrained(model.policy, tokenizer, out_dir, **options)
     for name, module in model.extra.items():
         tensors = {key: t.detach().cpu().contiguous().clone() for key, t in module.state_dict().items()}
         tmp = out_dir / f".{name}.safetensors.tmp"

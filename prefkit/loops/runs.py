@@ -8,6 +8,7 @@ Then the directory is opened, a checkpoint restored, and at the end a summary wr
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +21,29 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 import prefkit
-from prefkit.loops.checkpoint import latest_checkpoint, load_checkpoint
+from prefkit.loops.checkpoint import (
+    CheckpointWriteError,
+    NonFiniteWeights,
+    checkpoint_steps,
+    load_checkpoint,
+    newest_intact_checkpoint,
+    remove_leftovers,
+    save_checkpoint,
+)
 from prefkit.api.errors import PrefkitError
-from prefkit.loops.metrics import MetricsLog
+from prefkit.loops.metrics import Averager, MetricsLog
+from prefkit.loops.optim import replan_schedule
 from prefkit.recipe import LoadedRecipe, dump_yaml
 from prefkit.loops.trackers import Trackers, check_trackers, start_trackers
+from prefkit.models.precision import auto_precision
 
 
 # Keys that may differ between a checkpoint's recipe and the recipe used to resume it.
+# ``output_dir`` and ``cache_dir`` may differ too: a run folder can be moved or copied and resumed.
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.save_every", "train.log_every",
-                     "train.eval_every", "train.keep_checkpoints", "train.trackers", "train.project"}
+                     "train.eval_every", "train.keep_checkpoints", "train.trackers", "train.project",
+                     "train.final_dtype",
+                     "output_dir", "cache_dir"}
 
 
 class Reporter(Protocol):
@@ -61,13 +75,10 @@ class Precision:
     accelerate: str  # accelerate's mixed_precision: "no" | "bf16" | "fp16"
 
 
-def resolve_precision(requested: str) -> Precision:
+def resolve_precision(requested: str, cache_dir: Path | None = None) -> Precision:
     cuda = torch.cuda.is_available()
     if requested == "auto":
-        if cuda:
-            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            requested = "fp32"
+        requested = auto_precision(cache_dir)  # on a CPU measured once per machine, cached in cache_dir
     if requested == "fp16" and not cuda:
         raise PrefkitError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU")
     return Precision(requested, "no" if requested == "fp32" else requested)
@@ -82,19 +93,28 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
-def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> Path | None:
-    """Check the run directory before any heavy work; return the checkpoint to resume, if any."""
-    checkpoint = latest_checkpoint(run_dir)
-    started = (run_dir / "metrics.jsonl").exists() or checkpoint is not None or (run_dir / "final").exists()
+def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> tuple[Path | None, list[str]]:
+    """Check the run directory before any heavy work; return the checkpoint to resume (the newest
+    intact one) and notes on any damaged newer ones."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PrefkitError(f"output_dir {run_dir} is a file, not a folder; set output_dir=... to a folder")
+    started = run_dir.is_dir() and any(run_dir.iterdir())
     if not resume:
         if started:
             raise PrefkitError(
                 f"output_dir {run_dir} already holds a run; pass --resume to continue it, "
                 "or set output_dir=... to start a new one (nothing was changed)"
             )
-        return None
+        return None, []
+    if not started:
+        raise PrefkitError(f"--resume: {run_dir} holds no run to resume; leave out --resume to start one")
+    checkpoint, notes = newest_intact_checkpoint(run_dir)
     if checkpoint is None:
-        return None
+        found = "only damaged checkpoints" if notes else "no checkpoint"
+        raise PrefkitError(
+            f"--resume: {run_dir} has {found} to continue from (set train.save_every to keep some); "
+            f"nothing was changed. Start again with another output_dir=..., or delete {run_dir}"
+        )
     saved = _flatten(yaml.safe_load((checkpoint / "recipe.resolved.yaml").read_text()))
     current = _flatten(resolved)
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
@@ -104,7 +124,33 @@ def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> Path | None:
             f"cannot resume {checkpoint}: the recipe differs from the one it was trained with in "
             + ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in changed[:5])
         )
-    return checkpoint
+    return checkpoint, notes
+
+
+def checkpoint_state(checkpoint: Path | None) -> dict[str, Any]:
+    """The ``state.json`` of a checkpoint (cheap: no tensors), or ``{}``."""
+    if checkpoint is None:
+        return {}
+    return json.loads((checkpoint / "state.json").read_text())
+
+
+def check_resumable(setup: "RunSetup", *, total_steps: int, data_fingerprint: str) -> None:
+    """Before the model loads: a resume must not retrain a finished run, nor continue on other data."""
+    if setup.checkpoint is None:
+        return
+    state = checkpoint_state(setup.checkpoint)
+    saved_data = state.get("data_fingerprint")
+    if saved_data is not None and saved_data != data_fingerprint:
+        raise PrefkitError(
+            f"cannot resume {setup.checkpoint}: the training data changed since it was written "
+            f"({setup.loaded.recipe.data.train}); resuming would mix two datasets. Restore the data, or start "
+            "a new run with another output_dir=... (nothing was changed)"
+        )
+    if state["step"] >= total_steps and (setup.run_dir / "run.json").exists():
+        raise PrefkitError(
+            f"--resume: the run in {setup.run_dir} already finished at step {state['step']} of {total_steps}; "
+            "nothing to do (raise train.max_steps or train.epochs to train it further; nothing was changed)"
+        )
 
 
 @dataclass
@@ -120,6 +166,8 @@ class RunSetup:
     cache_dir: Path
     tokenizer: Any
     started: float
+    notes: list[str]  # what the user should know before training starts (e.g. damaged checkpoints skipped)
+    base_name: str  # the base model as named outside this machine (see base_model_name)
 
 
 def begin_run(loaded: LoadedRecipe, resume: bool, registry: Any) -> RunSetup:
@@ -129,26 +177,42 @@ def begin_run(loaded: LoadedRecipe, resume: bool, registry: Any) -> RunSetup:
     recipe = loaded.recipe
     resolved = loaded.resolved_dict()
     run_dir = Path(recipe.output_dir)
-    checkpoint = prepare_run_dir(run_dir, resolved, resume)
+    checkpoint, notes = prepare_run_dir(run_dir, resolved, resume)
     check_trackers(recipe.train.trackers)
-    precision = resolve_precision(recipe.train.precision)
+    precision = resolve_precision(recipe.train.precision, recipe.resolved_cache_dir())
     started = time.perf_counter()
     cache_dir = recipe.resolved_cache_dir()
     model_dir = resolve_model_dir(recipe.model, loaded.model_options, cache_dir, registry=registry)
     tokenizer = load_tokenizer(recipe.model, model_dir, gguf_file=recipe.model.gguf_file)
+    named = registry.model_sources.get(recipe.model.source)
+    base_name = getattr(named, "hub_id", None) or recipe.model.source
     return RunSetup(loaded, resolved, dump_yaml(resolved), run_dir, checkpoint, precision, cache_dir, tokenizer,
-                    started)
+                    started, notes, base_name)
 
 
 def plugin_call(objective, what: str, call):
     """Run ``call()`` (a method of the objective, its reward function, ...); an exception inside it
-    becomes a PrefkitError that names the objective. A PrefkitError passes through unchanged."""
+    becomes a PrefkitError that names the objective and the package it comes from. A PrefkitError
+    passes through unchanged."""
     try:
         return call()
     except PrefkitError:
         raise
     except Exception as exc:
-        raise PrefkitError(f"objective {objective.name!r}: {what} raised {type(exc).__name__}: {exc}") from exc
+        raise PrefkitError(f"objective {objective.name!r}{distribution_of(objective)}: {what} raised "
+                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def distribution_of(obj) -> str:
+    """`` (from package NAME VERSION)`` for the installed distribution that holds ``obj``'s class."""
+    from importlib import metadata
+
+    top = type(obj).__module__.split(".")[0]
+    try:
+        names = metadata.packages_distributions().get(top) or []
+        return f" (from package {names[0]} {metadata.version(names[0])})" if names else ""
+    except Exception:  # metadata of a broken installation: the objective's name alone must do
+        return ""
 
 
 def describe_data(kind: str, report) -> str:
@@ -159,10 +223,68 @@ def describe_data(kind: str, report) -> str:
 
 
 def make_accelerator(setup: RunSetup) -> Accelerator:
-    """Seed everything, then a fresh accelerate state (runs in one process may differ in precision)."""
+    """Seed everything, then a fresh accelerate state (runs in one process may differ in precision).
+
+    Under a launcher (``accelerate launch``, ``torchrun``) each worker dies with its launcher, and
+    ``train.batch_size`` (the global batch) must split evenly over the processes."""
     set_seed(setup.loaded.recipe.seed)
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=setup.precision.accelerate, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=setup.precision.accelerate, cpu=not torch.cuda.is_available())
+    if accelerator.num_processes > 1:
+        die_with_launcher()
+        batch = setup.loaded.recipe.train.batch_size
+        if batch % accelerator.num_processes:
+            raise PrefkitError(f"train.batch_size: {batch} examples do not split evenly over "
+                               f"{accelerator.num_processes} processes; use a multiple of {accelerator.num_processes}")
+    return accelerator
+
+
+def die_with_launcher() -> None:
+    """Ask Linux to kill this worker when its parent (the launcher) dies, even by SIGKILL."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+
+
+def reduce_window(accelerator: Accelerator, window: Averager) -> Averager:
+    """The logging window summed over all processes (every process gets the same numbers)."""
+    if accelerator.num_processes == 1:
+        return window
+    from accelerate.utils import gather_object
+
+    names = sorted({name for names in gather_object([sorted(window.sums)]) for name in names})
+    local = torch.tensor([[window.sums.get(n, 0.0), window.counts.get(n, 0.0)] for n in names],
+                         dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum").cpu()
+    merged = Averager()
+    for name, (value, count) in zip(names, total.tolist()):
+        merged.sums[name], merged.counts[name] = value, count
+    return merged
+
+
+def everyone_or_nobody(accelerator: Accelerator, action):
+    """Run ``action()`` on the main process; if it fails, every process stops with its message."""
+    if accelerator.num_processes == 1:
+        return action()
+    from accelerate.utils import broadcast_object_list
+
+    failure = [None]
+    if accelerator.is_main_process:
+        try:
+            action()
+        except PrefkitError as exc:
+            failure = [str(exc)]
+    broadcast_object_list(failure, from_process=0)
+    if failure[0] is not None:
+        raise PrefkitError(failure[0])
 
 
 def start_run_trackers(setup: RunSetup, accelerator: Accelerator) -> Trackers:
@@ -172,24 +294,219 @@ def start_run_trackers(setup: RunSetup, accelerator: Accelerator) -> Trackers:
                           main_process=accelerator.is_main_process)
 
 
-def open_run_dir(setup: RunSetup) -> MetricsLog:
-    setup.run_dir.mkdir(parents=True, exist_ok=True)
-    (setup.run_dir / "recipe.resolved.yaml").write_text(setup.resolved_yaml)
+def open_run_dir(setup: RunSetup, reporter: Reporter, accelerator: Accelerator) -> MetricsLog:
+    """Create the run folder (or reopen it), remove leftovers of killed writes, write the recipe.
+    Process 0 does it, once every process has checked the folder as it was."""
+    for note in setup.notes:
+        reporter.message(note)
+
+    def create():
+        try:
+            setup.run_dir.mkdir(parents=True, exist_ok=True)
+            for leftover in remove_leftovers(setup.run_dir):
+                reporter.message(f"removed {leftover.name}, left behind by an interrupted checkpoint write")
+            (setup.run_dir / "recipe.resolved.yaml").write_text(setup.resolved_yaml)
+        except OSError as exc:
+            raise PrefkitError(f"output_dir {setup.run_dir} cannot be written: {exc.strerror or exc}") from exc
+
+    accelerator.wait_for_everyone()
+    everyone_or_nobody(accelerator, create)
     return MetricsLog(setup.run_dir / "metrics.jsonl")
 
 
+@dataclass
+class Restored:
+    """Where a resumed run picks up (all zero for a fresh run)."""
+
+    step: int = 0
+    state: dict[str, Any] | None = None  # the checkpoint's state.json
+    window: Averager | None = None  # the logging window's sums, so a resumed log equals an uninterrupted one
+
+
 def restore(setup: RunSetup, *, model, optimizer, scheduler, metrics_log: MetricsLog, reporter: Reporter,
-            resume: bool) -> dict[str, Any] | None:
-    """Load the checkpoint to resume from (if any) and forget metrics logged after it."""
-    if setup.checkpoint is not None:
-        state = load_checkpoint(setup.checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
-        metrics_log.truncate_after(state["step"])
-        reporter.message(f"resumed from {setup.checkpoint} (step {state['step']})")
-        return state
-    if resume:
-        metrics_log.truncate_after(0)
-        reporter.message("no checkpoint to resume from; starting at step 0")
-    return None
+            total_steps: int, accelerator: Accelerator) -> Restored:
+    """Load the checkpoint to resume from (if any), forget metrics logged after it, and re-plan the
+    learning-rate schedule when the run was extended (see :func:`prefkit.loops.optim.replan_schedule`)."""
+    if setup.checkpoint is None:
+        return Restored(window=Averager())
+    try:
+        state = load_checkpoint(setup.checkpoint, model=model, optimizer=optimizer, scheduler=scheduler,
+                                rank=accelerator.process_index)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise PrefkitError(f"cannot resume from {setup.checkpoint}: {type(exc).__name__}: {exc}") from exc
+    note = replan_schedule(scheduler, saved_total=state.get("total_steps"), total_steps=total_steps)
+    if note:
+        reporter.message(note)
+    dropped = metrics_log.truncate_after(state["step"]) if accelerator.is_main_process else 0
+    if dropped:
+        reporter.message(f"metrics.jsonl: {dropped} unreadable line(s) left by an interrupted write dropped")
+    reporter.message(f"resumed from {setup.checkpoint} (step {state['step']})")
+    return Restored(step=state["step"], state=state, window=Averager.from_state(state.get("window")))
+
+
+def check_loss_output(objective, out, *, rows: int | None, needs_grad: bool):
+    """What a plugin's ``loss()`` returned, checked before it is used: a :class:`LossOutput` whose
+    ``losses`` is a floating tensor of ``[rows]`` (offline) or a 0-dim one (online, ``rows=None``),
+    attached to the graph when there are weights to train. Returns ``out``."""
+    from prefkit.api import LossOutput
+
+    where = f"objective {objective.name!r}: loss()"
+    if not isinstance(out, LossOutput):
+        raise PrefkitError(f"{where} returned {type(out).__name__}; it must return prefkit.api.LossOutput")
+    losses = out.losses
+    shape = "a 0-dim tensor" if rows is None else f"a tensor of shape [{rows}] (one loss per example)"
+    if not isinstance(losses, torch.Tensor):
+        raise PrefkitError(f"{where} returned losses of type {type(losses).__name__}; it must be {shape}")
+    if not losses.is_floating_point():
+        raise PrefkitError(f"{where} returned losses of dtype {losses.dtype}; they must be floating point")
+    expected = () if rows is None else (rows,)
+    if tuple(losses.shape) != expected:
+        raise PrefkitError(f"{where} returned losses of shape {list(losses.shape)}; they must be {shape}")
+    if needs_grad and not losses.requires_grad:
+        raise PrefkitError(f"{where} returned losses with no gradient (detached, or computed without the "
+                           "model's outputs); nothing could be trained")
+    if not isinstance(out.metrics, dict):
+        raise PrefkitError(f"{where} returned metrics of type {type(out.metrics).__name__}; it must be a dict")
+    return out
+
+
+def check_step(objective, step: int, *, loss_finite: bool, grad_norm: float | None, precision: str) -> None:
+    """Stop before a non-finite loss or gradient reaches the optimizer (and so the weights on disk)."""
+    bad = [] if loss_finite else ["the loss"]
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        bad.append(f"the gradient norm ({grad_norm})")
+    if bad:
+        hint = "lower train.lr, set train.max_grad_norm"
+        hint += ", use train.precision=fp32" if precision != "fp32" else ""
+        raise PrefkitError(
+            f"objective {objective.name!r}: {' and '.join(bad)} became non-finite at step {step}; the step was not "
+            f"applied and no checkpoint holds it. Try to {hint}, or check the data and the objective's params"
+        )
+
+
+def gradient_norm(accelerator, trainable, max_grad_norm: float | None, precision: str) -> float | None:
+    """The total gradient norm (clipped to ``max_grad_norm`` when set), as a float. With fp16 the
+    loss scaler skips overflowing steps itself, so no norm is taken unless clipping is on."""
+    if max_grad_norm is not None:
+        return float(accelerator.clip_grad_norm_(trainable, max_grad_norm))
+    if precision == "fp16":
+        return None
+    grads = [p.grad for p in trainable if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def final_dtype(setup: RunSetup) -> torch.dtype:
+    wanted = setup.loaded.recipe.train.final_dtype
+    if wanted == "auto":
+        wanted = "bf16" if setup.precision.name == "bf16" else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[wanted]
+
+
+def save_final_model(setup: RunSetup, model, tokenizer, objective, summary: dict[str, Any], save=None) -> None:
+    """``final/`` in the recipe's ``train.final_dtype``, with a model card; never with non-finite
+    weights, and a full disk is one clear message."""
+    from prefkit.loops.checkpoint import check_finite
+    from prefkit.models.loading import save_pretrained
+
+    bad = check_finite(model)
+    if bad:
+        raise PrefkitError(f"objective {objective.name!r}: the trained weights hold NaN or inf ({bad[0]}); "
+                           f"final/ was not written and {_last_good(setup)}")
+    out = setup.run_dir / "final"
+    try:
+        (save or save_pretrained)(model, tokenizer, out, dtype=final_dtype(setup),
+                                  base_name=base_model_name(setup))
+        (out / "README.md").write_text(model_card(setup, summary))
+    except OSError as exc:
+        raise PrefkitError(f"could not write {out}: {exc.strerror or exc}; "
+                           f"{_last_good(setup)}. Free space and continue with --resume") from exc
+
+
+def base_model_name(setup: RunSetup) -> str:
+    """The base model as others can find it: a named source's hub id (when it has one), else the
+    recipe's ``model.source`` as written (a hub id, a source name or a path)."""
+    return setup.base_name
+
+
+def model_card(setup: RunSetup, summary: dict[str, Any]) -> str:
+    """``final/README.md``: what was trained, on what, how, and how it ended."""
+    recipe = setup.loaded.recipe
+    metrics = {k: v for k, v in (summary.get("final_metrics") or {}).items() if isinstance(v, (int, float))}
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"base_model: {base_model_name(setup)}",
+        "tags: [prefkit, " + summary.get("objective", "") + "]",
+        "---",
+        "",
+        f"# {setup.run_dir.name}",
+        "",
+        f"Trained with prefkit {summary.get('prefkit_version')} using the objective `{summary.get('objective')}` "
+        f"for {summary.get('steps')} steps ({summary.get('examples_per_step')} examples a step, "
+        f"{summary.get('processes', 1)} process(es), precision {summary.get('precision')}); weights saved as "
+        f"{str(final_dtype(setup)).replace('torch.', '')}.",
+        "",
+        f"- base model: `{base_model_name(setup)}`",
+        f"- training data: `{recipe.data.train}` (fingerprint `{(summary.get('data') or {}).get('train_fingerprint')}`)",
+        f"- objective parameters: `{json.dumps(summary.get('objective_params'), sort_keys=True)}`",
+        "",
+        "## Final metrics",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        *[f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items())],
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        setup.resolved_yaml.rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_checkpoint(setup: RunSetup, step: int, *, model, optimizer, scheduler, state: dict[str, Any],
+                     objective, accelerator: Accelerator) -> None:
+    """A checkpoint, or one clear error that leaves the previous checkpoints as they were. Every
+    process takes part (process 0 writes, with the others' generator states) and every process
+    stops if the write fails."""
+    other_ranks_rng = []
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        from prefkit.loops.checkpoint import rng_state
+
+        other_ranks_rng = gather_object([rng_state()])[1:]
+    everyone_or_nobody(accelerator, lambda: _write_checkpoint(setup, step, model=model, optimizer=optimizer,
+                                                              scheduler=scheduler, state=state, objective=objective,
+                                                              other_ranks_rng=other_ranks_rng))
+
+
+def _write_checkpoint(setup: RunSetup, step: int, *, model, optimizer, scheduler, state: dict[str, Any],
+                      objective, other_ranks_rng) -> None:
+    cfg = setup.loaded.recipe.train
+    try:
+        save_checkpoint(setup.run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                        keep=cfg.keep_checkpoints, recipe_yaml=setup.resolved_yaml, state=state,
+                        other_ranks_rng=other_ranks_rng)
+    except NonFiniteWeights as exc:
+        raise PrefkitError(
+            f"objective {objective.name!r}: at step {step} {exc}; the checkpoint was not written and "
+            f"{_last_good(setup)}. Try a lower train.lr or train.max_grad_norm"
+        ) from exc
+    except (CheckpointWriteError, OSError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise PrefkitError(
+            f"could not write the checkpoint of step {step} in {setup.run_dir / 'checkpoints'}: "
+            f"{detail}; {_last_good(setup)}. Free space (or fix the folder's permissions) and "
+            "continue with --resume"
+        ) from exc
+
+
+def _last_good(setup: RunSetup) -> str:
+    steps = checkpoint_steps(setup.run_dir)
+    return f"the last good checkpoint, step-{steps[-1][0]}, is kept" if steps else "there is no earlier checkpoint"
 
 
 def last_logged(metrics_log: MetricsLog, last: dict) -> dict:

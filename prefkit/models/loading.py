@@ -19,6 +19,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -37,7 +38,10 @@ from transformers import (
 )
 
 from prefkit.api import PrefkitError
+from prefkit.manifest import verify_manifest, write_manifest
 from prefkit.recipe import LoraConfig, ModelConfig
+
+log = logging.getLogger("prefkit")
 
 Head = Literal["lm", "scalar"]
 
@@ -69,11 +73,22 @@ def atomic_directory(final: Path) -> Iterator[Path]:
 
 
 def materialize_once(final: Path, build: Callable[[Path], None]) -> Path:
-    """Return ``final`` if it exists; otherwise ``build(tmp_dir)`` and rename it into place."""
+    """Return ``final`` if it exists and is intact; otherwise ``build(tmp_dir)``, write its
+    manifest, and rename it into place. A cached folder that fails its manifest (a flipped byte,
+    a truncated file, a folder from before manifests) is moved aside and built again."""
     final = Path(final)
-    if not final.is_dir():
-        with atomic_directory(final) as tmp:
-            build(tmp)
+    if final.is_dir():
+        problem = verify_manifest(final)
+        if problem is None:
+            return final
+        log.warning("cached model %s is damaged (%s); building it again", final, problem)
+        aside = final.with_name(f".{final.name}.damaged-{os.getpid()}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    with atomic_directory(final) as tmp:
+        build(tmp)
+        write_manifest(tmp)
     return final
 
 
@@ -106,12 +121,30 @@ def clear_quantization_marks(model: torch.nn.Module) -> torch.nn.Module:
 # --------------------------------------------------------------------------- fingerprints
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 hex of a model's state dict: every tensor's name, dtype, shape and bytes.
+# Config keys that name where a model came from, not what it computes.
+_CONFIG_PROVENANCE = {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash"}
 
-    Identical weights give an identical fingerprint, whatever the folder they came from.
+
+def config_fingerprint_text(model: torch.nn.Module) -> str:
+    """The model's whole config (every value that can change its outputs, e.g. ``rms_norm_eps``,
+    rope scaling, the attention implementation) as canonical JSON, provenance keys left out."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return "{}"
+    values = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_PROVENANCE}
+    values["attn_implementation"] = getattr(config, "_attn_implementation", None)
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 hex of what a model computes: its whole config (:func:`config_fingerprint_text`) and
+    its state dict (every tensor's name, dtype, shape and bytes).
+
+    Identical weights and config give an identical fingerprint, whatever the folder they came from.
     """
     digest = hashlib.sha256()
+    digest.update(config_fingerprint_text(model).encode())
+    digest.update(b"\0")
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach()
         digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
@@ -319,6 +352,22 @@ class LoadedModel:
         return contextlib.nullcontext()
 
 
+# Module attributes that hold a dropout probability used functionally (e.g. Llama's attention).
+_DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout_p", "dropout_rate")
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Set every dropout probability inside ``model`` to 0: ``nn.Dropout`` modules and the float
+    attributes attention layers read at run time. The saved config keeps its values."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for attr in _DROPOUT_ATTRIBUTES:
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+    return model
+
+
 def apply_lora(model: torch.nn.Module, lora: LoraConfig, head: Head = "lm") -> torch.nn.Module:
     """Wrap ``model`` in peft LoRA adapters; only adapter weights (and a scalar head) train."""
     from peft import LoraConfig as PeftLoraConfig
@@ -372,6 +421,8 @@ def load_model(
 
     clear_quantization_marks(model)
     model.to(torch.float32)
+    if not cfg.dropout:
+        disable_dropout(model)
     # The scalar head reads the reward at the last non-pad token, so it must know the pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
     generation_config = getattr(model, "generation_config", None)
@@ -417,11 +468,16 @@ def save_pretrained(
     loaded_or_model: LoadedModel | torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     out_dir: Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    base_name: str | None = None,
 ) -> None:
-    """Save a final model in Hugging Face format (safetensors) with its tokenizer.
+    """Save a final model in Hugging Face format (safetensors) with its tokenizer, its weights
+    in ``dtype`` (the model in memory is not changed).
 
     With LoRA the adapter is merged into a copy, so ``out_dir`` holds a plain model that loads
-    with ``AutoModelForCausalLM.from_pretrained``; the adapter alone goes to ``out_dir/adapter``.
+    with ``AutoModelForCausalLM.from_pretrained``; the adapter alone goes to ``out_dir/adapter``,
+    naming ``base_name`` (a hub id or source name that resolves on another machine) as its base.
     Everything is written to a temporary folder first, then moved into place.
     """
     from peft import PeftModel
@@ -433,9 +489,16 @@ def save_pretrained(
     try:
         if isinstance(model, PeftModel):
             model.save_pretrained(str(staging / "adapter"), safe_serialization=True)
+            if base_name:
+                adapter_config = staging / "adapter" / "adapter_config.json"
+                config = json.loads(adapter_config.read_text())
+                config["base_model_name_or_path"] = base_name
+                adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True))
             merged = copy.deepcopy(model).merge_and_unload()
         else:
             merged = model
+        if dtype != torch.float32:
+            merged = copy.deepcopy(merged).to(dtype)
         merged.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         _move_into(staging, out_dir)

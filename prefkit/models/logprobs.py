@@ -56,20 +56,22 @@ def sequence_logps(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 
 
 def sequence_rewards(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Scalar-head output at the last real token of each row, fp32, shape [R].
+    """The scalar head's score of each row, fp32, shape [R]: exactly what the model's own
+    ``*ForSequenceClassification`` forward returns, so a saved reward model scores the same text
+    the same way in transformers, TRL or prefkit.
 
-    The last token is found from the attention mask, not from the pad token id: SmolLM2 and
-    many chat models pad with their end-of-turn token, which also ends every answer.
+    transformers pools at the last token that is not the pad token (``config.pad_token_id``). When
+    the pad token is also the end-of-text token (SmolLM2 and many chat models), that is the token
+    *before* the final end-of-text, for training and for every later use alike.
     """
-    last = batch.attention_mask.sum(-1) - 1  # right padding
-    head = getattr(_unwrap(model), "score", None)
-    if head is None:
-        raise ValueError(f"{type(_unwrap(model)).__name__} has no `score` head; use a *ForSequenceClassification model")
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
-                use_cache=False)
-    hidden = out.hidden_states[-1]
-    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
-    return head(picked).squeeze(-1).float()
+    inner = _unwrap(model)
+    if getattr(inner, "score", None) is None:
+        raise ValueError(f"{type(inner).__name__} has no `score` head; use a *ForSequenceClassification model")
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    logits = out.logits
+    if logits.dim() != 2 or logits.shape[-1] != 1:
+        raise ValueError(f"the reward model must have one label; its logits have shape {list(logits.shape)}")
+    return logits.squeeze(-1).float()
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -2,9 +2,14 @@
 
 An entry is keyed by a fingerprint of everything that changes the numbers: the reference
 weights, the tokenizer and chat template, the tokenized data (which already reflects the
-data, template and truncation), and the precision. Any change is a different key, so a
-stale entry can never be used. Entries are written atomically and checked on load; an
-entry that does not match its data is treated as a miss and recomputed.
+data, template and truncation), and the precision. The weights fingerprint covers the whole
+model config as well (an edited ``rms_norm_eps`` is another key). Any change is a different key,
+so a stale entry can never be used.
+
+Entries are written atomically and carry a sha256 of their tensors' bytes, verified on every
+read: an entry that is unreadable, does not match its data, or fails its checksum (a flipped
+byte) is reported, recomputed and rewritten. A cache that cannot be written (full disk,
+read-only folder) only costs the reuse: the run goes on with a warning.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -70,6 +75,21 @@ class ReferenceLogps:
         return out
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+class DamagedEntry(Exception):
+    """A cache entry exists but cannot be trusted (the message says why)."""
+
+
 class ReferenceCache:
     """A folder of ``<fingerprint>.safetensors`` files (plus a readable ``.json`` beside each)."""
 
@@ -79,24 +99,32 @@ class ReferenceCache:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
 
-    def load(self, key: str, num_examples: int, names: tuple[str, ...], tokens: bool) -> ReferenceLogps | None:
+    def load(self, key: str, num_examples: int, names: Iterable[str], tokens: bool) -> ReferenceLogps | None:
+        """The entry, or ``None`` if there is none; raises :class:`DamagedEntry` for one that
+        cannot be trusted."""
         path = self.path(key)
         if not path.exists():
             return None
         try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
             tensors = load_file(str(path))
-        except Exception:
-            return None  # unreadable (e.g. a partial copy): recompute
+        except Exception as exc:
+            raise DamagedEntry(f"unreadable ({type(exc).__name__})") from exc
+        if metadata.get("sha256") != tensors_sha256(tensors):
+            raise DamagedEntry("its checksum does not match its contents")
         found = ReferenceLogps(sums={})
         for name in names:
             sums = tensors.get(f"sum.{name}")
             if sums is None or sums.shape != (num_examples,):
-                return None
+                raise DamagedEntry(f"it does not hold {num_examples} values for {name!r}")
             found.sums[name] = sums
             if tokens:
                 flat, offsets = tensors.get(f"tokens.{name}"), tensors.get(f"offsets.{name}")
                 if flat is None or offsets is None or offsets.shape != (num_examples + 1,) or int(offsets[-1]) != flat.numel():
-                    return None
+                    raise DamagedEntry(f"its per-token values for {name!r} do not match the data")
                 found.tokens[name], found.offsets[name] = flat, offsets
         return found
 
@@ -109,7 +137,8 @@ class ReferenceCache:
         fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={"prefkit_cache_format": str(CACHE_FORMAT)})
+            save_file(tensors, tmp, metadata={"prefkit_cache_format": str(CACHE_FORMAT),
+                                              "sha256": tensors_sha256(tensors)})
             os.replace(tmp, self.path(key))
         finally:
             if os.path.exists(tmp):
@@ -125,13 +154,25 @@ def get_or_compute(
     tokens: bool,
     compute: Callable[[], ReferenceLogps],
     meta: dict,
+    warn: Callable[[str], None] = lambda text: None,
+    store: bool = True,
 ) -> tuple[ReferenceLogps, str]:
-    """Return (log-probs, "hit" | "miss"). ``cache=None`` computes without storing."""
+    """Return (log-probs, "hit" | "miss"). ``cache=None`` computes without storing; ``store=False``
+    reads but leaves the writing to another process. A damaged entry is recomputed and replaced;
+    a failed write is a warning, never an error."""
     if cache is not None:
-        found = cache.load(key, num_examples, names, tokens)
+        try:
+            found = cache.load(key, num_examples, names, tokens)
+        except DamagedEntry as exc:
+            warn(f"reference cache entry {cache.path(key)} is damaged ({exc}); computing it again")
+            found = None
         if found is not None:
             return found, "hit"
     logps = compute()
-    if cache is not None:
-        cache.save(key, logps, meta)
+    if cache is not None and store:
+        try:
+            cache.save(key, logps, meta)
+        except OSError as exc:
+            warn(f"could not store the reference log-probs in {cache.root} ({exc.strerror or exc}); "
+                 "the run goes on, and the next one will compute them again")
     return logps, "miss"

@@ -1,12 +1,13 @@
 """Time the DPO engine's pieces on a real model and print a table.
 
-    python docs/benchmarks/dpo_step.py                       # SmolLM2-135M-Instruct, 4 pairs per batch
-    python docs/benchmarks/dpo_step.py --model tiny-llama --pairs 8
+    python benchmarks/dpo_step.py                       # SmolLM2-135M-Instruct, 4 pairs per batch
+    python benchmarks/dpo_step.py --model tiny-llama --pairs 8
 
 For each precision (fp32; bf16 autocast; on a GPU also fp16) it measures, on the same batch of
 quickstart pairs: a reference forward (no gradients) with logits only at answer positions, the
 same forward computing logits at every position (what a naive implementation does), and a full
-DPO training step (forward, loss, backward, AdamW). Median of --repeats runs after one warm-up.
+DPO training step (forward, loss, backward, AdamW as the engine builds it: fused where torch can).
+Median of --repeats runs after one warm-up. The side-by-side comparison with TRL is vs_trl.py.
 """
 
 from __future__ import annotations
@@ -14,16 +15,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from prefkit.api.objective import Needs
 from prefkit.data.batching import collate
 from prefkit.data.prepare import prepare_dataset
 from prefkit.loops.offline import loss_inputs
-from prefkit.models.logprobs import token_logps
+from prefkit.loops.optim import adamw
 from prefkit.models.loading import load_model
-from prefkit.api.objective import Needs
+from prefkit.models.logprobs import token_logps
+from prefkit.plugins import load_registry
 from prefkit.recipe import load_recipe
 from prefkit_builtins.dpo import DPO, DPOParams
 
@@ -56,23 +60,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    loaded = load_recipe("recipes/quickstart.yaml", [f"model.source={args.model}", "output_dir=/tmp/unused"])
+    registry = load_registry()
+    recipe_path = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
+    loaded = load_recipe(recipe_path, [f"model.source={args.model}", "output_dir=/tmp/unused"], registry=registry)
     recipe = loaded.recipe
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    handle = load_model(recipe.model, loaded.model_options, recipe.resolved_cache_dir())
+    handle = load_model(recipe.model, loaded.model_options, recipe.resolved_cache_dir(), registry=registry)
     model = handle.model.to(device)
-    data = prepare_dataset(recipe.data, handle.tokenizer, "pairs")
+    data = prepare_dataset(recipe.data, handle.tokenizer, registry.data_kinds["pairs"], registry=registry)
     batch = collate(data.examples[: args.pairs], list(range(args.pairs)), handle.tokenizer.pad_token_id,
-                    paired=True).to(device)
+                    data.names).to(device)
     tokens = batch.num_tokens
     answer_tokens = int(batch.completion_mask.sum())
     objective, params, needs = DPO(), DPOParams(), Needs(data="pairs", reference=True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-7)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-7)
     ref = torch.zeros(args.pairs, device=device)
 
     precisions = ["fp32", "bf16"] + (["fp16"] if device == "cuda" else [])
     print(f"model {args.model} on {device} ({torch.get_num_threads()} threads); batch {args.pairs} pairs = "
-          f"{2 * args.pairs} rows x {batch.input_ids.shape[1]} positions, {tokens} tokens, {answer_tokens} answer tokens")
+          f"{2 * args.pairs} rows x {batch.input_ids.shape[1]} positions, {tokens} tokens, "
+          f"{answer_tokens} answer tokens")
     print(f"{'precision':<10}{'ref fwd, answer logits':>24}{'ref fwd, all logits':>22}{'DPO train step':>17}"
           f"{'train tokens/s':>16}")
     for precision in precisions:

@@ -1,0 +1,89 @@
+"""``prefkit export``: any checkpoint of a run as a Hugging Face folder.
+
+A checkpoint holds only what trains (all weights, or a LoRA adapter) plus optimizer and RNG
+states, so it does not load with ``from_pretrained``. Exporting rebuilds the run's model from the
+recipe saved in the checkpoint, loads the checkpoint's weights into it (after verifying its
+manifest) and saves it as ``final/`` would be saved: safetensors, tokenizer, a merged LoRA
+adapter with the adapter beside it, the objective's extra modules (PPO's value head) as
+``NAME.safetensors``, and a model card.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from prefkit.api.errors import PrefkitError
+from prefkit.loops.checkpoint import checkpoint_steps, load_trainable_state
+from prefkit.manifest import verify_manifest
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def find_checkpoint(run_dir: Path, step: int | None) -> tuple[int, Path]:
+    """The checkpoint of ``step`` (the newest when ``None``), verified against its manifest."""
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise PrefkitError(f"{run_dir} has no checkpoints to export (a run keeps them with train.save_every; "
+                           f"its final/ is already a Hugging Face folder)")
+    available = ", ".join(str(s) for s, _ in steps)
+    if step is None:
+        step, path = steps[-1]
+    else:
+        found = dict(steps)
+        if step not in found:
+            raise PrefkitError(f"--step {step}: {run_dir} has no checkpoint of that step (it has: {available})")
+        path = found[step]
+    problem = verify_manifest(path)
+    if problem is not None:
+        raise PrefkitError(f"checkpoint {path} is damaged ({problem}); export another step (available: {available})")
+    return step, path
+
+
+def export_checkpoint(run_dir: Path, *, step: int | None = None, out_dir: Path | None = None,
+                      dtype: str = "fp32", registry: Any) -> Path:
+    """Write checkpoint ``step`` of ``run_dir`` (the newest by default) as a Hugging Face folder
+    (default ``RUN/export/step-N``); return the folder."""
+    from prefkit.loops.online import PolicyWithModules, hidden_size_of, save_final
+    from prefkit.models.loading import load_model, save_pretrained
+    from prefkit.recipe import load_recipe
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PrefkitError(f"{run_dir} is not a run folder")
+    if dtype not in DTYPES:
+        raise PrefkitError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    step, path = find_checkpoint(run_dir, step)
+    out = Path(out_dir) if out_dir is not None else run_dir / "export" / f"step-{step}"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PrefkitError(f"{out} already exists; choose another --output (nothing was changed)")
+
+    loaded = load_recipe(path / "recipe.resolved.yaml", [f"output_dir={run_dir}"], registry=registry)
+    recipe, objective, params = loaded.recipe, loaded.objective, loaded.params
+    needs = objective.needs(params)
+    head = needs.head if objective.kind == "offline" else "lm"
+    handle = load_model(recipe.model, loaded.model_options, recipe.resolved_cache_dir(), head=head, registry=registry)
+    named = registry.model_sources.get(recipe.model.source)
+    options = {"dtype": DTYPES[dtype], "base_name": getattr(named, "hub_id", None) or recipe.model.source}
+    tensors = load_file(str(path / "trainable.safetensors"))
+    try:
+        if objective.kind == "online":
+            extra = objective.modules(params, hidden_size_of(handle.model))
+            model = PolicyWithModules(handle.model, extra, needs.hidden_states)
+            load_trainable_state(model, tensors)
+            save_final(model, handle.tokenizer, out, **options)
+        else:
+            load_trainable_state(handle.model, tensors)
+            save_pretrained(handle.model, handle.tokenizer, out, **options)
+    except ValueError as exc:  # the checkpoint's tensors do not fit the model the recipe builds
+        raise PrefkitError(f"cannot export {path}: {exc}") from exc
+    (out / "README.md").write_text(
+        f"---\nlibrary_name: transformers\nbase_model: {options['base_name']}\ntags: [prefkit, {objective.name}]\n---\n\n"
+        f"# {run_dir.name}, step {step}\n\nExported by `prefkit export` from `{path}`: objective `{objective.name}` "
+        f"after {step} optimizer steps, weights saved as {dtype}. The run's recipe is "
+        f"`recipe.resolved.yaml` in that checkpoint.\n"
+    )
+    return out

@@ -1,0 +1,38 @@
+"""The benchmark scripts run, so they cannot rot. Correctness only: nothing here looks at a timing.
+
+``benchmarks/vs_trl.py --smoke`` trains a tiny random model with prefkit and with TRL on every job
+(DPO, reward model, Preferred-FT) and fails unless both saw the same token ids and their losses agree.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(*args: str, timeout: int) -> subprocess.CompletedProcess:
+    path = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "plugins"), os.environ.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": path})
+
+
+def test_vs_trl_smoke_trains_both_libraries_to_the_same_losses(tmp_path):
+    pytest.importorskip("trl")
+    proc = run_script("benchmarks/vs_trl.py", "--smoke", "--workdir", str(tmp_path / "work"), timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-4000:] + proc.stderr[-4000:]
+    for where in ("dpo fp32, prefkit cold", "dpo fp32, prefkit warm", "reward fp32, prefkit", "sft fp32, prefkit"):
+        line = next((l for l in out.splitlines() if l.startswith(f"loss agreement ({where} vs TRL)")), None)
+        assert line is not None and line.endswith(": OK"), (where, out[-4000:])
+    assert out.count("token ids: identical") == 3 and "DIFFERENT" not in out
+    assert "all checks passed" in out
+
+
+def test_dpo_step_script_runs_on_the_tiny_model():
+    proc = run_script("benchmarks/dpo_step.py", "--model", "tiny-llama", "--pairs", "2", "--repeats", "1", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "DPO train step" in proc.stdout and "fp32" in proc.stdout
