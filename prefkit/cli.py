@@ -170,6 +170,34 @@ def rewards() -> None:
 
 @app.command()
 @_user_errors
+def models() -> None:
+    """List every named model source (model.source) with the plugin that registered it."""
+    registry = _registry()
+    rows = [[name, registry.owner("model_sources", name).label, registry.model_sources[name].description]
+            for name in sorted(registry.model_sources)]
+    ui.table("model sources", ["model source", "plugin", "description"], rows)
+    for problem in registry.problems:
+        ui.warning(problem)
+
+
+@app.command()
+@_user_errors
+def datasets() -> None:
+    """List every named dataset (data.train, data.eval) with its splits and the plugin that registered it."""
+    registry = _registry()
+    rows = []
+    for name in sorted(registry.datasets):
+        dataset = registry.datasets[name]
+        files = dataset.files if isinstance(dataset.files, dict) else {}
+        rows.append([name, ", ".join(sorted(map(str, files))) or "-", registry.owner("datasets", name).label,
+                     dataset.description])
+    ui.table("datasets", ["dataset", "splits", "plugin", "description"], rows)
+    for problem in registry.problems:
+        ui.warning(problem)
+
+
+@app.command()
+@_user_errors
 def objectives() -> None:
     """List every registered objective with its kind and the plugin that registered it (broken plugins marked)."""
     registry = _registry()

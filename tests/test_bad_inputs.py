@@ -534,6 +534,13 @@ def test_misspelt_names_get_did_you_mean_at_once(tmp_path, override, needles):
     assert not (tmp_path / "out-r").exists()
 
 
+def test_the_listings_the_messages_point_to_exist():
+    result = cli("models")
+    assert result.exit_code == 0 and "tiny-llama" in result.output and "smollm2-135m-instruct" in result.output
+    result = cli("datasets")
+    assert result.exit_code == 0 and "tiny-prefs" in result.output and "test, train" in result.output
+
+
 def test_hub_ids_and_unrelated_bare_names_still_pass_validation(tmp_path):
     for source in ("some-org/some-model", "gpt2"):
         result = cli("validate", recipe(tmp_path), f"model.source={source}", "model.options={}")
