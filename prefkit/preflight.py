@@ -203,6 +203,16 @@ def budget_problems(loaded: LoadedRecipe, rows: int | None) -> list[tuple[str, s
             return problems
         batches = math.ceil(rows / per_step) if isinstance(per_step, int) and per_step > 0 else rows
         steps = train.max_steps or max(1, math.ceil(train.epochs * batches))
+        update_epochs = getattr(loaded.params, "update_epochs", 1)
+        if isinstance(per_step, int) and isinstance(update_epochs, int) and update_epochs > 0:
+            sequences = per_step * recipe.sampling.num_samples
+            mini = getattr(loaded.params, "mini_batch_size", None) or sequences
+            updates = steps * update_epochs * math.ceil(sequences / max(1, min(mini, sequences)))
+            if updates > MAX_STEPS:
+                problems.append(("objective.params.update_epochs",
+                                 f"{steps:,} rollouts x {update_epochs:,} update epochs is {updates:,} optimizer "
+                                 f"steps, more than {MAX_STEPS:,}; lower update_epochs or the number of rollouts"))
+                return problems
     else:
         if train.batch_size > rows:
             problems.append(("train.batch_size", f"{train.batch_size} is more than the {rows} training rows of "

@@ -355,6 +355,16 @@ def test_epochs_beyond_reason_and_warmup_beyond_the_epochs(tmp_path):
             "train.warmup_steps", "more than the run's 12 steps")
 
 
+def test_an_online_budget_beyond_reason(tmp_path):
+    ppo = ROOT / "recipes" / "ppo_kl_tiny.yaml"
+    out = f"output_dir={tmp_path / 'ppo'}"
+    assert cli("validate", ppo, out).exit_code == 0
+    refused(cli("validate", ppo, out, "objective.params.update_epochs=1000000000"), "objective.params.update_epochs",
+            "optimizer steps, more than 10,000,000")
+    refused(cli("validate", ppo, out, "objective.params.rollout_batch_size=5000"),
+            "objective.params.rollout_batch_size", "prompts per rollout")
+
+
 def test_max_length_beyond_the_model(tmp_path):
     refused(cli("validate", recipe(tmp_path), "data.max_length=4096"), "data.max_length",
             "more than the model's 1024 positions")
