@@ -10,8 +10,12 @@ row means.
   byte-order mark is accepted.
 - :func:`load_yaml`: YAML read safely, refusing duplicate keys, nesting deeper than
   :data:`MAX_DEPTH` and alias "bombs" that expand to more than :data:`MAX_NODES` values.
-- :func:`json_value`: ``json.loads`` that reports nesting too deep as a problem, not a crash.
-- :func:`non_finite`: the key paths of every infinite or NaN number in a document.
+- :func:`json_value`: ``json.loads`` that refuses a key written twice in one object and reports
+  nesting too deep as a problem, not a crash.
+- :func:`value_problems`: the key paths of every infinite or NaN number, and of every string
+  holding a NUL or an unpaired surrogate, in a document.
+- :func:`path_problem`, :func:`is_file`, :func:`is_dir`, :func:`exists`: paths too long for the
+  file system are named, not raised from ``stat``.
 - :func:`check_writable_dir`: a folder prefkit will write into can be created and written.
 - :func:`did_you_mean`: the closest known name, for messages.
 """
@@ -181,11 +185,6 @@ def json_value(text: str | bytes) -> Any:
 
 
 # ----------------------------------------------------------------------------- values
-
-
-def non_finite(value: Any, prefix: str = "") -> list[str]:
-    """Key paths (``train.lr``, ``arms.0.params.beta``) of every infinite or NaN float in ``value``."""
-    return [path for path, problem in value_problems(value, prefix) if problem == NOT_FINITE]
 
 
 NOT_FINITE = "must be a finite number (not inf or nan)"
