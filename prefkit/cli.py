@@ -1,11 +1,18 @@
-"""The ``prefkit`` command line: a thin layer over library functions."""
+"""The ``prefkit`` command line: a thin layer over library functions.
+
+Every command runs inside :func:`_user_errors`: a :class:`~prefkit.api.errors.PrefkitError` (a
+user's mistake, a broken plugin) or a pydantic ``ValidationError`` is printed as one message and
+the command exits with code 2. Any other exception is a bug in prefkit and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import List, Optional
 
 import typer
+from pydantic import ValidationError
 
 import prefkit
 from prefkit import ui
@@ -32,9 +39,36 @@ def main(
     """Align language models with preference data."""
 
 
-def _fail(exc: PrefkitError, code: int = 2) -> None:
+USER_ERROR = 2  # the exit code of every user mistake
+
+
+def _fail(exc: PrefkitError, code: int = USER_ERROR) -> None:
     ui.error(str(exc))
     raise typer.Exit(code)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    lines = [f"invalid {exc.title}:"]
+    for item in exc.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "<top level>"
+        lines.append(f"  {path}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def _user_errors(command):
+    """Print a user error as one message and exit with code 2; let bugs keep their traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except PrefkitError as exc:
+            _fail(exc)
+        except ValidationError as exc:
+            ui.error(_validation_message(exc))
+            raise typer.Exit(USER_ERROR) from None
+
+    return wrapper
 
 
 def _registry():
@@ -52,48 +86,51 @@ def _report_plugin_problems():
 
 
 @app.command()
+@_user_errors
 def validate(
     recipe: str = typer.Argument(..., help="The recipe YAML file."),
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value overrides."),
 ) -> None:
-    """Check a recipe and its objective's parameters without loading any model."""
+    """Check a recipe, its objective's parameters, its folders and its local data without loading any model."""
     from prefkit.loops import check_recipe
+    from prefkit.preflight import preflight
     from prefkit.recipe import load_recipe
 
     registry = _report_plugin_problems()
-    try:
-        loaded = load_recipe(recipe, overrides or [], registry=registry)
-        check_recipe(loaded)
-    except PrefkitError as exc:
-        _fail(exc)
-    ui.console.print(f"{recipe}: valid (objective {loaded.objective.name}, {loaded.objective.kind})")
+    loaded = load_recipe(recipe, overrides or [], registry=registry)
+    check_recipe(loaded)
+    preflight(loaded, registry, command="validate")
+    ui.console.print(f"{recipe}: valid (objective {loaded.objective.name}, {loaded.objective.kind})", markup=False,
+                     highlight=False)
 
 
 @app.command()
+@_user_errors
 def run(
     recipe: str = typer.Argument(..., help="The recipe YAML file."),
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. output_dir=/tmp/x"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in output_dir."),
 ) -> None:
     """Train with the objective the recipe names."""
-    from prefkit.loops import train
+    from prefkit.loops import check_recipe, train
+    from prefkit.preflight import preflight
     from prefkit.recipe import load_recipe
 
     registry = _report_plugin_problems()
+    loaded = load_recipe(recipe, overrides or [], registry=registry)
+    check_recipe(loaded)
+    preflight(loaded, registry, command="run")
+    reporter = ui.RichReporter()
     try:
-        loaded = load_recipe(recipe, overrides or [], registry=registry)
-        reporter = ui.RichReporter()
-        try:
-            summary = train(loaded, resume=resume, reporter=reporter, registry=registry)
-        finally:
-            reporter.finish()
-    except PrefkitError as exc:
-        _fail(exc)
+        summary = train(loaded, resume=resume, reporter=reporter, registry=registry)
+    finally:
+        reporter.finish()
     ui.summary(summary)
     ui.console.print(f"run directory: {loaded.recipe.output_dir}")
 
 
 @app.command()
+@_user_errors
 def sample(
     recipe: str = typer.Argument(..., help="The recipe YAML file (model, prompts, sampling, optional reward)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. model.source=runs/x/final"),
@@ -102,21 +139,22 @@ def sample(
     """Sample completions for the recipe's prompts from a policy (best-of-N when the objective is best_of_n)."""
     from pathlib import Path
 
-    from prefkit.recipe import load_recipe
     from prefkit.models.sampling import sample_recipe
+    from prefkit.preflight import preflight
+    from prefkit.recipe import load_recipe
 
     registry = _report_plugin_problems()
-    try:
-        loaded = load_recipe(recipe, overrides or [], registry=registry)
-        summary = sample_recipe(loaded, Path(output) if output else None, registry=registry)
-    except PrefkitError as exc:
-        _fail(exc, 1)
+    loaded = load_recipe(recipe, overrides or [], registry=registry)
+    target = Path(output) if output else Path(loaded.recipe.output_dir) / "samples.jsonl"
+    preflight(loaded, registry, command="sample", output=target)
+    summary = sample_recipe(loaded, Path(output) if output else None, registry=registry)
     rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in summary.items()
             if not isinstance(v, (dict, list))]
     ui.table("samples", ["", "value"], rows)
 
 
 @app.command()
+@_user_errors
 def rewards() -> None:
     """List every registered reward function with the plugin that registered it."""
     registry = _registry()
@@ -131,6 +169,35 @@ def rewards() -> None:
 
 
 @app.command()
+@_user_errors
+def models() -> None:
+    """List every named model source (model.source) with the plugin that registered it."""
+    registry = _registry()
+    rows = [[name, registry.owner("model_sources", name).label, registry.model_sources[name].description]
+            for name in sorted(registry.model_sources)]
+    ui.table("model sources", ["model source", "plugin", "description"], rows)
+    for problem in registry.problems:
+        ui.warning(problem)
+
+
+@app.command()
+@_user_errors
+def datasets() -> None:
+    """List every named dataset (data.train, data.eval) with its splits and the plugin that registered it."""
+    registry = _registry()
+    rows = []
+    for name in sorted(registry.datasets):
+        dataset = registry.datasets[name]
+        files = dataset.files if isinstance(dataset.files, dict) else {}
+        rows.append([name, ", ".join(sorted(map(str, files))) or "-", registry.owner("datasets", name).label,
+                     dataset.description])
+    ui.table("datasets", ["dataset", "splits", "plugin", "description"], rows)
+    for problem in registry.problems:
+        ui.warning(problem)
+
+
+@app.command()
+@_user_errors
 def objectives() -> None:
     """List every registered objective with its kind and the plugin that registered it (broken plugins marked)."""
     registry = _registry()
@@ -152,6 +219,7 @@ def objectives() -> None:
 
 
 @app.command("data-kinds")
+@_user_errors
 def data_kinds() -> None:
     """List every registered data kind: its completions, extra columns and plugin."""
     registry = _registry()
@@ -164,6 +232,7 @@ def data_kinds() -> None:
 
 
 @app.command()
+@_user_errors
 def plugins(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for machines instead of a table."),
 ) -> None:
@@ -192,6 +261,7 @@ def plugins(
 
 
 @app.command("new-objective")
+@_user_errors
 def new_objective(
     name: str = typer.Argument(..., help="The objective's name, as recipes will write it (e.g. simpo)."),
     directory: str = typer.Option(".", "--directory", "-d", help="Where to create the package folder."),
@@ -201,10 +271,7 @@ def new_objective(
 
     from prefkit.scaffold import new_objective as scaffold
 
-    try:
-        created = scaffold(name, Path(directory), registry=_registry())
-    except PrefkitError as exc:
-        _fail(exc)
+    created = scaffold(name, Path(directory), registry=_registry())
     lines = [f"created {created}/"] + [f"  {p.relative_to(created)}" for p in sorted(created.rglob("*")) if p.is_file()]
     lines.append(f"next: edit {created / (created.name.replace('-', '_') + '.py')}, then: pytest {created}")
     for line in lines:
@@ -223,6 +290,7 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 @app.command()
+@_user_errors
 def compare(
     recipe: str = typer.Argument(..., help="The compare recipe YAML file: arms, shared budget, evaluation."),
     overrides: Optional[List[str]] = typer.Argument(
@@ -230,23 +298,22 @@ def compare(
     validate_only: bool = typer.Option(False, "--validate", help="Check the recipe and every arm; load no model."),
 ) -> None:
     """Train several objectives on the same data, seed and budget, then evaluate them identically."""
-    from prefkit.compare.recipe import load_compare
     from prefkit.compare.harness import run_compare
+    from prefkit.compare.recipe import load_compare
+    from prefkit.preflight import preflight_compare
 
     registry = _report_plugin_problems()
+    loaded = load_compare(recipe, overrides or [], registry=registry)
+    preflight_compare(loaded, registry)
+    if validate_only:
+        arms = ", ".join(f"{a.name} ({a.loaded.objective.name})" for a in loaded.arms)
+        ui.console.print(f"{recipe}: valid compare recipe; arms: {arms}", highlight=False, markup=False)
+        return
+    reporter = ui.RichReporter()
     try:
-        loaded = load_compare(recipe, overrides or [], registry=registry)
-        if validate_only:
-            arms = ", ".join(f"{a.name} ({a.loaded.objective.name})" for a in loaded.arms)
-            ui.console.print(f"{recipe}: valid compare recipe; arms: {arms}", highlight=False)
-            return
-        reporter = ui.RichReporter()
-        try:
-            rows = run_compare(loaded, reporter=reporter, registry=registry)
-        finally:
-            reporter.finish()
-    except PrefkitError as exc:
-        _fail(exc, 2 if validate_only else 1)
+        rows = run_compare(loaded, reporter=reporter, registry=registry)
+    finally:
+        reporter.finish()
     from prefkit.compare.report import console_table
 
     ui.table(*console_table(rows, loaded))  # rows: the CompareResult
@@ -255,6 +322,7 @@ def compare(
 
 
 @app.command()
+@_user_errors
 def label(
     samples: str = typer.Argument(..., help="The samples JSONL written by `prefkit sample`."),
     output: Optional[str] = typer.Option(None, "--output", "-o",
@@ -271,17 +339,21 @@ def label(
     from pathlib import Path
 
     from prefkit.compare.labeling import label_samples, reward_from_options
+    from prefkit.inputs import InputError, check_readable_file
+    from prefkit.preflight import check_output_file
 
     registry = _report_plugin_problems()
+    reward_cfg, params = reward_from_options(reward, reward_params, registry) if reward else (None, None)
+    if reward is None and reward_params:
+        raise PrefkitError("--reward-param needs --reward")
+    target = Path(output) if output else Path(samples).with_name("pairs.jsonl")
     try:
-        reward_cfg, params = reward_from_options(reward, reward_params, registry) if reward else (None, None)
-        if reward is None and reward_params:
-            raise PrefkitError("--reward-param needs --reward")
-        target = Path(output) if output else Path(samples).with_name("pairs.jsonl")
-        report = label_samples(samples, target, reward=reward_cfg, reward_params=params, mode=mode,
-                               rescore=rescore, margin=margin, registry=registry)
-    except PrefkitError as exc:
-        _fail(exc, 1)
+        check_readable_file(samples)
+        check_output_file(target)
+    except InputError as exc:
+        raise PrefkitError(str(exc)) from None
+    report = label_samples(samples, target, reward=reward_cfg, reward_params=params, mode=mode,
+                           rescore=rescore, margin=margin, registry=registry)
     ui.table("label", ["", "value"], [[k, _fmt(v)] for k, v in report.to_dict().items()])
 
 
@@ -303,6 +375,7 @@ def eval_(
 
 
 @app.command()
+@_user_errors
 def export(
     run_dir: str = typer.Argument(..., help="A run folder (output_dir of `prefkit run`)."),
     step: Optional[int] = typer.Option(None, "--step", help="The checkpoint's step (default: the newest)."),
@@ -315,11 +388,8 @@ def export(
     from prefkit.loops.export import export_checkpoint
 
     registry = _report_plugin_problems()
-    try:
-        out = export_checkpoint(Path(run_dir), step=step, out_dir=Path(output) if output else None, dtype=dtype,
-                                registry=registry)
-    except PrefkitError as exc:
-        _fail(exc)
+    out = export_checkpoint(Path(run_dir), step=step, out_dir=Path(output) if output else None, dtype=dtype,
+                            registry=registry)
     ui.console.print(f"exported to {out}")
 
 

@@ -12,17 +12,32 @@ exist (a misspelling) gets one clear message naming the plugin and the cause, in
 
 ``PREFKIT_PLUGINS`` restricts which third-party plugins load: a comma-separated list of entry
 point (or distribution) names. Unset loads all; empty loads none besides the built-ins.
+
+A third-party plugin is imported in a daemon thread and waited for at most
+``PREFKIT_PLUGIN_IMPORT_TIMEOUT`` seconds (default 60; 0 waits forever, in the calling thread): one
+that hangs at import is skipped with a message, one that raises ``KeyboardInterrupt`` or
+``SystemExit`` while importing is reported as broken. A plugin still importing holds the import
+lock of the modules it is in the middle of importing; if one of them is not the plugin's own
+package (say it hangs inside ``import torch``), going on could block prefkit itself, so loading
+stops with a :class:`PluginError` that says so.
+
+What plugins do later (build a model, score texts, ...) runs inside :func:`plugin_errors`, which
+turns an exception into a :class:`PluginError` naming the item, the plugin and its distribution.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.metadata
 import inspect
+import math
 import os
 import re
+import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -30,10 +45,16 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel
 
-from prefkit.api import hookspecs
+from prefkit.api import PrefkitError, hookspecs
 
 ENTRY_POINT_GROUP = "prefkit"
 ENV_VAR = "PREFKIT_PLUGINS"
+TIMEOUT_VAR = "PREFKIT_PLUGIN_IMPORT_TIMEOUT"
+DEFAULT_IMPORT_TIMEOUT = 60.0
+
+
+class PluginError(PrefkitError):
+    """A plugin failed: the message names what it was doing, the plugin and its distribution."""
 BUILTIN_DISTRIBUTION = "prefkit"
 
 # hook name -> registry attribute
@@ -346,6 +367,9 @@ def build_registry(extra_plugins: dict[str, Any] | None = None) -> Registry:
     registry = Registry(selection=os.environ.get(ENV_VAR))
     pm = get_plugin_manager()
     wanted = selected_names()
+    timeout, problem = import_timeout()
+    if problem:
+        registry._problem(None, problem)
 
     found = [(_info_for(ep), ep) for ep in _entry_points()]
     found.sort(key=lambda pair: (not pair[0].builtin, pair[0].name))  # built-ins first: they keep their names
@@ -366,11 +390,10 @@ def build_registry(extra_plugins: dict[str, Any] | None = None) -> Registry:
             if not keys & wanted:
                 info.loaded, info.disabled = False, True
                 continue
-        try:
-            plugin = ep.load()
-        except (Exception, SystemExit) as exc:  # a broken plugin must not take the others down
+        plugin, failure = _import(ep, info, None if info.builtin else timeout)
+        if failure is not None:
             info.loaded = False
-            registry._problem(info, f"failed to import {ep.value}: {_describe(exc)}{_where(exc)}")
+            registry._problem(info, failure)
             continue
         if _register(registry, pm, info, plugin):
             order.append((info, plugin))
@@ -393,6 +416,62 @@ def build_registry(extra_plugins: dict[str, Any] | None = None) -> Registry:
                     _collect(registry, kind, info, impl)
     _check_data_kinds_exist(registry)
     return registry
+
+
+def import_timeout() -> tuple[float | None, str | None]:
+    """Seconds to wait for one plugin's import (None: no limit), and a problem with the setting."""
+    value = os.environ.get(TIMEOUT_VAR, "").strip()
+    if not value:
+        return DEFAULT_IMPORT_TIMEOUT, None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if math.isnan(seconds) or seconds < 0:
+        return DEFAULT_IMPORT_TIMEOUT, (f"{TIMEOUT_VAR}={value!r} is not a number of seconds (0 waits forever); "
+                                        f"using {DEFAULT_IMPORT_TIMEOUT:g}")
+    return (None if seconds == 0 or math.isinf(seconds) else seconds), None
+
+
+def _import(ep: importlib.metadata.EntryPoint, info: PluginInfo, timeout: float | None) -> tuple[Any, str | None]:
+    """``(plugin, None)``, or ``(None, why it failed)``. With a timeout the import runs in a daemon
+    thread; an import that does not finish in time is abandoned (see the module's docstring)."""
+    if timeout is None:
+        try:
+            return ep.load(), None
+        except BaseException as exc:  # noqa: BLE001 - a plugin raising KeyboardInterrupt/SystemExit is broken
+            if isinstance(exc, KeyboardInterrupt) and info.builtin:
+                raise
+            return None, f"failed to import {ep.value}: {_describe(exc)}{_where(exc)}"
+    outcome: dict[str, Any] = {}
+
+    def load() -> None:
+        try:
+            outcome["plugin"] = ep.load()
+        except BaseException as exc:  # noqa: BLE001 - reported, never re-raised in this thread
+            outcome["error"] = exc
+
+    before = set(sys.modules)
+    thread = threading.Thread(target=load, name=f"prefkit-import-{ep.name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        own = ep.value.split(":")[0].split(".")[0]
+        stuck = sorted(name for name, module in list(sys.modules.items())
+                       if name not in before and getattr(getattr(module, "__spec__", None), "_initializing", False))
+        foreign = [name for name in stuck if name.split(".")[0] != own]
+        if foreign:
+            raise PluginError(
+                f"plugin {info.name!r} ({info.source}) did not finish importing within {timeout:g} s and is stuck "
+                f"importing {foreign[0]!r}, which prefkit may need too, so it cannot go on safely; uninstall the "
+                f"plugin, leave it out with {ENV_VAR}, or wait longer with {TIMEOUT_VAR}"
+            )
+        return None, (f"did not finish importing within {timeout:g} s; skipped (set {TIMEOUT_VAR} to wait longer, "
+                      f"or leave it out with {ENV_VAR})")
+    if "error" in outcome:
+        exc = outcome["error"]
+        return None, f"failed to import {ep.value}: {_describe(exc)}{_where(exc)}"
+    return outcome.get("plugin"), None
 
 
 def _check_data_kinds_exist(registry: Registry) -> None:
@@ -481,7 +560,7 @@ def _collect(registry: Registry, kind: str, info: PluginInfo, impl: Any) -> None
     available = {"register": pending.append}
     try:
         impl.function(**{arg: available[arg] for arg in impl.argnames})
-    except (Exception, SystemExit) as exc:
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:
         registry._problem(info, f"raised in {hook_name}: {_describe(exc)}{_where(exc)}; "
                                 f"nothing it registered there is used")
         return
@@ -508,6 +587,33 @@ def _collect(registry: Registry, kind: str, info: PluginInfo, impl: Any) -> None
         table[name] = item
         registry.owners[(kind, name)] = info.name
         info.registered.setdefault(kind, []).append(name)
+
+
+# ----------------------------------------------------------------------------- calling plugins
+
+
+def plugin_label(registry: Any, kind: str, name: str) -> str:
+    """``model source 'x' (plugin 'ep', distribution prefkit-foo 1.0)``, as far as ``registry`` knows."""
+    word = KIND_WORDS.get(kind, kind)
+    try:
+        info = registry.owner(kind, name)
+    except (AttributeError, KeyError):
+        return f"{word} {name!r}"
+    return f"{word} {name!r} (plugin {info.name!r}, distribution {info.source})"
+
+
+@contextlib.contextmanager
+def plugin_errors(registry: Any, kind: str, name: str, what: str) -> Iterator[None]:
+    """Run plugin code; an exception in it becomes a PluginError naming ``what`` it was doing, the
+    item, its plugin and distribution. A PrefkitError (the plugin's own clear message) passes
+    through; KeyboardInterrupt (the user's Ctrl-C) too."""
+    try:
+        yield
+    except PrefkitError:
+        raise
+    except (Exception, SystemExit) as exc:
+        raise PluginError(f"{plugin_label(registry, kind, name)}: {what} failed: {_describe(exc)}{_where(exc)}; "
+                          "this is an error in the plugin (or what it needs): report it to its authors") from exc
 
 
 @lru_cache(maxsize=1)

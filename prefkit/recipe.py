@@ -4,34 +4,59 @@
 document with pydantic models that refuse unknown keys, then looks the objective (and a
 named model source) up in the plugin registry and validates their own parameter blocks.
 Every problem is reported with the file and the key path; no model is loaded here.
+
+Numbers are bounded (a learning rate is positive and finite, Adam's betas lie in [0, 1), a
+seed fits every random generator, ...), infinite and NaN values are refused anywhere in the
+document, a key written twice is refused, and an unknown key or name gets a "did you mean".
 """
 
 from __future__ import annotations
 
 import os
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from prefkit.api.errors import RecipeError
+from prefkit.inputs import (
+    InputError,
+    check_readable_file,
+    check_shape,
+    closest,
+    did_you_mean,
+    exists,
+    load_yaml,
+    path_problem,
+    read_text,
+    value_problems,
+)
 
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
+# Bounds far beyond any sensible run, that stop a typo (an extra zero, a wrong unit) from hanging a machine.
+MAX_STEPS = 10_000_000
+MAX_BATCH = 65_536
+MAX_TOKENS = 1_048_576
+SEED_LIMIT = 2**32  # numpy's generators take seeds in [0, 2**32)
+MAX_RECIPE_BYTES = 16 * 1024 * 1024
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class LoraConfig(Strict):
     """LoRA adapters through peft. The reference model is the base with the adapter disabled."""
 
-    r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
+    r: int = Field(8, gt=0, le=4096)
+    alpha: int = Field(16, gt=0, le=1_000_000)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
@@ -55,6 +80,13 @@ class ModelConfig(Strict):
     )
     lora: LoraConfig | None = None
 
+    @field_validator("source", "gguf_file", "tokenizer", "revision")
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty")
+        return value
+
 
 class DataConfig(Strict):
     train: str = Field(description="A named dataset, a local JSONL/JSON/CSV/Parquet file, or a hub dataset.")
@@ -64,12 +96,19 @@ class DataConfig(Strict):
     subset: str | None = Field(None, description="Hub dataset configuration name.")
     format: Literal["auto", "standard", "conversational"] = "auto"
     chat_template: Literal["auto", "always", "never"] = "auto"
-    max_length: int = Field(512, gt=1, description="Prompt plus completion, in tokens.")
-    max_prompt_length: int | None = Field(256, gt=0)
+    max_length: int = Field(512, gt=1, le=MAX_TOKENS, description="Prompt plus completion, in tokens.")
+    max_prompt_length: int | None = Field(256, gt=0, le=MAX_TOKENS)
     truncation: Literal["truncate", "drop", "error"] = "truncate"
     bad_rows: Literal["error", "skip"] = "error"
     max_rows: int | None = Field(None, gt=0)
     max_eval_rows: int | None = Field(None, gt=0)
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _source(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty; name a dataset or a file")
+        return value
 
 
 class ObjectiveConfig(Strict):
@@ -87,33 +126,33 @@ class RewardConfig(Strict):
 class SamplingConfig(Strict):
     """How completions are sampled from a policy (generation, best-of-N, evaluation)."""
 
-    max_new_tokens: int = Field(64, gt=0)
-    temperature: float = Field(1.0, ge=0.0, description="0 means greedy decoding.")
+    max_new_tokens: int = Field(64, gt=0, le=MAX_TOKENS)
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 means no top-k filtering.")
-    num_samples: int = Field(1, gt=0, description="Completions per prompt.")
-    batch_size: int = Field(16, gt=0, description="Sequences generated together.")
-    seed: int | None = Field(None, description="Default: the recipe's seed.")
+    num_samples: int = Field(1, gt=0, le=MAX_BATCH, description="Completions per prompt.")
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH, description="Sequences generated together.")
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="Default: the recipe's seed.")
 
 
 class TrainConfig(Strict):
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
-    epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(4, gt=0, description="Examples per micro-batch, over all processes (the global "
-                            "batch; each of N processes takes batch_size / N).")
-    grad_accum_steps: int = Field(1, gt=0)
-    lr: float = Field(5e-6, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = Field(1e-8, gt=0)
+    max_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="Optimizer steps; overrides epochs.")
+    epochs: float = Field(1.0, gt=0, le=1_000_000)
+    batch_size: int = Field(4, gt=0, le=MAX_BATCH, description="Examples per micro-batch, over all processes (the "
+                            "global batch; each of N processes takes batch_size / N).")
+    grad_accum_steps: int = Field(1, gt=0, le=MAX_BATCH)
+    lr: float = Field(5e-6, gt=0, le=10.0)
+    weight_decay: float = Field(0.0, ge=0, le=100.0)
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Each in [0, 1).")
+    adam_eps: float = Field(1e-8, gt=0, le=1.0)
     scheduler: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
-    log_every: int = Field(1, gt=0)
-    eval_every: int | None = Field(None, gt=0)
-    save_every: int | None = Field(None, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(1, gt=0, le=MAX_STEPS)
+    eval_every: int | None = Field(None, gt=0, le=MAX_STEPS)
+    save_every: int | None = Field(None, gt=0, le=MAX_STEPS)
+    keep_checkpoints: int = Field(2, gt=0, le=10_000)
     final_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="The dtype of final/'s weights; auto: bf16 when training ran in bf16, else fp32."
     )
@@ -123,10 +162,18 @@ class TrainConfig(Strict):
     )
     project: str = Field("prefkit", description="The trackers' project (wandb project, MLflow experiment).")
 
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        for name, beta in zip(("beta1", "beta2"), value):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"{name} is {beta}; Adam's betas must lie in [0, 1), e.g. [0.9, 0.999]")
+        return value
+
 
 class Recipe(Strict):
     output_dir: str
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     cache_dir: str | None = Field(None, description="Default: $PREFKIT_CACHE or ~/.cache/prefkit.")
     model: ModelConfig
     data: DataConfig
@@ -136,10 +183,25 @@ class Recipe(Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
     def resolved_cache_dir(self) -> Path:
-        if self.cache_dir:
-            return Path(self.cache_dir).expanduser()
-        env = os.environ.get("PREFKIT_CACHE")
-        return Path(env).expanduser() if env else Path.home() / ".cache" / "prefkit"
+        return cache_dir_of(self.cache_dir)
+
+    def cache_dir_origin(self) -> str:
+        return cache_dir_origin(self.cache_dir)
+
+
+def cache_dir_of(configured: str | None) -> Path:
+    """The prefkit cache: the recipe's ``cache_dir``, else $PREFKIT_CACHE, else ~/.cache/prefkit."""
+    if configured:
+        return Path(configured).expanduser()
+    env = os.environ.get("PREFKIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "prefkit"
+
+
+def cache_dir_origin(configured: str | None) -> str:
+    """Where the cache folder was chosen, in the words a message uses."""
+    if configured:
+        return "cache_dir"
+    return "the cache folder $PREFKIT_CACHE" if os.environ.get("PREFKIT_CACHE") else "the cache folder ~/.cache/prefkit"
 
 
 @dataclass
@@ -167,32 +229,89 @@ def _loc(loc: tuple) -> str:
     return ".".join(str(part) for part in loc)
 
 
-def _problems(error: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+def _problems(error: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> list[tuple[str, str]]:
+    """pydantic's errors as (key path, message); an unknown key gets a "did you mean" from ``model``'s keys."""
     out = []
     for item in error.errors():
         path = _loc(item["loc"])
         if prefix:
             path = f"{prefix}.{path}" if path else prefix
-        message = item["msg"]
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+            if model is not None:
+                message += _suggest_key(item["loc"][-1], keys_at(model, item["loc"][:-1]))
         elif item["type"] == "missing":
             message = "required key is missing"
+        elif item["type"] == "finite_number":
+            message = "must be a finite number (not inf or nan)"
         out.append((path, message))
     return out
+
+
+# Names other trainers (transformers' TrainingArguments, TRL) use for keys a recipe spells otherwise.
+KEY_ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "epoch": "epochs",
+    "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps", "logging_steps": "log_every", "save_steps": "save_every",
+    "eval_steps": "eval_every", "lr_scheduler_type": "scheduler", "adam_beta1": "adam_betas",
+    "adam_beta2": "adam_betas", "adam_epsilon": "adam_eps", "warmup": "warmup_steps", "clip_grad_norm": "max_grad_norm",
+    "save_total_limit": "keep_checkpoints", "report_to": "trackers", "model_name_or_path": "source",
+    "max_seq_length": "max_length", "max_len": "max_length", "dataset": "train", "train_file": "train",
+    "eval_file": "eval", "max_prompt_len": "max_prompt_length", "bf16": "precision", "fp16": "precision",
+}
+
+
+def _suggest_key(key: Any, known: list[str]) -> str:
+    """``"; did you mean 'lr'?"`` for an unknown key: a near spelling of a known key, or another
+    trainer's name for one (``learning_rate``, or a near spelling of it)."""
+    hint = did_you_mean(key, known)
+    if hint or not isinstance(key, str):
+        return hint
+    aliases = {alias: target for alias, target in KEY_ALIASES.items() if target in known}
+    alias = aliases.get(key.lower()) and key.lower() or closest(key, aliases, cutoff=0.8)
+    return f"; did you mean {aliases[alias]!r}?" if alias else ""
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model (or list item type) inside ``X | None``, ``list[X]``, ..."""
+    origin = typing.get_origin(annotation)
+    if origin is None:
+        return annotation
+    for arg in typing.get_args(annotation):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return annotation
+
+
+def keys_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys the pydantic ``model`` accepts at ``loc`` (a pydantic error location), or []."""
+    node: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            args = typing.get_args(node)
+            node = args[0] if typing.get_origin(node) is list and args else None
+        else:
+            node = _model_in(node)
+            if not (isinstance(node, type) and issubclass(node, BaseModel)) or part not in node.model_fields:
+                return []
+            node = node.model_fields[part].annotation
+        node = _model_in(node)
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``train.lr=1e-5`` -> (["train", "lr"], 1e-05). The value is read as YAML."""
     if "=" not in text:
-        raise RecipeError("override", [(text, "expected dotted.key=value")])
+        raise RecipeError("override", [(f"override {text!r}", "expected dotted.key=value, e.g. train.lr=1e-5")])
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
-    if not all(parts):
-        raise RecipeError("override", [(key, "expected dotted.key=value")])
+    if not all(part.strip() for part in parts):
+        raise RecipeError("override", [(f"override {text!r}", "expected dotted.key=value, e.g. train.lr=1e-5")])
+    parts = [part.strip() for part in parts]
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = load_yaml(raw) if raw.strip() else None
+    except InputError:
         value = raw
     if isinstance(value, str) and _FLOAT.match(value):
         value = float(value)  # YAML 1.1 reads "1e-5" as a string
@@ -214,25 +333,71 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def file_error(where: str, reason: str) -> RecipeError:
+    """A RecipeError about the file as a whole: ``FILE: reason`` (no key path)."""
+    error = RecipeError(where, [("", reason)])
+    error.args = (f"{where}: {reason}",)
+    return error
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A recipe file's document: UTF-8 YAML, read safely, no key written twice, a mapping."""
     where = str(path)
     try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise RecipeError(where, [("", "file not found")]) from None
+        size = check_readable_file(path).stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise InputError(path, f"is {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,} (is this a data file?)")
+        data = load_yaml(read_text(path), where)
     except OSError as exc:
-        raise RecipeError(where, [("", f"cannot read: {exc.strerror}")]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(where, [(at, f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
+        raise file_error(where, f"cannot read: {exc.strerror or type(exc).__name__}") from None
+    except InputError as exc:
+        raise file_error(where, exc.reason) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError(where, [("", "the recipe must be a mapping of keys to values")])
+        raise file_error(where, "the recipe must be a mapping of keys to values (key: value lines)")
     return data
+
+
+def check_finite(data: Any, where: str, prefix: str = "") -> None:
+    """Refuse infinite and NaN numbers (and strings holding a NUL or an unpaired surrogate) anywhere
+    in ``data``, naming their key paths."""
+    bad = value_problems(data, prefix)
+    if bad:
+        raise RecipeError(where, bad)
+
+
+SMOKE_STEPS = 10  # runs shorter than this are smoke tests: a recipe's warmup may outlast them
+
+
+def warmup_beyond_run(warmup_steps: int, steps: int) -> bool:
+    """A warmup longer than a real run (one of at least SMOKE_STEPS steps) never reaches the
+    learning rate: a mistake. A smoke test (``train.max_steps=2`` on a recipe warming up for 5) is not."""
+    return steps >= SMOKE_STEPS and warmup_steps > steps
+
+
+def check_paths(where: str, values: dict[str, str | None]) -> None:
+    """Refuse settings that cannot be paths on this machine (too long), naming their keys."""
+    problems = [(key, problem) for key, value in values.items() if value and (problem := path_problem(value))]
+    if problems:
+        raise RecipeError(where, problems)
+
+
+def looks_like_path(text: str) -> bool:
+    """Written as a path (or a hub id): a separator, a leading ``.`` or ``~``, or a file suffix."""
+    return "/" in text or "\\" in text or text.startswith((".", "~")) or bool(Path(text).suffix)
+
+
+def misspelt_name(value: str, table: dict, kind: str, path: str) -> tuple[str, str] | None:
+    """A bare name (not a path, not an existing file) close to a registered name is a typo; say
+    which name was meant rather than trying the hub. Hub ids (org/name) and paths pass."""
+    if value in table or looks_like_path(value) or exists(value):
+        return None
+    meant = closest(value, table, cutoff=0.75)
+    if meant is None:
+        return None
+    return path, (f"{value!r} is not a registered {kind}, a local path or a hub id (org/name); "
+                  f"did you mean {meant!r}?")
 
 
 def _plugin_block(table: dict, name: str, raw: dict, where: str, *, kind: str, name_path: str,
@@ -244,20 +409,47 @@ def _plugin_block(table: dict, name: str, raw: dict, where: str, *, kind: str, n
     plugin = table.get(name)
     if plugin is None:
         known = ", ".join(sorted(table)) or "none"
-        raise RecipeError(where, [(name_path, f"unknown {kind} {name!r}; registered: {known}")])
+        raise RecipeError(where, [(name_path, f"unknown {kind} {name!r}{did_you_mean(name, table)} "
+                                              f"(registered: {known})")])
+    if not isinstance(raw, dict):
+        raise RecipeError(where, [(params_path, f"should be a mapping of parameters, got {type(raw).__name__}")])
     try:
-        return plugin, plugin.Params.model_validate(raw)
+        params = plugin.Params.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(where, _problems(exc, params_path)) from None
+        raise RecipeError(where, _problems(exc, params_path, plugin.Params)) from None
+    except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as exc:  # a plugin's own validator
+        raise RecipeError(where, [(params_path, f"{kind} {name!r} could not check its parameters: "
+                                                f"{type(exc).__name__}: {exc}")]) from None
+    check_finite(params.model_dump(), where, params_path)
+    return plugin, params
 
 
 def validate_recipe(data: dict[str, Any], where: str, registry: Any) -> LoadedRecipe:
     """Validate a recipe document and its plugin parameter blocks against ``registry`` (a
     :class:`prefkit.plugins.Registry`). Raises RecipeError."""
     try:
+        check_shape(data, where)
+    except InputError as exc:
+        raise file_error(where, exc.reason) from None
+    check_finite(data, where)
+    try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(where, _problems(exc)) from None
+        raise RecipeError(where, _problems(exc, model=Recipe)) from None
+    check_paths(where, {"output_dir": recipe.output_dir, "cache_dir": recipe.cache_dir,
+                        "model.source": recipe.model.source, "model.tokenizer": recipe.model.tokenizer,
+                        "model.gguf_file": recipe.model.gguf_file, "data.train": recipe.data.train,
+                        "data.eval": recipe.data.eval})
+    train = recipe.train
+    if train.max_steps is not None and warmup_beyond_run(train.warmup_steps, train.max_steps):
+        raise RecipeError(where, [("train.warmup_steps", f"{train.warmup_steps} is more than train.max_steps "
+                                                         f"({train.max_steps}), so the learning rate would never "
+                                                         "reach train.lr; lower it")])
+    typos = [misspelt_name(recipe.model.source, registry.model_sources, "model source", "model.source"),
+             misspelt_name(recipe.data.train, registry.datasets, "dataset", "data.train"),
+             misspelt_name(recipe.data.eval, registry.datasets, "dataset", "data.eval") if recipe.data.eval else None]
+    if any(typos):
+        raise RecipeError(where, [typo for typo in typos if typo])
 
     objective, params = _plugin_block(registry.objectives, recipe.objective.name, recipe.objective.params, where,
                                       kind="objective", name_path="objective.name", params_path="objective.params")
@@ -267,20 +459,26 @@ def validate_recipe(data: dict[str, Any], where: str, registry: Any) -> LoadedRe
         _, model_options = _plugin_block(registry.model_sources, recipe.model.source, recipe.model.options, where,
                                          kind="model source", name_path="model.source", params_path="model.options")
     elif recipe.model.options:
+        hint = did_you_mean(recipe.model.source, registry.model_sources)
         raise RecipeError(
             where,
-            [("model.options", f"only a named model source takes options; {recipe.model.source!r} is not one")],
+            [("model.options", f"only a named model source takes options; {recipe.model.source!r} is not one"
+                               f"{hint or ' (see `prefkit models`)'}")],
         )
     reward_params = None
     if recipe.reward is not None:
         _, reward_params = _plugin_block(registry.reward_functions, recipe.reward.name, recipe.reward.params, where,
                                          kind="reward function", name_path="reward.name", params_path="reward.params")
-    needs = objective.needs(params)
+    from prefkit.plugins import plugin_errors
+
+    with plugin_errors(registry, "objectives", objective.name, "needs()"):
+        needs = objective.needs(params)
     if recipe.reward is None and needs.reward:
         raise RecipeError(where, [("reward", f"objective {objective.name!r} needs a reward source")])
     if needs.data not in registry.data_kinds:
         known = ", ".join(sorted(registry.data_kinds)) or "none"
-        raise RecipeError(where, [("objective.name", f"objective {objective.name!r} needs data kind {needs.data!r}, "
+        raise RecipeError(where, [("objective.name", f"objective {objective.name!r} needs data kind {needs.data!r}"
+                                                     f"{did_you_mean(needs.data, registry.data_kinds)}, "
                                                      f"which no plugin registers (data kinds: {known})")])
     return LoadedRecipe(recipe=recipe, path=where, objective=objective, params=params,
                         model_options=model_options, reward_params=reward_params)

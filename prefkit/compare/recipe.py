@@ -36,8 +36,12 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from prefkit.api.errors import RecipeError
+from prefkit.inputs import InputError, check_shape
 from prefkit.loops.online import check_online_recipe
 from prefkit.recipe import (
+    MAX_BATCH,
+    MAX_TOKENS,
+    SEED_LIMIT,
     DataConfig,
     LoadedRecipe,
     ModelConfig,
@@ -47,6 +51,12 @@ from prefkit.recipe import (
     TrainConfig,
     _plugin_block,
     _problems,
+    cache_dir_of,
+    cache_dir_origin,
+    check_finite,
+    check_paths,
+    file_error,
+    misspelt_name,
     parse_override,
     read_yaml,
     validate_recipe,
@@ -95,12 +105,13 @@ class EvaluationConfig(Strict):
     max_prompts: int | None = Field(None, gt=0, description="Use only the first prompts.")
     temperatures: list[float] = Field(default_factory=lambda: [1.0], min_length=1,
                                       description="Sample every policy at each of these temperatures.")
-    max_new_tokens: int = Field(64, gt=0)
+    max_new_tokens: int = Field(64, gt=0, le=MAX_TOKENS)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    num_samples: int = Field(1, gt=0, description="Completions per prompt and temperature.")
-    batch_size: int = Field(16, gt=0, description="Sequences generated or scored together.")
-    seed: int | None = Field(None, description="Sampling seed, the same for every arm and seed. Default: each seed itself.")
+    num_samples: int = Field(1, gt=0, le=MAX_BATCH, description="Completions per prompt and temperature.")
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH, description="Sequences generated or scored together.")
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT,
+                             description="Sampling seed, the same for every arm and seed. Default: each seed itself.")
     gold: RewardConfig = Field(description="The gold reward function every sample is scored with.")
     judge: RewardConfig | None = Field(None, description="Decides win rates. Default: `gold`.")
     win_against: Literal["reference", "chosen"] = Field(
@@ -124,8 +135,8 @@ class EvaluationConfig(Strict):
     @field_validator("temperatures")
     @classmethod
     def _temperatures(cls, value: list[float]) -> list[float]:
-        if any(t < 0 for t in value):
-            raise ValueError("temperatures must be >= 0 (0 is greedy decoding)")
+        if any(t < 0 or t > 100 for t in value):
+            raise ValueError("temperatures must lie in [0, 100] (0 is greedy decoding)")
         if len(set(value)) != len(value):
             raise ValueError("temperatures must not repeat")
         return value
@@ -150,7 +161,7 @@ class Budget(Strict):
 
 class CompareRecipe(Strict):
     output_dir: str = Field(description="The compare directory: arms/, results, plots and report.")
-    seed: int = Field(0, description="The seed when `seeds` is not set.")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="The seed when `seeds` is not set.")
     seeds: list[int] | None = Field(
         None, min_length=1, description="Train and evaluate every arm once per seed. Default: `[seed]`.")
     budget: Budget | None = Field(None, description="One budget for every trained arm (epochs or labels).")
@@ -177,10 +188,10 @@ class CompareRecipe(Strict):
         return list(self.seeds) if self.seeds is not None else [self.seed]
 
     def resolved_cache_dir(self) -> Path:
-        if self.cache_dir:
-            return Path(self.cache_dir).expanduser()
-        env = os.environ.get("PREFKIT_CACHE")
-        return Path(env).expanduser() if env else Path.home() / ".cache" / "prefkit"
+        return cache_dir_of(self.cache_dir)
+
+    def cache_dir_origin(self) -> str:
+        return cache_dir_origin(self.cache_dir)
 
     def arm_dir(self, name: str, seed: int) -> Path:
         """An arm's run directory for one seed: ``<output_dir>/arms/<name>/seed-<seed>``."""
@@ -405,11 +416,20 @@ def validate_compare(data: dict[str, Any], where: str, *, registry: Any) -> Load
     """Validate a compare document and every arm's run recipe. Raises RecipeError with compare paths."""
 
     try:
+        check_shape(data, where)
+    except InputError as exc:
+        raise file_error(where, exc.reason) from None
+    check_finite(data, where)
+    try:
         compare = CompareRecipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(where, _problems(exc)) from None
+        raise RecipeError(where, _problems(exc, model=CompareRecipe)) from None
 
+    check_paths(where, {"output_dir": compare.output_dir, "evaluation.prompts": compare.evaluation.prompts})
     problems: list[tuple[str, str]] = []
+    if compare.evaluation.prompts is not None:
+        typo = misspelt_name(compare.evaluation.prompts, registry.datasets, "dataset", "evaluation.prompts")
+        problems += [typo] if typo else []
     first_use: dict[str, int] = {}
     for i, arm in enumerate(compare.arms):
         if arm.name in first_use:

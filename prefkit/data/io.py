@@ -4,15 +4,34 @@ Hugging Face hub dataset, read into plain dicts. Nothing here checks what the ro
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
+from collections.abc import Mapping
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
 from prefkit.api import DataError, NamedDataset
+from prefkit.inputs import (
+    MAX_DEPTH,
+    InputError,
+    check_readable_file,
+    check_shape,
+    closest,
+    decode_utf8,
+    exists,
+    is_dir,
+    is_file,
+    json_value,
+    read_bytes,
+)
 from prefkit.data.rows import listing as _listing
 from prefkit.data.rows import type_name as _type_name
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+_CACHE_SIZE = 4  # files whose rows are kept (by content), so the checks before a run and the run parse once
+_cache: dict[tuple, list[dict]] = {}
 
 
 def load_rows(
@@ -23,106 +42,220 @@ def load_rows(
     ``source`` is, in this order: a registered dataset name (``registry.datasets``), a local
     ``.jsonl``/``.json``/``.csv``/``.parquet`` file (relative to the current directory) or
     folder, or a hub dataset id for ``datasets.load_dataset(source, subset, split=split)``.
-    A local file has one split, so ``split`` only labels it in messages.
+    A local file has one split, so ``split`` only labels it in messages. A bare name that is
+    not a file but close to a registered dataset's name is refused with "did you mean".
     """
     named = registry.datasets.get(source)
     if named is not None:
-        return _load_named(named, split), named.name
+        return _load_named(named, split, registry), named.name
 
     path = Path(source).expanduser()
-    if path.is_file():
+    if is_file(path) or (exists(path) and not is_dir(path)):  # a FIFO or a device is refused by read_file
         return read_file(path, split), source
-    if path.is_dir():
+    if is_dir(path):
+        if path.suffix.lower() in FILE_SUFFIXES:
+            raise DataError(f"{source} ({split}): is a directory, not a {path.suffix} file")
         return _load_hub(source, split, subset), source
     if path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
         raise DataError(f"{source} ({split}): file not found (looked in {path.absolute().parent})")
+    meant = closest(source, registry.datasets, cutoff=0.75) if "/" not in source else None
+    if meant is not None:
+        raise DataError(f"{source} ({split}): not a registered dataset, a local file or a hub id (org/name); "
+                        f"did you mean {meant!r}? (`prefkit datasets` lists them)")
     return _load_hub(source, split, subset), source
 
 
-def _load_named(named: NamedDataset, split: str) -> list[dict]:
-    path = named.files.get(split)
+def is_local_source(source: str, registry: Any) -> bool:
+    """Whether :func:`load_rows` reads ``source`` from this machine (or refuses it) without the hub."""
+    if source in registry.datasets:
+        return True
+    path = Path(source).expanduser()
+    if is_file(path) or (exists(path) and not is_dir(path)):
+        return True
+    if is_dir(path):
+        return path.suffix.lower() in FILE_SUFFIXES
+    return path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")) or (
+        "/" not in source and closest(source, registry.datasets, cutoff=0.75) is not None)
+
+
+def _load_named(named: NamedDataset, split: str, registry: Any) -> list[dict]:
+    files = getattr(named, "files", None)
+    if not isinstance(files, Mapping):
+        raise DataError(f"{named.name} ({split}): {_owner(registry, named.name)} gives no files for it "
+                        f"(`files` is {type(files).__name__}, not a mapping of split -> file); report it to the "
+                        "plugin's authors")
+    path = files.get(split)
     if path is None:
-        splits = ", ".join(sorted(named.files)) or "none"
+        splits = ", ".join(sorted(map(str, files))) or "none"
         raise DataError(f"{named.name} ({split}): dataset {named.name!r} has no split {split!r}; its splits: {splits}")
-    if not Path(path).is_file():
-        raise DataError(f"{named.name} ({split}): the dataset's file {path} is missing")
+    if not isinstance(path, (str, PathLike)):
+        raise DataError(f"{named.name} ({split}): {_owner(registry, named.name)} gives {type(path).__name__} as the "
+                        "file of this split, not a path")
+    if not is_file(path):
+        raise DataError(f"{named.name} ({split}): the dataset's file {path} is missing "
+                        f"({_owner(registry, named.name)}; reinstall it)")
     return read_file(Path(path), split, shown_as=named.name)
 
 
+def _owner(registry: Any, name: str) -> str:
+    """``dataset 'x' of plugin 'ep' (dist version)``, as far as the registry knows."""
+    try:
+        info = registry.owner("datasets", name)
+    except (AttributeError, KeyError):
+        return f"dataset {name!r}"
+    return f"dataset {name!r} of plugin {info.name!r} ({info.source})"
+
+
 def read_file(path: Path, split: str, *, shown_as: str | None = None) -> list[dict]:
-    """Read a local JSONL, JSON, CSV or Parquet file into rows (dicts)."""
+    """Read a local JSONL, JSON, CSV or Parquet file into rows (dicts).
+
+    Every way a file can be unreadable (missing, a directory, no permission, not UTF-8, corrupt,
+    nested too deeply, ...) raises a DataError naming the file and, where there is one, the line.
+    """
     where = f"{shown_as or path} ({split})"
     suffix = path.suffix.lower()
+    if suffix not in FILE_SUFFIXES:
+        raise DataError(f"{where}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
     try:
-        if suffix == ".jsonl":
-            return _read_jsonl(path, where)
-        if suffix == ".json":
-            return _read_json(path, where)
-        if suffix == ".csv":
-            return _read_csv(path)
+        checked = check_readable_file(path)
+        data = read_bytes(checked)
+    except InputError as exc:
+        raise DataError(f"{where}: {exc.reason}") from None
+    key = (suffix, hashlib.blake2b(data, digest_size=16).digest())  # the same bytes parse to the same rows
+    if key in _cache:
+        return list(_cache[key])
+    try:
         if suffix == ".parquet":
-            return _read_parquet(path)
-    except OSError as exc:
-        raise DataError(f"{where}: cannot read the file: {exc}") from None
-    raise DataError(f"{where}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+            rows = _read_parquet(data, where)
+        else:
+            text = decode_utf8(data, path)
+            rows = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}[suffix](text, where)
+    except InputError as exc:
+        raise DataError(f"{where}: {exc.reason}") from None
+    if len(_cache) >= _CACHE_SIZE:
+        _cache.pop(next(iter(_cache)))
+    _cache[key] = rows
+    return list(rows)
 
 
-def _read_jsonl(path: Path, where: str) -> list[dict]:
+def _read_jsonl(text: str, where: str) -> list[dict]:
     """One JSON object per line; blank lines are ignored, so row N is the N-th object."""
     rows, problems = [], []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"line {line_no}: not valid JSON ({exc.msg})")
-                continue
-            if not isinstance(value, dict):
-                problems.append(f"line {line_no}: expected a JSON object, got {_type_name(value)}")
-                continue
-            rows.append(value)
+    for line_no, line in enumerate(io.StringIO(text, newline=None), start=1):  # split at line ends only
+        if not line.strip():
+            continue
+        try:
+            value = json_value(line)
+        except ValueError as exc:
+            problems.append(f"line {line_no}: not valid JSON ({getattr(exc, 'msg', exc)})")
+            continue
+        if not isinstance(value, dict):
+            problems.append(f"line {line_no}: expected a JSON object, got {_type_name(value)}")
+            continue
+        problem = _shape_problem(value)
+        if problem:
+            problems.append(f"line {line_no}: {problem}")
+            continue
+        rows.append(value)
     if problems:
         raise DataError(_listing(f"{where}: the file is not valid JSON lines", problems))
     return rows
 
 
-def _read_json(path: Path, where: str) -> list[dict]:
+def _read_json(text: str, where: str) -> list[dict]:
     """A JSON list of objects, or a JSON object of equally long columns; JSON lines also work."""
-    text = path.read_text(encoding="utf-8")
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return _read_jsonl(path, where)  # a .json file holding JSON lines, as `datasets` allows
+        value = json_value(text)
+    except json.JSONDecodeError as exc:
+        if _looks_like_json_lines(text):
+            return _read_jsonl(text, where)  # a .json file holding JSON lines, as `datasets` allows
+        raise DataError(f"{where}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except ValueError as exc:
+        raise DataError(f"{where}: not valid JSON: {exc}") from None
     if isinstance(value, dict) and value and all(isinstance(col, list) for col in value.values()):
         columns = list(value)
         lengths = {len(value[c]) for c in columns}
         if len(lengths) != 1:
             raise DataError(f"{where}: the JSON columns have different lengths")
-        return [{c: value[c][i] for c in columns} for i in range(lengths.pop())]
-    if not isinstance(value, list):
+        rows = [{c: value[c][i] for c in columns} for i in range(lengths.pop())]
+    elif not isinstance(value, list):
         raise DataError(f"{where}: expected a JSON list of objects, got {_type_name(value)}")
-    not_objects = [
-        f"row {i}: expected a JSON object, got {_type_name(item)}"
-        for i, item in enumerate(value, start=1)
-        if not isinstance(item, dict)
+    else:
+        rows = value
+    problems = [
+        f"row {i}: expected a JSON object, got {_type_name(item)}" if not isinstance(item, dict)
+        else f"row {i}: {problem}"
+        for i, item in enumerate(rows, start=1)
+        if not isinstance(item, dict) or (problem := _shape_problem(item))
     ]
-    if not_objects:
-        raise DataError(_listing(f"{where}: the JSON list holds non-objects", not_objects))
-    return value
+    if problems:
+        raise DataError(_listing(f"{where}: the JSON list holds rows that cannot be used", problems))
+    return rows
 
 
-def _read_csv(path: Path) -> list[dict]:
-    """A CSV file with a header line. Every value is a string; empty cells read as missing."""
-    with path.open(encoding="utf-8", newline="") as handle:
-        return [{key: (val if val != "" else None) for key, val in row.items()} for row in csv.DictReader(handle)]
+def _looks_like_json_lines(text: str) -> bool:
+    first = next((line for line in io.StringIO(text, newline=None) if line.strip()), "")
+    try:
+        return isinstance(json_value(first), dict)
+    except ValueError:
+        return False
 
 
-def _read_parquet(path: Path) -> list[dict]:
+def _shape_problem(row: dict) -> str | None:
+    """A row nested deeper than any data kind reads (checked without recursion)."""
+    try:
+        check_shape(row, max_depth=MAX_DEPTH, max_nodes=10_000_000, what="the row")
+    except InputError as exc:
+        return exc.reason
+    return None
+
+
+def _read_csv(text: str, where: str) -> list[dict]:
+    """A CSV file with a header line. Every value is a string; empty cells read as missing.
+    A row with more cells than the header is refused (its cells would be silently dropped)."""
+    rows, problems = [], []
+    reader = csv.reader(io.StringIO(text, newline=""))
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))  # a long text cell is fine (the default stops at 128 KiB)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        if len(set(header)) != len(header):
+            twice = sorted({name for name in header if header.count(name) > 1})
+            raise DataError(f"{where}: the header names {', '.join(map(repr, twice))} more than once")
+        for row_no, cells in enumerate(reader, start=1):
+            if not cells:
+                continue
+            if len(cells) > len(header):
+                problems.append(f"row {row_no} (line {reader.line_num}): {len(cells)} cells, but the header has "
+                                f"{len(header)}")
+                continue
+            rows.append({key: (cells[i] if i < len(cells) and cells[i] != "" else None)
+                         for i, key in enumerate(header)})
+    except csv.Error as exc:
+        raise DataError(f"{where}: line {reader.line_num}: not valid CSV: {exc}") from None
+    finally:
+        csv.field_size_limit(limit)
+    if problems:
+        raise DataError(_listing(f"{where}: rows with more cells than the header (quote cells that hold commas)",
+                                 problems))
+    return rows
+
+
+def _read_parquet(data: bytes, where: str) -> list[dict]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    return pq.read_table(path).to_pylist()
+    try:
+        rows = pq.read_table(pyarrow.BufferReader(data)).to_pylist()
+    except (pyarrow.ArrowException, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{where}: not a readable Parquet file: {reason}") from None
+    problems = [f"row {i}: {problem}" for i, row in enumerate(rows, start=1) if (problem := _shape_problem(row))]
+    if problems:
+        raise DataError(_listing(f"{where}: rows that cannot be used", problems))
+    return rows
 
 
 def _load_hub(source: str, split: str, subset: str | None) -> list[dict]:

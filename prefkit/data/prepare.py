@@ -24,11 +24,11 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from prefkit.api import DataError, DataKind, Example, Format, Messages, Text
 from prefkit.data.io import load_rows
+from prefkit.inputs import is_file
 from prefkit.data.rows import check_rows, detect_format, group_rows, listing
 
 if TYPE_CHECKING:
@@ -119,15 +119,19 @@ def use_chat_template(tokenizer: Any, setting: str, fmt: Format, where: str) -> 
 def encode_examples(examples: list[Example], tokenizer: Any, chat_template: bool, where: str) -> list[Encoded]:
     """Tokenize all examples in batches; prompt and completion ids are kept apart."""
     keys = list(dict.fromkeys(key for ex in examples for key in ex.completions))
+    rows = [ex.row for ex in examples]
     if chat_template:
         prompts, completions = _render_chat(examples, keys, tokenizer, where)
-        prompt_ids = _tokenize(tokenizer, prompts, special=False)
-        completion_ids = {key: _tokenize(tokenizer, texts, special=False) for key, texts in completions.items()}
+        prompt_ids = _tokenize(tokenizer, prompts, special=False, rows=rows, where=f"{where}: field 'prompt'")
+        completion_ids = {key: _tokenize(tokenizer, texts, special=False, rows=rows, where=f"{where}: field {key!r}")
+                          for key, texts in completions.items()}
     else:
-        prompt_ids = _tokenize(tokenizer, [ex.prompt for ex in examples], special=True)
+        prompt_ids = _tokenize(tokenizer, [ex.prompt for ex in examples], special=True, rows=rows,
+                               where=f"{where}: field 'prompt'")
         end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         completion_ids = {
-            key: [ids + end for ids in _tokenize(tokenizer, [ex.completions[key] for ex in examples], special=False)]
+            key: [ids + end for ids in _tokenize(tokenizer, [ex.completions[key] for ex in examples], special=False,
+                                                 rows=rows, where=f"{where}: field {key!r}")]
             for key in keys
         }
     return [
@@ -171,10 +175,36 @@ def _as_messages(text: Text, role: str) -> Messages:
     return [{"role": role, "content": text}] if isinstance(text, str) else list(text)
 
 
-def _tokenize(tokenizer: Any, texts: list[str], *, special: bool) -> list[list[int]]:
+def _tokenize(tokenizer: Any, texts: list[str], *, special: bool, rows: list[int] | None = None,
+              where: str = "") -> list[list[int]]:
+    """Token ids of ``texts``; a text the tokenizer refuses raises DataError naming its row."""
     if not texts:
         return []
-    return list(tokenizer(texts, add_special_tokens=special)["input_ids"])
+    try:
+        return list(tokenizer(texts, add_special_tokens=special)["input_ids"])
+    except Exception:  # find the row the tokenizer refuses, one text at a time
+        for i, text in enumerate(texts):
+            try:
+                tokenizer([text], add_special_tokens=special)
+            except Exception as exc:
+                row = rows[i] if rows else i + 1
+                place = where.split(": ", 1)
+                raise DataError(f"{place[0]}: row {row}: {place[1] if len(place) > 1 else 'text'}: "
+                                f"the tokenizer cannot encode it ({type(exc).__name__}: {exc})") from None
+        raise
+
+
+def _check_roles(examples: list[Example], tokenizer: Any, where: str) -> None:
+    """A ``tool`` message needs a chat template that knows tool messages."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or "tool" in template:
+        return
+    for ex in examples:
+        for name, text in [("prompt", ex.prompt), *ex.completions.items()]:
+            if isinstance(text, list) and any(isinstance(m, dict) and m.get("role") == "tool" for m in text):
+                raise DataError(f"{where}: row {ex.row}: field {name!r} has a 'tool' message, but the tokenizer's "
+                                "chat template does not render tool messages; use a model whose template does, "
+                                "or drop the row")
 
 
 # --------------------------------------------------------------------------------------
@@ -252,6 +282,12 @@ def prepare_dataset(
     if checked.problems:
         log.warning("%s", _bad_rows_message(where, checked.problems, kind.name, skipped=True))
 
+    if chat:
+        _check_roles(checked.examples, tokenizer, where)
+    if split == "train":
+        from prefkit.models.positions import check_max_length
+
+        check_max_length(cfg.max_length, tokenizer)
     encoded = encode_examples(checked.examples, tokenizer, chat, where)
     kept, truncated, dropped = _apply_truncation(encoded, cfg, where)
     raw_prompts = {ex.row: ex.prompt for ex in checked.examples}
@@ -299,7 +335,7 @@ def _choose_split(cfg: DataConfig, split: str) -> tuple[str, str, int | None]:
         return cfg.train, cfg.train_split, cfg.max_rows
     if cfg.eval is not None:
         return cfg.eval, cfg.eval_split, cfg.max_eval_rows
-    if Path(cfg.train).expanduser().is_file():
+    if is_file(cfg.train):
         raise DataError(
             f"{cfg.train} ({cfg.eval_split}): no evaluation data: data.train is a single file, "
             "so set data.eval to an evaluation file or dataset"

@@ -10,8 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefkit.api import DataKind, Example, Format, Messages
+from prefkit.inputs import did_you_mean, short_repr
 
 MAX_SHOWN = 10  # bad rows listed in an error message before "... and N more"
+# The roles a conversational row may use: those chat templates render. "tool" is kept only where
+# the template mentions it (checked when the template is applied).
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -45,7 +49,11 @@ def check_rows(rows: list[dict], kind: DataKind, fmt: Format) -> CheckedRows:
     present = [c for c in kind.columns if any(row.get(c) is not None for row in rows)]
     examples, problems = [], []
     for row_no, row in enumerate(rows, start=1):
-        example, row_problems = kind.check_row(row_no, row, fmt)
+        try:
+            example, row_problems = kind.check_row(row_no, row, fmt)
+        except Exception as exc:  # a data kind must not raise for bad data; name it rather than crash
+            example, row_problems = None, [f"data kind {kind.name!r} failed to check the row: "
+                                           f"{type(exc).__name__}: {short_repr(str(exc), 200)}"]
         if example is not None:
             row_problems = [f"field {c!r} is missing (other rows have one)" for c in present if c not in example.columns]
         if row_problems:
@@ -69,7 +77,8 @@ def check_text(row: dict, key: str, fmt: Format) -> str | None:
             return f"field {key!r} is empty"
         if not value.strip():
             return f"field {key!r} is only whitespace"
-        return None
+        problem = _bad_characters(value)
+        return f"field {key!r} {problem}" if problem else None
     if isinstance(value, str):
         return f"field {key!r} is a string, but the data is conversational (lists of role/content messages)"
     if not isinstance(value, list):
@@ -86,13 +95,27 @@ def check_text(row: dict, key: str, fmt: Format) -> str | None:
 def check_message(message: Any) -> str | None:
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
         return "needs 'role' and 'content'"
-    if not isinstance(message["role"], str) or not message["role"].strip():
+    role = message["role"]
+    if not isinstance(role, str) or not role.strip():
         return "has no role"
+    if role not in ROLES:
+        return (f"has the unknown role {short_repr(role)}{did_you_mean(role, ROLES)} "
+                f"(roles: {', '.join(ROLES)})")
     content = message["content"]
     if not isinstance(content, str):
         return f"content should be a string, got {type_name(content)}"
     if not content.strip():
         return "has empty content"
+    problem = _bad_characters(content)
+    return f"content {problem}" if problem else None
+
+
+def _bad_characters(text: str) -> str | None:
+    """Text no tokenizer can encode: an unpaired surrogate (JSON's "\\ud800" escapes make them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"holds an unpaired surrogate ({text[exc.start]!r}) at character {exc.start + 1}; fix the text's encoding"
     return None
 
 
@@ -119,10 +142,10 @@ def check_number(value: Any, key: str) -> tuple[float | None, str | None]:
         return None, f"field {key!r} is not a number: {value!r}"
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        return None, f"field {key!r} is not a number: {value!r}"
+    except (TypeError, ValueError, OverflowError):
+        return None, f"field {key!r} is not a number: {short_repr(value)}"
     if not math.isfinite(number):
-        return None, f"field {key!r} is not a finite number: {value!r}"
+        return None, f"field {key!r} is not a finite number: {short_repr(value)}"
     return number, None
 
 
@@ -139,7 +162,7 @@ def check_bool(value: Any, key: str) -> tuple[bool | None, str | None]:
         return value.strip().lower() in _TRUE, None
     if value is None:
         return None, f"field {key!r} is missing"
-    return None, f"field {key!r} should be true or false, got {value!r}"
+    return None, f"field {key!r} should be true or false, got {short_repr(value)}"
 
 
 # ----------------------------------------------------------------------------- messages

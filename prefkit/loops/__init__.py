@@ -31,8 +31,12 @@ def check_recipe(loaded: LoadedRecipe) -> None:
 
 
 def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Any = None, registry: Any) -> dict[str, Any]:
-    """Run the recipe with the loop of its objective's kind; returns the run summary (``run.json``)."""
+    """Run the recipe with the loop of its objective's kind; returns the run summary (``run.json``).
+    Everything :func:`prefkit.preflight.preflight` can refuse without a model is refused first."""
+    from prefkit.preflight import preflight
+
     check_recipe(loaded)
+    preflight(loaded, registry, command="run")
     kind = loaded.objective.kind
     if kind == "offline":
         from prefkit.loops.offline import train as run

@@ -200,6 +200,8 @@ def _first_line(exc: BaseException) -> str:
 def resolve_model_dir(cfg: ModelConfig, options: Any, cache_dir: Path, registry: Any) -> str:
     """Where to load ``cfg.source`` from: a named source's materialized folder, a local
     directory, or a hub id (returned as is). Raises PrefkitError for a path that cannot be one."""
+    from prefkit.plugins import PluginError, plugin_errors, plugin_label
+
     source = registry.model_sources.get(cfg.source)
     if source is not None:
         if options is None:
@@ -207,7 +209,12 @@ def resolve_model_dir(cfg: ModelConfig, options: Any, cache_dir: Path, registry:
                 options = source.Params.model_validate(cfg.options)
             except ValidationError as exc:
                 raise PrefkitError(f"model.options for {cfg.source!r}: {_first_line(exc)}") from None
-        return str(source.materialize(options, Path(cache_dir)))
+        with plugin_errors(registry, "model_sources", cfg.source, "building the model (materialize)"):
+            folder = source.materialize(options, Path(cache_dir))
+        if not isinstance(folder, (str, os.PathLike)) or not Path(folder).is_dir():
+            raise PluginError(f"{plugin_label(registry, 'model_sources', cfg.source)}: materialize returned "
+                              f"{folder!r}, not an existing folder; report it to the plugin's authors")
+        return str(folder)
 
     path = Path(cfg.source).expanduser()
     if path.is_dir():
@@ -223,7 +230,20 @@ def resolve_model_dir(cfg: ModelConfig, options: Any, cache_dir: Path, registry:
             f"model.source {cfg.source!r}: no such directory, and it is neither a named model source "
             f"(known: {known}) nor a hub id (org/name); fix the path or pick a named source"
         )
+    meant = _closest_source(cfg.source, registry)
+    if meant is not None:
+        raise PrefkitError(f"model.source {cfg.source!r} is not a named model source, a local folder or a hub id "
+                           f"(org/name); did you mean {meant!r}? (`prefkit models` lists them)")
     return cfg.source
+
+
+def _closest_source(source: str, registry: Any) -> str | None:
+    """A bare name close to a named source's is a typo: refuse it at once rather than try the hub."""
+    from prefkit.inputs import closest
+
+    if "/" in source or source.startswith((".", "~")):
+        return None
+    return closest(source, registry.model_sources, cutoff=0.75)
 
 
 def _is_local(model_dir: str) -> bool:

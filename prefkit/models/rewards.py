@@ -60,9 +60,10 @@ class CheckedScorer:
     checked to hold one finite number per completion, and returned as a list of floats.
     """
 
-    def __init__(self, name: str, inner: Scorer):
+    def __init__(self, name: str, inner: Scorer, label: str | None = None):
         self.name = name
         self.inner = inner
+        self.label = label or f"reward function {name!r}"  # with its plugin and distribution, for messages
         self.accepts_messages = True
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[str]) -> list[float]:
@@ -74,17 +75,23 @@ class CheckedScorer:
             shown = list(prompts)
         else:
             shown = [prompt_text(p) for p in prompts]
-        scores = self.inner(shown, list(completions))
-        if isinstance(scores, torch.Tensor):
-            scores = scores.detach().float().cpu().reshape(-1).tolist()
-        scores = [float(s) for s in scores]
+        from prefkit.plugins import PluginError, _describe, _where
+
+        try:
+            scores = self.inner(shown, list(completions))
+            if isinstance(scores, torch.Tensor):
+                scores = scores.detach().float().cpu().reshape(-1).tolist()
+            scores = [float(s) for s in scores]
+        except PrefkitError:
+            raise
+        except (Exception, SystemExit) as exc:
+            raise PluginError(f"{self.label}: scoring {len(completions)} completion(s) failed: "
+                              f"{_describe(exc)}{_where(exc)}; report it to the plugin's authors") from exc
         if len(scores) != len(completions):
-            raise PrefkitError(
-                f"reward function {self.name!r} returned {len(scores)} scores for {len(completions)} completions"
-            )
+            raise PluginError(f"{self.label} returned {len(scores)} scores for {len(completions)} completions")
         bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
         if bad:
-            raise PrefkitError(f"reward function {self.name!r} returned a non-finite score for completion {bad[0]}")
+            raise PluginError(f"{self.label} returned a non-finite score for completion {bad[0]} ({scores[bad[0]]})")
         return scores
 
 
@@ -102,10 +109,14 @@ def build_reward(
     with ``None`` the block's raw ``params`` are validated here. An unknown reward function or
     bad parameters raise :class:`~prefkit.api.errors.PrefkitError`.
     """
+    from prefkit.inputs import did_you_mean
+    from prefkit.plugins import plugin_errors, plugin_label
+
     function = registry.reward_functions.get(cfg.name)
     if function is None:
         known = ", ".join(sorted(registry.reward_functions)) or "none"
-        raise PrefkitError(f"reward.name: unknown reward function {cfg.name!r}; registered: {known}")
+        raise PrefkitError(f"reward.name: unknown reward function {cfg.name!r}"
+                           f"{did_you_mean(cfg.name, registry.reward_functions)}; registered: {known}")
     if params is None:
         try:
             params = function.Params.model_validate(cfg.params)
@@ -113,5 +124,9 @@ def build_reward(
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise PrefkitError(f"reward.params{'.' + where if where else ''}: {first['msg']}") from None
-    scorer = function.build(params, cache_dir=Path(cache_dir), device=torch.device(device))
-    return CheckedScorer(cfg.name, scorer)
+    with plugin_errors(registry, "reward_functions", cfg.name, "building the scorer"):
+        scorer = function.build(params, cache_dir=Path(cache_dir), device=torch.device(device))
+    if not callable(scorer):
+        raise PrefkitError(f"{plugin_label(registry, 'reward_functions', cfg.name)}: build() returned "
+                           f"{type(scorer).__name__}, not a scorer (a callable); report it to the plugin's authors")
+    return CheckedScorer(cfg.name, scorer, plugin_label(registry, "reward_functions", cfg.name))

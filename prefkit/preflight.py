@@ -1,0 +1,255 @@
+"""Checks before any heavy work, for what a recipe document alone cannot tell.
+
+:func:`prefkit.recipe.load_recipe` checks the document (types, bounds, names). :func:`preflight`
+then looks at the world the recipe points to, cheaply and without loading a model:
+
+- the folders prefkit will write (``output_dir``, the cache, an output file's folder) can be
+  created and written;
+- the model's positions (``max_position_embeddings``) hold ``data.max_length`` and sampling's
+  ``max_new_tokens``, where they can be read without loading weights: a named source's options
+  (``tiny-llama``), a ``max_position_embeddings`` attribute a named source declares, or a local
+  folder's ``config.json``;
+- local and named data files can be read (not UTF-8, corrupt, a directory, ... fail here, with
+  the file named), their rows pass the objective's data kind's checks (under
+  ``data.bad_rows: error``), and the budget fits the rows that are usable: ``train.batch_size`` (or an online objective's
+  ``rollout_batch_size``) is not more than the rows there are, and ``epochs`` over those rows
+  do not ask for an absurd number of steps, nor fewer steps than ``warmup_steps``.
+
+The rows read here are kept (keyed by file, size and modification time), so the run that follows
+does not parse the files again. Every problem raises a :class:`~prefkit.api.PrefkitError` naming
+the recipe file and the key.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from prefkit.api.errors import PrefkitError, RecipeError
+from prefkit.inputs import InputError, check_writable_dir, is_dir, is_file, path_problem
+from prefkit.models.positions import folder_positions
+from prefkit.recipe import MAX_STEPS, LoadedRecipe, warmup_beyond_run
+
+def preflight(loaded: LoadedRecipe, registry: Any, *, command: str = "run", output: Path | str | None = None,
+              check_output_dir: bool = True) -> None:
+    """Refuse, before a model loads, what ``command`` ("validate", "run", "sample", "compare") would
+    fail on later: unwritable folders, unreadable data, a budget the data cannot fill, a
+    ``max_length`` beyond the model. Raises PrefkitError (RecipeError for key problems)."""
+    recipe, where = loaded.recipe, loaded.path
+    try:
+        if check_output_dir and command in ("run", "validate", "compare"):
+            check_writable_dir(recipe.output_dir, "output_dir")
+        check_writable_dir(recipe.resolved_cache_dir(), recipe.cache_dir_origin())
+        if output is not None:
+            check_output_file(output)
+    except InputError as exc:
+        raise PrefkitError(f"{where}: {exc}") from None
+
+    problems = model_problems(loaded, registry)
+    if command in ("run", "validate", "compare"):
+        problems += setting_problems(loaded)
+    positions = model_positions(loaded, registry)
+    if positions is not None:
+        count, origin = positions
+        if recipe.data.max_length > count:
+            problems.append(("data.max_length", f"{recipe.data.max_length} is more than the model's {count} positions "
+                                                f"({origin}); use at most {count}"))
+        needs = loaded.objective.needs(loaded.params)
+        if (command == "sample" or needs.generation or loaded.objective.kind == "inference") and \
+                recipe.sampling.max_new_tokens >= count:
+            problems.append(("sampling.max_new_tokens", f"{recipe.sampling.max_new_tokens} leaves no room for the "
+                                                        f"prompt in the model's {count} positions ({origin})"))
+    found, rows = data_problems(loaded, registry, command)
+    problems += found
+    if command in ("run", "validate", "compare"):
+        problems += budget_problems(loaded, rows)
+    if problems:
+        raise RecipeError(where, problems)
+
+
+def check_output_file(output: Path | str) -> None:
+    """An output file: not a directory, and its folder can be made and written."""
+    path = Path(output).expanduser()
+    problem = path_problem(str(output))
+    if problem:
+        raise InputError(None, f"the output {str(output)!r} {problem}")
+    if is_dir(path):
+        raise InputError(None, f"the output {str(output)!r} is a directory; name a file")
+    try:
+        check_writable_dir(path.parent if str(path.parent) else Path("."), "its folder")
+    except InputError as exc:
+        raise InputError(None, f"the output {str(output)!r} cannot be written: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def setting_problems(loaded: LoadedRecipe) -> list[tuple[str, str]]:
+    """Settings this machine cannot honour: fp16 without a GPU, a tracker whose package is missing."""
+    from prefkit.loops.trackers import check_trackers
+
+    train = loaded.recipe.train
+    problems: list[tuple[str, str]] = []
+    if train.precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(("train.precision", "fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU"))
+    try:
+        check_trackers(train.trackers)
+    except PrefkitError as exc:
+        problems.append(("train.trackers", str(exc).removeprefix("train.trackers: ")))
+    return problems
+
+
+def model_problems(loaded: LoadedRecipe, registry: Any) -> list[tuple[str, str]]:
+    """A local model folder (or tokenizer) that cannot be one, found without loading anything."""
+    from prefkit.models.loading import _is_hub_id
+
+    model = loaded.recipe.model
+    problems: list[tuple[str, str]] = []
+    if model.source not in registry.model_sources and is_dir(model.source):
+        folder = Path(model.source).expanduser()
+        if model.gguf_file:
+            if not is_file(folder / model.gguf_file):
+                found = ", ".join(sorted(p.name for p in folder.glob("*.gguf"))) or "none"
+                problems.append(("model.gguf_file", f"{model.gguf_file!r} is not in {model.source!r} "
+                                                    f"(GGUF files there: {found})"))
+        elif not is_file(folder / "config.json"):
+            problems.append(("model.source", f"{model.source!r} is not a Hugging Face model folder (no config.json); "
+                                             "point it at one, or set model.gguf_file for a GGUF file inside it"))
+    if model.tokenizer and not is_dir(model.tokenizer) and not _is_hub_id(model.tokenizer):
+        problems.append(("model.tokenizer", f"{model.tokenizer!r}: no such folder, and not a hub id (org/name)"))
+    return problems
+
+
+def model_positions(loaded: LoadedRecipe, registry: Any) -> tuple[int, str] | None:
+    """How many positions the recipe's model has, when that is known without loading it."""
+    model = loaded.recipe.model
+    source = registry.model_sources.get(model.source)
+    if source is not None:
+        value = getattr(loaded.model_options, "max_position_embeddings", None)
+        if isinstance(value, int) and value > 0:
+            return value, "model.options.max_position_embeddings"
+        value = getattr(source, "max_position_embeddings", None)
+        if isinstance(value, int) and value > 0:
+            return value, f"model source {model.source!r}"
+        return None
+    if model.gguf_file:
+        return None
+    return folder_positions(model.source) if is_dir(model.source) else None
+
+
+# ----------------------------------------------------------------------------- the data and the budget
+
+
+def _local_rows(source: str, split: str, cfg, registry: Any, limit: int | None, kind: Any = None) -> int | None:
+    """How many usable rows a named dataset or a local file holds, reading it (a bad file, or bad
+    rows under ``data.bad_rows: error``, fail here as they would when the data is prepared);
+    None for hub data, which is not read here."""
+    from prefkit.api import DataError
+    from prefkit.data.io import is_local_source, load_rows
+    from prefkit.data.prepare import _bad_rows_message
+    from prefkit.data.rows import check_rows, detect_format
+
+    if not is_local_source(source, registry):
+        return None
+    rows, shown = load_rows(source, split, subset=cfg.subset, registry=registry)
+    rows = rows[:limit] if limit else rows
+    if kind is None or not rows:
+        return len(rows)
+    fmt = detect_format(rows, kind.text_fields) if cfg.format == "auto" else cfg.format
+    checked = check_rows(rows, kind, fmt)
+    if checked.problems and cfg.bad_rows == "error":
+        raise DataError(_bad_rows_message(f"{shown} ({split})", checked.problems, kind.name))
+    return len(checked.examples)
+
+
+def data_problems(loaded: LoadedRecipe, registry: Any, command: str) -> tuple[list[tuple[str, str]], int | None]:
+    """Read the local data the command will use (bad files fail here, naming the file); return
+    problems with empty splits and the number of training rows (None: hub data, not counted)."""
+    data = loaded.recipe.data
+    kind = registry.data_kinds.get("prompts" if command == "sample" else loaded.objective.needs(loaded.params).data)
+    if command == "sample":  # the prompts: data.eval if set, else data.train
+        splits = [("data.eval", data.eval, data.eval_split, data.max_eval_rows)] if data.eval is not None else \
+            [("data.train", data.train, data.train_split, data.max_rows)]
+    else:
+        splits = [("data.train", data.train, data.train_split, data.max_rows)]
+        if data.eval is not None:
+            splits.append(("data.eval", data.eval, data.eval_split, data.max_eval_rows))
+    problems: list[tuple[str, str]] = []
+    counts: dict[str, int | None] = {}
+    for key, source, split, limit in splits:
+        counts[key] = count = _local_rows(source, split, data, registry, limit, kind)
+        if count == 0:
+            problems.append((key, f"{source} ({split}): the split has no rows"))
+    return problems, counts.get("data.train")
+
+
+def budget_problems(loaded: LoadedRecipe, rows: int | None) -> list[tuple[str, str]]:
+    """The training budget against the ``rows`` the training data has (None: unknown, not checked)."""
+    recipe, objective = loaded.recipe, loaded.objective
+    data, train = recipe.data, recipe.train
+    if objective.kind == "inference" or not rows:
+        return []
+    shown = f"{data.train} ({data.train_split})"
+    problems: list[tuple[str, str]] = []
+    if objective.kind == "online":
+        per_step = getattr(loaded.params, "rollout_batch_size", None)
+        if isinstance(per_step, int) and per_step > rows:
+            problems.append(("objective.params.rollout_batch_size",
+                             f"{per_step} prompts per rollout, but {shown} has only {rows} rows; use at most {rows}"))
+            return problems
+        batches = math.ceil(rows / per_step) if isinstance(per_step, int) and per_step > 0 else rows
+        steps = train.max_steps or max(1, math.ceil(train.epochs * batches))
+        update_epochs = getattr(loaded.params, "update_epochs", 1)
+        if isinstance(per_step, int) and isinstance(update_epochs, int) and update_epochs > 0:
+            sequences = per_step * recipe.sampling.num_samples
+            mini = getattr(loaded.params, "mini_batch_size", None) or sequences
+            updates = steps * update_epochs * math.ceil(sequences / max(1, min(mini, sequences)))
+            if updates > MAX_STEPS:
+                problems.append(("objective.params.update_epochs",
+                                 f"{steps:,} rollouts x {update_epochs:,} update epochs is {updates:,} optimizer "
+                                 f"steps, more than {MAX_STEPS:,}; lower update_epochs or the number of rollouts"))
+                return problems
+    else:
+        if train.batch_size > rows:
+            problems.append(("train.batch_size", f"{train.batch_size} is more than the {rows} training rows of "
+                                                 f"{shown}; use at most {rows}"))
+            return problems
+        steps = train.max_steps or max(1, math.ceil(train.epochs * math.ceil(rows / train.batch_size)
+                                                    / train.grad_accum_steps))
+    if steps > MAX_STEPS:
+        problems.append(("train.epochs", f"{train.epochs:g} epochs over {rows} rows is {steps:,} steps, more than "
+                                         f"{MAX_STEPS:,}; set fewer epochs or train.max_steps"))
+    elif warmup_beyond_run(train.warmup_steps, steps):
+        problems.append(("train.warmup_steps", f"{train.warmup_steps} is more than the run's {steps} steps "
+                                               f"({train.epochs:g} epoch(s) over {rows} rows), so the learning rate "
+                                               "would never reach train.lr; lower it"))
+    return problems
+
+
+def preflight_compare(loaded: Any, registry: Any) -> None:
+    """:func:`preflight` for a compare recipe (a ``LoadedCompare``): its folder, then every arm's
+    run recipe (problems named by their key paths in the compare recipe)."""
+    from prefkit.compare.recipe import _arm_path
+
+    compare, where = loaded.compare, loaded.path
+    try:
+        check_writable_dir(compare.output_dir, "output_dir")
+    except InputError as exc:
+        raise PrefkitError(f"{where}: {exc}") from None
+    problems: list[tuple[str, str]] = []
+    for arm in loaded.arms:
+        try:
+            preflight(arm.loaded, registry, command="compare", check_output_dir=False)
+        except RecipeError as exc:
+            problems += [(_arm_path(path, arm.index, arm.arm), f"arm {arm.name!r}: {message}")
+                         for path, message in exc.problems]
+    evaluation = compare.evaluation
+    if evaluation.prompts is not None:
+        _local_rows(evaluation.prompts, evaluation.prompts_split or compare.data.eval_split, compare.data, registry,
+                    None)
+    if problems:
+        raise RecipeError(where, list(dict.fromkeys(problems)))
