@@ -96,7 +96,23 @@ def validate(
     from prefkit.preflight import preflight
     from prefkit.recipe import load_recipe
 
+    from prefkit.inputs import InputError, load_yaml, read_text
+
     registry = _report_plugin_problems()
+    try:
+        raw = load_yaml(read_text(recipe), recipe)
+    except InputError as exc:
+        raise PrefkitError(str(exc)) from None
+    if isinstance(raw, dict) and "arms" in raw:  # a compare recipe: validate it as one
+        from prefkit.compare.recipe import load_compare
+        from prefkit.preflight import preflight_compare
+
+        loaded_compare = load_compare(recipe, overrides or [], registry=registry)
+        preflight_compare(loaded_compare, registry)
+        arms = ", ".join(f"{a.name} ({a.loaded.objective.name})" for a in loaded_compare.arms)
+        ui.console.print(f"{recipe}: a valid compare recipe (arms: {arms}); run it with `prefkit compare {recipe}`",
+                         markup=False, highlight=False)
+        return
     loaded = load_recipe(recipe, overrides or [], registry=registry)
     check_recipe(loaded)
     preflight(loaded, registry, command="validate")
@@ -198,9 +214,27 @@ def datasets() -> None:
 
 @app.command()
 @_user_errors
-def objectives() -> None:
-    """List every registered objective with its kind and the plugin that registered it (broken plugins marked)."""
+def objectives(
+    name: Optional[str] = typer.Argument(None, help="One objective: show its parameters with their defaults."),
+) -> None:
+    """List every registered objective with its kind and the plugin that registered it (broken plugins marked);
+    with a NAME, that objective's parameter table."""
     registry = _registry()
+    if name is not None:
+        from prefkit.plugins import parameter_rows
+
+        if name not in registry.objectives:
+            from prefkit.inputs import did_you_mean
+
+            raise PrefkitError(f"unknown objective {name!r}{did_you_mean(name, registry.objectives)} "
+                               f"(registered: {', '.join(sorted(registry.objectives))})")
+        objective = registry.objectives[name]
+        info = registry.owner("objectives", name)
+        ui.console.print(f"{name} ({objective.kind}, from {info.label}): {objective.description}", markup=False,
+                         highlight=False)
+        ui.table(f"{name}: objective.params", ["parameter", "type", "default", "meaning"],
+                 parameter_rows(objective.Params))
+        return
     rows = []
     for name in sorted(registry.objectives):
         info = registry.owner("objectives", name)

@@ -620,3 +620,35 @@ def plugin_errors(registry: Any, kind: str, name: str, what: str) -> Iterator[No
 def load_registry() -> Registry:
     """The registry for this process (entry points are read once)."""
     return build_registry()
+
+
+def type_text(annotation) -> str:
+    """A short, readable form of a type annotation: ``'a' | 'b'``, ``list[float]``, ``int | None``."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(repr(v) for v in args)
+    if origin is typing.Annotated:
+        return type_text(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else type_text(a) for a in args)
+    if origin is not None:
+        inner = ", ".join(type_text(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]" if inner else getattr(origin, "__name__", str(origin))
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+def parameter_rows(params_model) -> list[list[str]]:
+    """A plugin's ``Params`` as rows of (name, type, default, meaning), for `prefkit objectives NAME`."""
+    rows = []
+    for name, field in params_model.model_fields.items():
+        if field.is_required():
+            default = "(required)"
+        elif field.default_factory is not None:
+            default = repr(field.default_factory())
+        else:
+            default = repr(field.default)
+        rows.append([name, type_text(field.annotation), default, field.description or ""])
+    return rows

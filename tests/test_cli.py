@@ -83,3 +83,18 @@ def test_run_with_bad_data_fails_before_loading_a_model(tmp_path):
     assert result.exit_code == 2
     assert str(data) in result.output and "row 1" in result.output and "chosen" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_validate_recognises_a_compare_recipe():
+    result = invoke("validate", str(ROOT / "recipes" / "compare_tiny.yaml"))
+    assert result.exit_code == 0, result.output
+    assert "a valid compare recipe" in result.output and "prefkit compare" in result.output and "dpo-b0.1" in result.output
+
+
+def test_objectives_name_shows_the_parameter_table():
+    result = invoke("objectives", "dpo")
+    assert result.exit_code == 0, result.output
+    for text in ("beta", "0.1", "loss_type", "label_smoothing", "offline"):
+        assert text in result.output, text
+    result = invoke("objectives", "dpp")
+    assert result.exit_code == 2 and "did you mean 'dpo'" in result.output

@@ -173,3 +173,10 @@ def test_the_label_command(tmp_path):
     assert result.exit_code == 2 and "best-worst" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["label", str(tmp_path / "missing.jsonl")])
     assert result.exit_code == 2 and "file not found" in result.output
+
+
+def test_zero_pairs_is_refused_and_writes_nothing(tmp_path):
+    samples = write_samples(tmp_path / "samples.jsonl", rows_for("Review B:", 1, [("same", 0.4), ("same too", 0.4)]))
+    result = runner.invoke(app, ["label", str(samples)])
+    assert result.exit_code == 2 and "no preference pairs" in result.output and "1 ties dropped" in result.output
+    assert not (tmp_path / "pairs.jsonl").exists() and "Traceback" not in result.output

@@ -239,6 +239,12 @@ def label_samples(samples: Path | str, output: Path | str, *, reward: Any, rewar
         for c, s in zip(completions, scores):
             c.score = float(s)
     pairs, counts = make_pairs(completions, mode)
+    if not pairs:  # an empty pairs file would only fail later, in the run that reads it
+        raise PrefkitError(
+            f"{samples}: no preference pairs: every one of the {len({c.prompt_key for c in completions})} prompts' "
+            f"completions tied or were identical ({counts.get('ties_dropped', 0)} ties dropped); sample more "
+            f"completions per prompt (sampling.num_samples), at a higher temperature, or use a finer reward. "
+            f"{output} was not written")
     if not margin:
         for pair in pairs:
             pair.pop("margin", None)
