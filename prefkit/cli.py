@@ -37,6 +37,7 @@ def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
 ) -> None:
     """Align language models with preference data."""
+    ui.quiet_libraries()
 
 
 USER_ERROR = 2  # the exit code of every user mistake

@@ -643,12 +643,12 @@ def type_text(annotation) -> str:
 def parameter_rows(params_model) -> list[list[str]]:
     """A plugin's ``Params`` as rows of (name, type, default, meaning), for `prefkit objectives NAME`."""
     rows = []
-    for name, field in params_model.model_fields.items():
-        if field.is_required():
+    for name, info in params_model.model_fields.items():
+        if info.is_required():
             default = "(required)"
-        elif field.default_factory is not None:
-            default = repr(field.default_factory())
+        elif info.default_factory is not None:
+            default = repr(info.default_factory())
         else:
-            default = repr(field.default)
-        rows.append([name, type_text(field.annotation), default, field.description or ""])
+            default = repr(info.default)
+        rows.append([name, type_text(info.annotation), default, info.description or ""])
     return rows

@@ -82,3 +82,34 @@ def summary(summary: dict) -> None:
     rows += [["reference_cache", summary["reference_cache"]], ["steps", str(summary["steps"])],
              ["tokens_per_s", str(summary["tokens_per_s"])], ["wall_seconds", str(summary["wall_seconds"])]]
     table("run summary", ["metric", "value"], rows)
+
+
+def quiet_libraries() -> None:
+    """One terminal style: rich is prefkit's only output. transformers', datasets' and the hub's
+    own tqdm bars ("Loading weights", "Writing model shards", "Converting ... GGUF tensors") and
+    their informational logs and FutureWarnings are silenced; their errors still show.
+    PREFKIT_LIBRARY_OUTPUT=1 keeps them (for debugging a library)."""
+    import os
+    import warnings
+
+    if os.environ.get("PREFKIT_LIBRARY_OUTPUT") == "1":
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for module in ("transformers", "datasets", "accelerate", "huggingface_hub", "peft", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from datasets.utils import logging as ds_logging
+
+        ds_logging.set_verbosity_error()
+        ds_logging.disable_progress_bar()
+    except ImportError:
+        pass

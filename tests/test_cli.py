@@ -98,3 +98,29 @@ def test_objectives_name_shows_the_parameter_table():
         assert text in result.output, text
     result = invoke("objectives", "dpp")
     assert result.exit_code == 2 and "did you mean 'dpo'" in result.output
+
+
+def test_one_terminal_style_library_bars_and_warnings_are_silenced(tmp_path):
+    """rich is the only output: no transformers/hub tqdm bars ("Loading weights", "Writing model shards")
+    and no FutureWarnings, unless PREFKIT_LIBRARY_OUTPUT=1 asks for them."""
+    import os
+    import subprocess
+    import sys
+
+    def run(out, **env):
+        return subprocess.run([sys.executable, "-m", "prefkit", "run", TINY, f"output_dir={out}", "train.max_steps=2",
+                               "data.eval=null", f"cache_dir={tmp_path / 'cache'}"], capture_output=True, text=True,
+                              timeout=300, env={**clean, **env})
+
+    # other tests' in-process CLI calls may have set the hub's switch in this process: start clean
+    clean = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS",
+                                                                "TRANSFORMERS_NO_ADVISORY_WARNINGS")}
+
+    quiet = run(tmp_path / "quiet")
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    both = quiet.stdout + quiet.stderr
+    for noise in ("Loading weights", "Writing model shards", "it/s]", "FutureWarning", "Warning:"):
+        assert noise not in both, noise
+    assert "train" in both and "run directory" in both
+    loud = run(tmp_path / "loud", PREFKIT_LIBRARY_OUTPUT="1")
+    assert loud.returncode == 0 and "Loading weights" in loud.stdout + loud.stderr  # the test can fail

@@ -18,7 +18,6 @@ which ``bt_reward`` can use (``use_margin``).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -67,7 +66,8 @@ class LabelReport:
 
 def read_samples(path: Path | str) -> list[Completion]:
     """Read ``prefkit sample`` output; a row needs ``prompt`` and ``completion`` (strings or messages)."""
-    from prefkit.inputs import InputError, json_value, read_text
+    from prefkit.data.io import json_object_lines
+    from prefkit.inputs import InputError, read_text
 
     path = Path(path)
     try:
@@ -76,16 +76,9 @@ def read_samples(path: Path | str) -> list[Completion]:
         raise DataError(str(exc)) from None
     rows: list[Completion] = []
     problems: list[str] = []
-    for line_no, line in enumerate(io.StringIO(content, newline=None), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json_value(line)
-        except ValueError as exc:
-            problems.append(f"line {line_no}: not valid JSON ({getattr(exc, 'msg', exc)})")
-            continue
-        if not isinstance(row, dict):
-            problems.append(f"line {line_no}: expected a JSON object")
+    for line_no, row, problem in json_object_lines(content):
+        if problem is not None:
+            problems.append(f"line {line_no}: {problem}")
             continue
         prompt, text = row.get("prompt"), row.get("completion")
         if not isinstance(prompt, (str, list)) or not prompt:

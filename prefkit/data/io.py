@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from prefkit.api import DataError, NamedDataset
 from prefkit.inputs import (
@@ -138,19 +138,29 @@ def read_file(path: Path, split: str, *, shown_as: str | None = None) -> list[di
     return list(rows)
 
 
-def _read_jsonl(text: str, where: str) -> list[dict]:
-    """One JSON object per line; blank lines are ignored, so row N is the N-th object."""
-    rows, problems = [], []
-    for line_no, line in enumerate(io.StringIO(text, newline=None), start=1):  # split at line ends only
+def json_object_lines(text: str) -> Iterator[tuple[int, dict | None, str | None]]:
+    """``(line number, object, None)`` for each JSON object line of ``text``, ``(line number, None,
+    problem)`` for a line that is not one; blank lines are skipped. Lines split at line ends only."""
+    for line_no, line in enumerate(io.StringIO(text, newline=None), start=1):
         if not line.strip():
             continue
         try:
             value = json_value(line)
         except ValueError as exc:
-            problems.append(f"line {line_no}: not valid JSON ({getattr(exc, 'msg', exc)})")
+            yield line_no, None, f"not valid JSON ({getattr(exc, 'msg', exc)})"
             continue
         if not isinstance(value, dict):
-            problems.append(f"line {line_no}: expected a JSON object, got {_type_name(value)}")
+            yield line_no, None, f"expected a JSON object, got {_type_name(value)}"
+            continue
+        yield line_no, value, None
+
+
+def _read_jsonl(text: str, where: str) -> list[dict]:
+    """One JSON object per line; blank lines are ignored, so row N is the N-th object."""
+    rows, problems = [], []
+    for line_no, value, problem in json_object_lines(text):
+        if problem is not None:
+            problems.append(f"line {line_no}: {problem}")
             continue
         problem = _shape_problem(value)
         if problem:
