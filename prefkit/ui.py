@@ -47,6 +47,11 @@ class RichReporter:
         )
         if self.progress is not None:
             self.progress.update(self.task, completed=step, stats=stats)
+        evaluated = {name[len("eval/"):]: value for name, value in metrics.items() if name.startswith("eval/")}
+        if evaluated:  # evaluation results, when computed, as a line above the bar
+            shown = "  ".join(f"{name} {value:.4g}" for name, value in evaluated.items()
+                              if isinstance(value, (int, float)))
+            self.console.print(f"[dim]prefkit[/dim] eval at step {step}: {escape(shown)}", highlight=False)
 
     def finish(self) -> None:
         if self.progress is not None:
@@ -77,7 +82,7 @@ def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 
 def summary(summary: dict) -> None:
-    metrics = summary.get("final_metrics", {})
+    metrics = {k: v for k, v in summary.get("final_metrics", {}).items() if k != "tokens_per_s"}  # the run's own below
     rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in metrics.items()]
     rows += [["reference_cache", summary["reference_cache"]], ["steps", str(summary["steps"])],
              ["tokens_per_s", str(summary["tokens_per_s"])], ["wall_seconds", str(summary["wall_seconds"])]]

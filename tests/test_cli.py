@@ -124,3 +124,10 @@ def test_one_terminal_style_library_bars_and_warnings_are_silenced(tmp_path):
     assert "train" in both and "run directory" in both
     loud = run(tmp_path / "loud", PREFKIT_LIBRARY_OUTPUT="1")
     assert loud.returncode == 0 and "Loading weights" in loud.stdout + loud.stderr  # the test can fail
+
+
+def test_eval_results_show_during_a_run_and_the_summary_shows_throughput_once(tmp_path):
+    result = invoke("run", TINY, f"output_dir={tmp_path / 'r'}", "train.max_steps=4", "train.eval_every=2")
+    assert result.exit_code == 0, result.output
+    assert "eval at step 2: loss" in result.output and "eval at step 4: loss" in result.output
+    assert result.output.count("tokens_per_s") == 1
