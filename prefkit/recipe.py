@@ -319,6 +319,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``dotted.key=value``. A new ``model.source`` without a new ``model.options`` also
+    drops the file's options: they were the old source's (``model.source=runs/x/final`` just works)."""
+    keys = [parse_override(text)[0] for text in overrides]
+    if ["model", "source"] in keys and not any(k[:2] == ["model", "options"] for k in keys):
+        if isinstance(data.get("model"), dict):
+            data["model"].pop("options", None)
     for text in overrides:
         parts, value = parse_override(text)
         node = data

@@ -137,3 +137,15 @@ def test_bad_override_key_is_named():
     assert problems(exc) == {"train.bogus": "unknown key"}
     with pytest.raises(RecipeError, match="dotted.key=value"):
         load_recipe(TINY, ["no-equals-sign"], registry=REGISTRY)
+
+
+def test_overriding_the_model_source_drops_the_old_sources_options():
+    from prefkit.recipe import apply_overrides
+
+    data = {"model": {"source": "tiny-llama", "options": {"hidden_size": 64}}}
+    assert apply_overrides(data, ["model.source=runs/x/final"]) == {"model": {"source": "runs/x/final"}}
+    data = {"model": {"source": "tiny-llama", "options": {"hidden_size": 64}}}
+    kept = apply_overrides(data, ["model.source=tiny-llama", "model.options.hidden_size=32"])
+    assert kept["model"]["options"] == {"hidden_size": 32}
+    data = {"model": {"source": "tiny-llama", "options": {"hidden_size": 64}}}
+    assert apply_overrides(data, ["train.lr=0.1"])["model"]["options"] == {"hidden_size": 64}
