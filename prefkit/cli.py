@@ -129,15 +129,12 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in output_dir."),
 ) -> None:
     """Train with the objective the recipe names."""
-    from prefkit.loops import check_recipe, train
-    from prefkit.preflight import preflight
+    from prefkit.loops import train
     from prefkit.recipe import load_recipe
 
     registry = _report_plugin_problems()
     loaded = load_recipe(recipe, overrides or [], registry=registry)
-    check_recipe(loaded)
-    preflight(loaded, registry, command="run")
-    reporter = ui.RichReporter()
+    reporter = ui.RichReporter()  # train() checks the recipe and runs the preflight before anything else
     try:
         summary = train(loaded, resume=resume, reporter=reporter, registry=registry)
     finally:

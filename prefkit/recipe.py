@@ -430,18 +430,24 @@ def _plugin_block(table: dict, name: str, raw: dict, where: str, *, kind: str, n
     return plugin, params
 
 
-def validate_recipe(data: dict[str, Any], where: str, registry: Any) -> LoadedRecipe:
-    """Validate a recipe document and its plugin parameter blocks against ``registry`` (a
-    :class:`prefkit.plugins.Registry`). Raises RecipeError."""
+def validate_document(data: Any, where: str, model: type[BaseModel]) -> Any:
+    """A YAML document as ``model`` (Recipe, CompareRecipe): its shape (nesting, size), finite
+    numbers, then pydantic. Raises RecipeError naming ``where`` and the key paths."""
     try:
         check_shape(data, where)
     except InputError as exc:
         raise file_error(where, exc.reason) from None
     check_finite(data, where)
     try:
-        recipe = Recipe.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(where, _problems(exc, model=Recipe)) from None
+        raise RecipeError(where, _problems(exc, model=model)) from None
+
+
+def validate_recipe(data: dict[str, Any], where: str, registry: Any) -> LoadedRecipe:
+    """Validate a recipe document and its plugin parameter blocks against ``registry`` (a
+    :class:`prefkit.plugins.Registry`). Raises RecipeError."""
+    recipe = validate_document(data, where, Recipe)
     check_paths(where, {"output_dir": recipe.output_dir, "cache_dir": recipe.cache_dir,
                         "model.source": recipe.model.source, "model.tokenizer": recipe.model.tokenizer,
                         "model.gguf_file": recipe.model.gguf_file, "data.train": recipe.data.train,

@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from prefkit.api.errors import RecipeError
-from prefkit.inputs import InputError, check_shape
 from prefkit.loops.online import check_online_recipe
 from prefkit.recipe import (
     MAX_BATCH,
@@ -50,15 +49,13 @@ from prefkit.recipe import (
     Strict,
     TrainConfig,
     _plugin_block,
-    _problems,
     cache_dir_of,
     cache_dir_origin,
-    check_finite,
     check_paths,
-    file_error,
     misspelt_name,
     parse_override,
     read_yaml,
+    validate_document,
     validate_recipe,
 )
 
@@ -415,15 +412,7 @@ def _compare_problems(compare: CompareRecipe) -> list[tuple[str, str]]:
 def validate_compare(data: dict[str, Any], where: str, *, registry: Any) -> LoadedCompare:
     """Validate a compare document and every arm's run recipe. Raises RecipeError with compare paths."""
 
-    try:
-        check_shape(data, where)
-    except InputError as exc:
-        raise file_error(where, exc.reason) from None
-    check_finite(data, where)
-    try:
-        compare = CompareRecipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(where, _problems(exc, model=CompareRecipe)) from None
+    compare = validate_document(data, where, CompareRecipe)
 
     check_paths(where, {"output_dir": compare.output_dir, "evaluation.prompts": compare.evaluation.prompts})
     problems: list[tuple[str, str]] = []
