@@ -363,7 +363,8 @@ def label(
         None, "--reward", help="The gold reward function (`prefkit rewards`); without it the file's scores are used."),
     reward_params: Optional[List[str]] = typer.Option(
         None, "--reward-param", help="A key=value parameter of the reward (repeatable; values read as YAML)."),
-    mode: str = typer.Option("best-worst", "--mode", help="best-worst (one pair per prompt) or all-pairs."),
+    mode: str = typer.Option("best-worst", "--mode", help="best-worst (one pair per prompt), all-pairs, or "
+                             "unpaired (KTO rows: above the prompt's mean score desirable)."),
     rescore: bool = typer.Option(False, "--rescore", help="Score with --reward even when the file has scores."),
     margin: bool = typer.Option(True, "--margin/--no-margin", help="Write the score difference as `margin`."),
 ) -> None:

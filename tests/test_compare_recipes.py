@@ -58,15 +58,16 @@ def test_sentiment_run_recipe_validates(path):
 def test_the_sentiment_compare_has_every_arm_of_the_flagship():
     loaded = load_compare(ROOT / "recipes" / "sentiment" / "compare.yaml", registry=REGISTRY)
     objectives = {a.loaded.objective.name for a in loaded.arms}
-    assert objectives == {"dpo", "ppo_kl", "unlikelihood", "preferred_ft", "best_of_n"}
-    dpo = [(a.loaded.params.beta, a.loaded.recipe.train.lr) for a in loaded.arms if a.loaded.objective.name == "dpo"]
-    shared_lr = loaded.compare.train.lr
-    assert sorted(beta for beta, lr in dpo if lr == shared_lr) == [0.05, 0.1, 0.5]  # the beta sweep, shared budget
-    assert sorted(beta for beta, lr in dpo if lr != shared_lr) == [0.1, 0.5]  # docs/sentiment.md: lr 1e-4
+    assert objectives == {"dpo", "kto", "ppo_kl", "grpo", "unlikelihood", "preferred_ft", "best_of_n"}
+    assert sorted(a.loaded.params.beta for a in loaded.arms if a.loaded.objective.name == "dpo") == [0.05, 0.1, 0.5]
+    assert loaded.compare.budget.epochs == 1  # DPO for a whole epoch of the pairs (issue 12)
     assert sorted(a.loaded.params.n for a in loaded.arms if a.loaded.objective.name == "best_of_n") == [1, 4, 16, 64]
     ppo_rewards = {a.loaded.recipe.reward.name for a in loaded.arms if a.loaded.objective.name == "ppo_kl"}
     assert ppo_rewards == {"reward_model", "sentiment"}
     assert loaded.compare.evaluation.gold.name == "sentiment"
+    grpo = next(a for a in loaded.arms if a.loaded.objective.name == "grpo")
+    assert grpo.loaded.recipe.sampling.num_samples == 4  # the arm's own group size
+    assert all(a.loaded.recipe.model.source == "runs/sentiment/sft/final" for a in loaded.arms)  # from the SFT model
 
 
 def test_the_sentiment_prompts_dataset():

@@ -464,11 +464,12 @@ def test_the_compare_command(tmp_path):
 def test_the_sentiment_pipeline_end_to_end_on_the_tiny_model(tmp_path):
     """recipes/sentiment/pipeline.sh tiny: sample (train and held-out prompts) -> label -> bt_reward
     -> compare, the commands of recipes/sentiment/README.md, each stage timed."""
-    env = {**os.environ, "PREFKIT": f"{sys.executable} -m prefkit"}
+    env = {**os.environ, "PREFKIT": f"{sys.executable} -m prefkit", "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(SENTIMENT / "pipeline.sh"), "tiny"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for stage in ("1-sample", "1-sample-heldout", "2-label", "2-label-heldout", "3-reward-model", "4-compare"):
+    for stage in ("0-sft", "1-sample", "1-sample-heldout", "2-label", "2-label-heldout", "2-label-unpaired",
+                  "3-reward-model", "4-compare"):
         assert re.search(rf"== stage {stage}: \d+ s", done.stdout), stage
     runs = tmp_path / "runs" / "sentiment-tiny"
     assert json.loads((runs / "heldout" / "pairs.summary.json").read_text())["pairs"] > 0
@@ -476,7 +477,9 @@ def test_the_sentiment_pipeline_end_to_end_on_the_tiny_model(tmp_path):
     assert any("eval/accuracy" in m for m in rm_metrics)
     out = runs / "compare"
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {r["arm"] for r in rows} >= {"dpo-b0.1", "ppo-rm-kl2", "ppo-gold-kl2", "bon-4"}
+    assert {r["arm"] for r in rows} >= {"dpo-b0.1", "ppo-rm-kl2", "ppo-gold-kl2", "bon-4", "kto", "grpo-rm"}
+    sft = [json.loads(line) for line in (runs / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert sft[-1]["loss"] < sft[0]["loss"]  # the SFT stage learned the review text
     assert by(rows, "ppo-rm-kl2", 1.0)["reward"] == "reward_model"
     assert by(rows, "ppo-gold-kl2", 1.0)["reward"] == "keywords"
     assert (out / "frontier.png").is_file() and (out / "report.md").is_file()

@@ -180,3 +180,29 @@ def test_zero_pairs_is_refused_and_writes_nothing(tmp_path):
     result = runner.invoke(app, ["label", str(samples)])
     assert result.exit_code == 2 and "no preference pairs" in result.output and "1 ties dropped" in result.output
     assert not (tmp_path / "pairs.jsonl").exists() and "Traceback" not in result.output
+
+
+def test_unpaired_rows_for_kto_by_hand(tmp_path):
+    samples = write_samples(tmp_path / "samples.jsonl", SAMPLES)
+    report = label_samples(samples, tmp_path / "kto.jsonl", reward=None, mode="unpaired", registry=REGISTRY)
+    rows = read_pairs(tmp_path / "kto.jsonl")
+    # Review A: mean of 0.5, 0.9, 0.1, 0.5 is 0.5 -> great desirable, awful undesirable, fine/okay ties;
+    # Review B: both at the mean (ties, no rows); Review C: the empty one dropped, mean 0.45 of good/bad
+    assert rows == [
+        {"prompt": "Review A:", "completion": "great", "label": True, "score": 0.9},
+        {"prompt": "Review A:", "completion": "awful", "label": False, "score": 0.1},
+        {"prompt": "Review C:", "completion": "good", "label": True, "score": 0.7},
+        {"prompt": "Review C:", "completion": "bad", "label": False, "score": 0.2},
+    ]
+    assert (report.pairs, report.ties_dropped, report.empty_dropped, report.prompts_without_pair) == (4, 4, 1, 1)
+
+
+def test_unpaired_rows_read_as_kto_data(tmp_path):
+    from prefkit.data.prepare import prepare_dataset
+    from prefkit.models.tiny import build_tiny_tokenizer
+
+    samples = write_samples(tmp_path / "samples.jsonl", SAMPLES)
+    label_samples(samples, tmp_path / "kto.jsonl", reward=None, mode="unpaired", registry=REGISTRY)
+    cfg = DataConfig(train=str(tmp_path / "kto.jsonl"), chat_template="never")
+    prepared = prepare_dataset(cfg, build_tiny_tokenizer(), REGISTRY.data_kinds["unpaired"], registry=REGISTRY)
+    assert [e.columns["label"] for e in prepared.examples] == [1.0, 0.0, 1.0, 0.0]

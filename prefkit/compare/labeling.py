@@ -8,7 +8,10 @@ are grouped by prompt, and pairs are written in prefkit's standard format::
     {"prompt": "...", "chosen": "...", "rejected": "...", "margin": 0.42}
 
 - ``best-worst``: per prompt, the best-scored completion against the worst-scored one;
-- ``all-pairs``: every two completions of a prompt whose scores differ, the higher one chosen.
+- ``all-pairs``: every two completions of a prompt whose scores differ, the higher one chosen;
+- ``unpaired``: KTO's data (prompt, completion, label): per prompt, each completion scored above
+  the mean of that prompt's completions is desirable (``label: true``), each one below it is
+  undesirable; completions exactly at the mean are dropped as ties. One gold label per sample.
 
 Ties (equal scores, or the same text) are dropped, as are empty completions (a pair needs two
 non-empty answers). A conversational prompt (a list of messages) gives conversational pairs: the
@@ -27,8 +30,8 @@ from typing import Any, Literal
 
 from prefkit.api.errors import DataError, PrefkitError
 
-Mode = Literal["best-worst", "all-pairs"]
-MODES = ("best-worst", "all-pairs")
+Mode = Literal["best-worst", "all-pairs", "unpaired"]
+MODES = ("best-worst", "all-pairs", "unpaired")
 
 
 @dataclass
@@ -122,6 +125,12 @@ def make_pairs(completions: list[Completion], mode: Mode) -> tuple[list[dict[str
     pairs: list[dict[str, Any]] = []
     for members in groups.values():
         members = sorted(members, key=lambda c: c.sample_index)
+        if mode == "unpaired":
+            rows, ties = _unpaired(members)
+            counts["ties_dropped"] += ties
+            counts["prompts_without_pair"] += not rows
+            pairs.extend(rows)
+            continue
         found: list[tuple[Completion, Completion]] = []
         if mode == "best-worst":
             if len(members) >= 2:
@@ -143,6 +152,23 @@ def make_pairs(completions: list[Completion], mode: Mode) -> tuple[list[dict[str
         for chosen, rejected in found:
             pairs.append(_pair(chosen, rejected))
     return pairs, counts
+
+
+def _unpaired(members: list[Completion]) -> tuple[list[dict[str, Any]], int]:
+    """KTO rows from one prompt's completions: above the prompt's mean score desirable, below it not."""
+    if len(members) < 2:
+        return [], 0
+    mean = math.fsum(c.score for c in members) / len(members)
+    rows, ties = [], 0
+    for c in members:
+        if c.score == mean:
+            ties += 1
+            continue
+        answer = [{"role": "assistant", "content": c.text}] if isinstance(c.prompt, list) else c.text
+        rows.append({"prompt": c.prompt, "completion": answer, "label": c.score > mean, "score": float(c.score)})
+    if rows and len({r["label"] for r in rows}) == 1:  # every completion on one side: nothing to contrast
+        return [], ties + len(rows)
+    return rows, ties
 
 
 def _pair(chosen: Completion, rejected: Completion) -> dict[str, Any]:
@@ -238,7 +264,7 @@ def label_samples(samples: Path | str, output: Path | str, *, reward: Any, rewar
             f"completions tied or were identical ({counts.get('ties_dropped', 0)} ties dropped); sample more "
             f"completions per prompt (sampling.num_samples), at a higher temperature, or use a finer reward. "
             f"{output} was not written")
-    if not margin:
+    if not margin or mode == "unpaired":
         for pair in pairs:
             pair.pop("margin", None)
     output = Path(output)

@@ -80,6 +80,11 @@ class Arm(Strict):
         description="Overrides of `data` keys for this arm only: the same preferences in the layout its data kind "
                     "reads (e.g. `train: tiny-unpaired` for KTO, the unpaired form of tiny-prefs).",
     )
+    sampling: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of `sampling` keys for this arm's rollouts only (e.g. `num_samples: 4`, GRPO's "
+                    "group size).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -309,7 +314,7 @@ def arm_recipe_dict(compare: CompareRecipe, arm: Arm, *, seed: int | None = None
         "data": {**compare.data.model_dump(mode="json", exclude_unset=True), **copy.deepcopy(arm.data)},
         "objective": {"name": arm.objective, "params": copy.deepcopy(arm.params)},
         "train": train,
-        "sampling": compare.sampling.model_dump(mode="json"),
+        "sampling": {**compare.sampling.model_dump(mode="json"), **copy.deepcopy(arm.sampling)},
     }
     if with_reward and reward is not None:
         data["reward"] = reward.model_dump(mode="json")
@@ -327,7 +332,7 @@ def _arm_path(path: str, i: int, arm: Arm) -> str:
         if arm.reward is not None or not rest:
             return f"arms.{i}.{path}"
         return path
-    if head == "train" and rest.split(".")[0] in arm.train:
+    if head in ("train", "sampling", "data") and rest.split(".")[0] in getattr(arm, head):
         return f"arms.{i}.{path}"
     return path
 
