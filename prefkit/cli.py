@@ -115,10 +115,14 @@ def validate(
                          markup=False, highlight=False)
         return
     loaded = load_recipe(recipe, overrides or [], registry=registry)
-    check_recipe(loaded)
+    if loaded.objective is not None:  # a recipe without one is a sampling recipe: nothing to train
+        check_recipe(loaded)
     preflight(loaded, registry, command="validate")
-    ui.console.print(f"{recipe}: valid (objective {loaded.objective.name}, {loaded.objective.kind})", markup=False,
-                     highlight=False)
+    if loaded.objective is None:
+        what = "no objective: a sampling recipe for `prefkit sample`; `prefkit run` needs objective.name"
+    else:
+        what = f"objective {loaded.objective.name}, {loaded.objective.kind}"
+    ui.console.print(f"{recipe}: valid ({what})", markup=False, highlight=False)
 
 
 @app.command()
