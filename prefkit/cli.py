@@ -205,6 +205,69 @@ def sample(
     reporter.result("sample", summary, line=line, show=lambda: ui.table("samples", ["", "value"], rows))
 
 
+CHAT_COMMANDS = "/reset forgets the conversation, /exit (or Ctrl-D) ends it, /help shows this"
+
+
+@app.command()
+@_user_errors
+def chat(
+    source: str = typer.Argument(..., help="A run folder (its final/, else its newest checkpoint), a recipe (its "
+                                           "model), a named model source (`prefkit models`), a model folder or a hub id."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system prompt, kept through /reset."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply, in tokens."),
+    temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature; 0 is greedy."),
+    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling threshold."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens; 0 keeps all."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Makes the replies reproducible (default: a random one)."),
+    step: Optional[int] = typer.Option(None, "--step", help="A run's checkpoint of this step instead of final/."),
+) -> None:
+    """Chat with a model through its chat template, one message a line; the conversation is kept.
+
+    /reset forgets it, /exit or Ctrl-D ends the chat. A model without a chat template continues the
+    conversation as plain text. Messages come from the terminal or from stdin (one per line)."""
+    from prefkit.chat import open_chat
+
+    registry = _report_plugin_problems()
+    session = open_chat(source, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        top_k=top_k, seed=seed, step=step, registry=registry)
+    interactive = sys.stdin.isatty()
+    how = "chat template" if session.templated else \
+        "no chat template: the conversation is continued as plain text"
+    ui.note(f"chatting with {session.label} ({how}; seed {session.seed}); {CHAT_COMMANDS}")
+    try:
+        while True:
+            try:
+                line = input(ui.CHAT_PROMPT) if interactive else sys.stdin.readline()
+            except EOFError:
+                line = ""
+            if not line:  # end of input
+                break
+            text = line.rstrip("\r\n")
+            command = text.strip().lower()
+            if not command:
+                continue
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                session.reset()
+                ui.note("the conversation was forgotten" + (" (the system prompt is kept)" if system else ""))
+                continue
+            if command == "/help":
+                ui.note(CHAT_COMMANDS)
+                continue
+            if command.startswith("/") and " " not in command:
+                ui.note(f"unknown command {command}; {CHAT_COMMANDS}")
+                continue
+            reply = session.send(text)
+            for note in session.notes:
+                ui.warning(note)
+            ui.chat_reply(reply, interactive)
+    except KeyboardInterrupt:  # Ctrl-C ends the chat like /exit
+        pass
+    if interactive:
+        ui.note("bye")
+
+
 @app.command()
 @_user_errors
 def rewards() -> None:

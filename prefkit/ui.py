@@ -188,6 +188,22 @@ def warning(text: str) -> None:
     console.print(f"[yellow]warning:[/yellow] {escape(printable(text))}", highlight=False, soft_wrap=True)
 
 
+CHAT_PROMPT = "you> "
+
+
+def note(text: str) -> None:
+    """A line about what is happening (on stderr, so stdout keeps only results)."""
+    console.print(f"[dim]prefkit[/dim] {escape(printable(text))}", highlight=False, soft_wrap=True)
+
+
+def chat_reply(text: str, interactive: bool) -> None:
+    """A chat reply on stdout: after a coloured name in a terminal, as a plain line otherwise."""
+    if interactive:
+        out.print(f"[bold cyan]model>[/bold cyan] {escape(printable(text))}", highlight=False, soft_wrap=True)
+    else:
+        out.print(printable(text), markup=False, highlight=False, soft_wrap=True)
+
+
 def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     t = Table(title=title)
     for column in columns:
