@@ -268,6 +268,55 @@ def chat(
         ui.note("bye")
 
 
+recipes_app = typer.Typer(help="List the shipped recipes, or copy one to edit (like torchtune's `tune ls` / `tune cp`).",
+                          invoke_without_command=True, no_args_is_help=False)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback()
+@_user_errors
+def recipes(ctx: typer.Context) -> None:
+    """List the shipped recipes: name, command, objective, description; `copy NAME [DEST]` writes one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from prefkit.catalog import list_recipes, recipes_root
+
+    rows = []
+    for item in list_recipes(_registry()):
+        text = item.description + (f" [{item.note()}]" if item.needs else "")
+        rows.append([item.name, item.command, item.objective or "-", text])
+    ui.table(f"recipes ({recipes_root()})", ["recipe", "command", "objective", "description"], rows)
+    ui.note("copy one to edit it: prefkit recipes copy NAME [DEST]; a folder (e.g. sentiment) copies with its "
+            "README and script")
+
+
+@recipes_app.command("copy")
+@_user_errors
+def recipes_copy(
+    name: str = typer.Argument(..., help="A recipe (dpo_tiny, sentiment/sample_tiny) or a folder (sentiment)."),
+    dest: Optional[str] = typer.Argument(None, help="Where to write it (default: its own name, here)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing file."),
+) -> None:
+    """Copy a shipped recipe (or a folder of them) to DEST, never over an existing file unless --force."""
+    from prefkit.catalog import copy, list_recipes
+
+    written = copy(name, dest, force=force)
+    for path in written:
+        ui.out.print(f"wrote {path}", markup=False, highlight=False)
+    for item in list_recipes():  # a recipe that reads what earlier steps write says so
+        if item.name == name.strip("/").removesuffix(".yaml") and item.needs:
+            ui.note(f"{item.name} {item.note()}")
+
+
+@recipes_app.command("show")
+@_user_errors
+def recipes_show(name: str = typer.Argument(..., help="A recipe name, as `prefkit recipes` lists it.")) -> None:
+    """Print a shipped recipe."""
+    from prefkit.catalog import show
+
+    typer.echo(show(name), nl=False)
+
+
 @app.command()
 @_user_errors
 def rewards() -> None:

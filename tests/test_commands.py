@@ -182,3 +182,133 @@ def test_chat_refuses_bad_sources_with_one_message(tmp_path):
     scorer.mkdir()
     (scorer / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
     refused(cli("chat", scorer, input="hi\n"), "reward model", "cannot chat")
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def test_recipes_lists_every_shipped_recipe_with_its_description_and_needs():
+    from prefkit.catalog import list_recipes
+
+    items = {item.name: item for item in list_recipes(REGISTRY)}
+    on_disk = {str(p.relative_to(ROOT / "recipes").with_suffix("")) for p in (ROOT / "recipes").rglob("*.yaml")}
+    assert set(items) == on_disk
+    assert items["dpo_tiny"].description == "DPO on a tiny random-initialised Llama over the shipped tiny preference set."
+    assert (items["dpo_tiny"].command, items["dpo_tiny"].objective) == ("run", "dpo")
+    assert items["best_of_n_tiny"].command == "sample" and items["compare_tiny"].command == "compare"
+    assert items["sentiment/sample_tiny"].objective is None and items["sentiment/sample_tiny"].command == "sample"
+    assert not items["dpo_tiny"].needs
+    assert "runs/sentiment-tiny/pairs.jsonl" in items["sentiment/bt_reward_tiny"].needs
+    assert items["sentiment/bt_reward_tiny"].guide == "sentiment/README.md"
+    result = cli("recipes")
+    assert result.exit_code == 0, result.output
+    assert "dpo_tiny" in result.output and "sentiment/bt_reward_tiny" in result.output
+    import re
+
+    flat = re.sub(r"[\s│]+", " ", result.output)  # a table cell wrapped over lines, read as one line
+    assert "needs earlier steps" in flat and "see sentiment/README.md" in flat and "prefkit recipes copy" in flat
+
+
+def test_recipes_copy_writes_a_file_and_never_overwrites_without_force(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("recipes", "copy", "dpo_tiny")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "dpo_tiny.yaml").read_text() == TINY.read_text()
+    (tmp_path / "dpo_tiny.yaml").write_text("# mine\n")
+    refused(cli("recipes", "copy", "dpo_tiny"), "dpo_tiny.yaml already exists", "--force")
+    assert (tmp_path / "dpo_tiny.yaml").read_text() == "# mine\n"
+    assert cli("recipes", "copy", "dpo_tiny", "--force").exit_code == 0
+    assert (tmp_path / "dpo_tiny.yaml").read_text() == TINY.read_text()
+    # into a folder, under another name, and a whole folder with its README and script
+    (tmp_path / "mine").mkdir()
+    assert cli("recipes", "copy", "sentiment/sample_tiny", "mine").exit_code == 0
+    assert (tmp_path / "mine" / "sample_tiny.yaml").is_file()
+    result = cli("recipes", "copy", "sentiment/bt_reward_tiny", "rm.yaml")
+    assert result.exit_code == 0 and "needs earlier steps" in result.output
+    assert cli("recipes", "copy", "sentiment", "pipeline").exit_code == 0
+    assert (tmp_path / "pipeline" / "pipeline.sh").is_file() and (tmp_path / "pipeline" / "README.md").is_file()
+    # a copied recipe is a recipe
+    assert cli("validate", "dpo_tiny.yaml").exit_code == 0
+    assert "output_dir: runs/dpo_tiny" in cli("recipes", "show", "dpo_tiny").output
+
+
+def test_recipes_refuses_unknown_names(tmp_path):
+    refused(cli("recipes", "copy", "dpo_tiy", tmp_path / "x.yaml"), "'dpo_tiy'", "did you mean 'dpo_tiny'")
+    refused(cli("recipes", "copy", "../pyproject.toml", tmp_path / "x.yaml"), "no shipped recipe")
+    refused(cli("recipes", "show", "sentiment"), "is a folder")
+    assert not (tmp_path / "x.yaml").exists()
+
+
+# --------------------------------------------------------------------------- sampling without an objective
+
+
+def test_a_sampling_recipe_needs_no_objective_and_run_says_it_needs_one(tmp_path):
+    data = yaml.safe_load(TINY.read_text())
+    del data["objective"], data["train"]
+    data.update(output_dir=str(tmp_path / "s"), sampling={"max_new_tokens": 4, "num_samples": 2})
+    path = tmp_path / "sample.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = cli("validate", path)
+    assert result.exit_code == 0 and "no objective" in result.output, result.output
+    result = cli("sample", path, "-q")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 32 and "candidate_index" not in rows[0]  # the 16 test prompts, 2 samples each
+    assert json.loads((tmp_path / "s" / "samples.summary.json").read_text())["objective"] is None
+    for command in ("run", "eval"):
+        refused(cli(command, path), str(path), "objective", f"`prefkit {command}` needs objective.name")
+    assert not (tmp_path / "s" / "run.json").exists()
+
+
+# --------------------------------------------------------------------------- --quiet and --json
+
+
+def test_json_output_is_one_event_per_line_and_equals_metrics_jsonl(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(TINY), f"output_dir={out}", "train.max_steps=4", "train.eval_every=2",
+                                 "train.save_every=2", "--json"])
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]  # every line parses: nothing else there
+    kinds = [e["event"] for e in events]
+    assert kinds[-1] == "result" and kinds.count("start") >= 1 and "message" in kinds
+    steps = {e["step"]: e["metrics"] for e in events if e["event"] == "step"}
+    evals = {e["step"]: e["metrics"] for e in events if e["event"] == "eval"}
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(steps) == [1, 2, 3, 4] and sorted(evals) == [2, 4]
+    for record in logged:
+        shown = {**steps[record["step"]], **evals.get(record["step"], {})}
+        assert shown == {k: v for k, v in record.items() if k != "step"}
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [2, 4]
+    assert all(e["path"].endswith(f"checkpoints/step-{e['step']}") for e in events if e["event"] == "checkpoint")
+    final = events[-1]
+    assert final["command"] == "run" and final["run_dir"] == str(out)
+    assert final["summary"] == json.loads((out / "run.json").read_text())
+    # a user error in JSON mode is a JSON line too (and the exit code 2)
+    result = runner.invoke(app, ["run", str(TINY), f"output_dir={out}", "train.max_steps=4", "--json"])
+    assert result.exit_code == 2
+    error = json.loads(result.stdout.splitlines()[-1])
+    assert error["event"] == "error" and "--resume" in error["text"]
+
+
+def test_quiet_prints_only_the_result_line(tmp_path):
+    result = runner.invoke(app, ["run", str(TINY), f"output_dir={tmp_path / 'r'}", "train.max_steps=3", "-q"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dpo: 3 steps") and str(tmp_path / "r") in lines[0]
+    result = runner.invoke(app, ["sample", str(ROOT / "recipes" / "best_of_n_tiny.yaml"), f"output_dir={tmp_path / 's'}",
+                                 "sampling.max_new_tokens=4", "--quiet"])
+    assert result.exit_code == 0 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "16 samples of 16 prompts" in result.output
+    refused(runner.invoke(app, ["run", str(TINY), "-q", "--json"]), "--quiet and --json")
+
+
+def test_json_sample_reports_progress_and_its_summary(tmp_path):
+    result = runner.invoke(app, ["sample", str(ROOT / "recipes" / "best_of_n_tiny.yaml"), f"output_dir={tmp_path}",
+                                 "sampling.max_new_tokens=4", "--json"])
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert events[0] == {**events[0], "event": "start", "task": "sample"}
+    assert any(e["event"] == "progress" for e in events)
+    assert events[-1]["command"] == "sample" and events[-1] == {
+        "event": "result", "time": events[-1]["time"], "command": "sample",
+        **json.loads((tmp_path / "samples.summary.json").read_text())}
