@@ -202,7 +202,7 @@ def sample(
     score = f", mean score {summary['mean_score']:.4g}" if summary.get("mean_score") is not None else ""
     line = (f"{summary['output']}: {summary['samples']} samples of {summary['prompts']} prompts{score}, "
             f"mean length {summary['mean_length']:.1f} tokens; {summary['seconds']:.1f} s")
-    reporter.result("sample", summary, line=line, show=lambda: ui.table("samples", ["", "value"], rows))
+    reporter.result("sample", summary, line=line, show=lambda: ui.table("samples", ["field", "value"], rows))
 
 
 CHAT_COMMANDS = "/reset forgets the conversation, /exit (or Ctrl-D) ends it, /help shows this"
@@ -238,8 +238,10 @@ def chat(
         while True:
             try:
                 line = input(ui.CHAT_PROMPT) if interactive else sys.stdin.readline()
-            except EOFError:
+            except EOFError:  # Ctrl-D in a terminal
                 line = ""
+                if interactive:
+                    ui.console.print()
             if not line:  # end of input
                 break
             text = line.rstrip("\r\n")
@@ -263,7 +265,8 @@ def chat(
                 ui.warning(note)
             ui.chat_reply(reply, interactive)
     except KeyboardInterrupt:  # Ctrl-C ends the chat like /exit
-        pass
+        if interactive:
+            ui.console.print()
     if interactive:
         ui.note("bye")
 

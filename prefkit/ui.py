@@ -35,8 +35,12 @@ class RichReporter:
         self.console = console
         self.progress: Progress | None = None
         self.task = None
+        self.shown: set[str] = set()
 
     def message(self, text: str) -> None:
+        if text in self.shown:  # a compare's arms repeat the same data and cache notes: once is enough
+            return
+        self.shown.add(text)
         self.console.print(f"[dim]prefkit[/dim] {escape(printable(text))}", highlight=False)
 
     def start(self, total_steps: int, first_step: int, description: str = "train") -> None:
@@ -193,11 +197,19 @@ CHAT_PROMPT = "you> "
 
 def note(text: str) -> None:
     """A line about what is happening (on stderr, so stdout keeps only results)."""
-    console.print(f"[dim]prefkit[/dim] {escape(printable(text))}", highlight=False, soft_wrap=True)
+    console.print(f"[dim]prefkit[/dim] {escape(printable(text))}", highlight=False)
+
+
+def _visible(text: str) -> str:
+    """``text`` with control characters other than newline and tab written as escapes (a model's
+    reply must not move the cursor or change the terminal's colours)."""
+    return "".join(ch if ch in "\n\t" or (ord(ch) >= 32 and ord(ch) != 127) else f"\\x{ord(ch):02x}"
+                   for ch in printable(text))
 
 
 def chat_reply(text: str, interactive: bool) -> None:
     """A chat reply on stdout: after a coloured name in a terminal, as a plain line otherwise."""
+    text = _visible(text)
     if interactive:
         out.print(f"[bold cyan]model>[/bold cyan] {escape(printable(text))}", highlight=False, soft_wrap=True)
     else:
@@ -233,7 +245,10 @@ def summary(summary: dict, run_dir: str) -> None:
         table("run summary", ["metric", "train (last logged)", "eval"], rows)
     else:
         table("run summary", ["metric", "train (last logged)"], [[k, _number(trained[k])] for k in names])
-    console.print(summary_line(summary, run_dir), markup=False, highlight=False, soft_wrap=True)
+    line = summary_line(summary, run_dir)
+    head, folder = line.rsplit("; run directory ", 1)
+    console.print(head, markup=False, highlight=False)
+    console.print(f"run directory: {folder}", markup=False, highlight=False)
 
 
 def summary_line(summary: dict, run_dir: str) -> str:
