@@ -37,10 +37,22 @@ def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
 ) -> None:
     """Align language models with preference data."""
+    ui.mode = "rich"  # until a command's --quiet / --json says otherwise
     ui.quiet_libraries()
 
 
 USER_ERROR = 2  # the exit code of every user mistake
+
+QUIET_HELP = "Print only errors and one result line."
+JSON_HELP = ("Print one JSON object per line on stdout for every event (start, step metrics, evaluations, "
+             "checkpoints, the result) and nothing else there; for scripts.")
+
+
+def _reporter(quiet: bool, as_json: bool):
+    """The reporter for a command's --quiet / --json (both at once is refused)."""
+    if quiet and as_json:
+        raise PrefkitError("--quiet and --json: choose one")
+    return ui.reporter_for(quiet=quiet, as_json=as_json)
 
 
 def _fail(exc: PrefkitError, code: int = USER_ERROR) -> None:
@@ -115,10 +127,14 @@ def validate(
                          markup=False, highlight=False)
         return
     loaded = load_recipe(recipe, overrides or [], registry=registry)
-    check_recipe(loaded)
+    if loaded.objective is not None:  # a recipe without one is a sampling recipe: nothing to train
+        check_recipe(loaded)
     preflight(loaded, registry, command="validate")
-    ui.console.print(f"{recipe}: valid (objective {loaded.objective.name}, {loaded.objective.kind})", markup=False,
-                     highlight=False)
+    if loaded.objective is None:
+        what = "no objective: a sampling recipe for `prefkit sample`; `prefkit run` needs objective.name"
+    else:
+        what = f"objective {loaded.objective.name}, {loaded.objective.kind}"
+    ui.console.print(f"{recipe}: valid ({what})", markup=False, highlight=False)
 
 
 @app.command()
@@ -127,20 +143,23 @@ def run(
     recipe: str = typer.Argument(..., help="The recipe YAML file."),
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. output_dir=/tmp/x"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in output_dir."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Train with the objective the recipe names."""
     from prefkit.loops import train
     from prefkit.recipe import load_recipe
 
+    reporter = _reporter(quiet, as_json)
     registry = _report_plugin_problems()
     loaded = load_recipe(recipe, overrides or [], registry=registry)
-    reporter = ui.RichReporter()  # train() checks the recipe and runs the preflight before anything else
-    try:
+    try:  # train() checks the recipe and runs the preflight before anything else
         summary = train(loaded, resume=resume, reporter=reporter, registry=registry)
     finally:
         reporter.finish()
-    ui.summary(summary)
-    ui.console.print(f"run directory: {loaded.recipe.output_dir}")
+    run_dir = loaded.recipe.output_dir
+    reporter.result("run", {"run_dir": run_dir, "summary": summary}, line=ui.summary_line(summary, run_dir),
+                    show=lambda: ui.summary(summary, run_dir))
 
 
 @app.command()
@@ -149,22 +168,156 @@ def sample(
     recipe: str = typer.Argument(..., help="The recipe YAML file (model, prompts, sampling, optional reward)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. model.source=runs/x/final"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL file (default: OUTPUT_DIR/samples.jsonl)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Sample completions for the recipe's prompts from a policy (best-of-N when the objective is best_of_n)."""
+    """Sample completions for the recipe's prompts from a policy (best-of-N when the objective is best_of_n).
+
+    The recipe needs no objective: model, data (the prompts) and sampling are enough."""
     from pathlib import Path
 
     from prefkit.models.sampling import sample_recipe
     from prefkit.preflight import preflight
     from prefkit.recipe import load_recipe
 
+    reporter = _reporter(quiet, as_json)
     registry = _report_plugin_problems()
     loaded = load_recipe(recipe, overrides or [], registry=registry)
     target = Path(output) if output else Path(loaded.recipe.output_dir) / "samples.jsonl"
     preflight(loaded, registry, command="sample", output=target)
-    summary = sample_recipe(loaded, Path(output) if output else None, registry=registry)
+    started = []
+
+    def progress(done: int, total: int) -> None:
+        if not started:
+            reporter.start(total, 0, "sample")
+            started.append(True)
+        reporter.step(done, {})
+
+    try:
+        summary = sample_recipe(loaded, Path(output) if output else None, registry=registry, progress=progress)
+    finally:
+        reporter.finish()
     rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in summary.items()
-            if not isinstance(v, (dict, list))]
-    ui.table("samples", ["", "value"], rows)
+            if not isinstance(v, (dict, list)) and v is not None]
+    score = f", mean score {summary['mean_score']:.4g}" if summary.get("mean_score") is not None else ""
+    line = (f"{summary['output']}: {summary['samples']} samples of {summary['prompts']} prompts{score}, "
+            f"mean length {summary['mean_length']:.1f} tokens; {summary['seconds']:.1f} s")
+    reporter.result("sample", summary, line=line, show=lambda: ui.table("samples", ["field", "value"], rows))
+
+
+CHAT_COMMANDS = "/reset forgets the conversation, /exit (or Ctrl-D) ends it, /help shows this"
+
+
+@app.command()
+@_user_errors
+def chat(
+    source: str = typer.Argument(..., help="A run folder (its final/, else its newest checkpoint), a recipe (its "
+                                           "model), a named model source (`prefkit models`), a model folder or a hub id."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system prompt, kept through /reset."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply, in tokens."),
+    temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature; 0 is greedy."),
+    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling threshold."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens; 0 keeps all."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Makes the replies reproducible (default: a random one)."),
+    step: Optional[int] = typer.Option(None, "--step", help="A run's checkpoint of this step instead of final/."),
+) -> None:
+    """Chat with a model through its chat template, one message a line; the conversation is kept.
+
+    /reset forgets it, /exit or Ctrl-D ends the chat. A model without a chat template continues the
+    conversation as plain text. Messages come from the terminal or from stdin (one per line)."""
+    from prefkit.chat import open_chat
+
+    registry = _report_plugin_problems()
+    session = open_chat(source, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        top_k=top_k, seed=seed, step=step, registry=registry)
+    interactive = sys.stdin.isatty()
+    how = "chat template" if session.templated else \
+        "no chat template: the conversation is continued as plain text"
+    ui.note(f"chatting with {session.label} ({how}; seed {session.seed}); {CHAT_COMMANDS}")
+    try:
+        while True:
+            try:
+                line = input(ui.CHAT_PROMPT) if interactive else sys.stdin.readline()
+            except EOFError:  # Ctrl-D in a terminal
+                line = ""
+                if interactive:
+                    ui.console.print()
+            if not line:  # end of input
+                break
+            text = line.rstrip("\r\n")
+            command = text.strip().lower()
+            if not command:
+                continue
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                session.reset()
+                ui.note("the conversation was forgotten" + (" (the system prompt is kept)" if system else ""))
+                continue
+            if command == "/help":
+                ui.note(CHAT_COMMANDS)
+                continue
+            if command.startswith("/") and " " not in command:
+                ui.note(f"unknown command {command}; {CHAT_COMMANDS}")
+                continue
+            reply = session.send(text)
+            for note in session.notes:
+                ui.warning(note)
+            ui.chat_reply(reply, interactive)
+    except KeyboardInterrupt:  # Ctrl-C ends the chat like /exit
+        if interactive:
+            ui.console.print()
+    if interactive:
+        ui.note("bye")
+
+
+recipes_app = typer.Typer(help="List the shipped recipes, or copy one to edit (like torchtune's `tune ls` / `tune cp`).",
+                          invoke_without_command=True, no_args_is_help=False)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback()
+@_user_errors
+def recipes(ctx: typer.Context) -> None:
+    """List the shipped recipes: name, command, objective, description; `copy NAME [DEST]` writes one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from prefkit.catalog import list_recipes, recipes_root
+
+    rows = []
+    for item in list_recipes(_registry()):
+        text = item.description + (f" [{item.note()}]" if item.needs else "")
+        rows.append([item.name, item.command, item.objective or "-", text])
+    ui.table(f"recipes ({recipes_root()})", ["recipe", "command", "objective", "description"], rows)
+    ui.note("copy one to edit it: prefkit recipes copy NAME [DEST]; a folder (e.g. sentiment) copies with its "
+            "README and script")
+
+
+@recipes_app.command("copy")
+@_user_errors
+def recipes_copy(
+    name: str = typer.Argument(..., help="A recipe (dpo_tiny, sentiment/sample_tiny) or a folder (sentiment)."),
+    dest: Optional[str] = typer.Argument(None, help="Where to write it (default: its own name, here)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing file."),
+) -> None:
+    """Copy a shipped recipe (or a folder of them) to DEST, never over an existing file unless --force."""
+    from prefkit.catalog import copy, list_recipes
+
+    written = copy(name, dest, force=force)
+    for path in written:
+        ui.out.print(f"wrote {path}", markup=False, highlight=False)
+    for item in list_recipes():  # a recipe that reads what earlier steps write says so
+        if item.name == name.strip("/").removesuffix(".yaml") and item.needs:
+            ui.note(f"{item.name} {item.note()}")
+
+
+@recipes_app.command("show")
+@_user_errors
+def recipes_show(name: str = typer.Argument(..., help="A recipe name, as `prefkit recipes` lists it.")) -> None:
+    """Print a shipped recipe."""
+    from prefkit.catalog import show
+
+    typer.echo(show(name), nl=False)
 
 
 @app.command()
@@ -328,12 +481,15 @@ def compare(
     overrides: Optional[List[str]] = typer.Argument(
         None, help="dotted.key=value overrides, e.g. output_dir=/tmp/c arms.dpo-b0.1.params.beta=0.2"),
     validate_only: bool = typer.Option(False, "--validate", help="Check the recipe and every arm; load no model."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Train several objectives on the same data, seed and budget, then evaluate them identically."""
     from prefkit.compare.harness import run_compare
     from prefkit.compare.recipe import load_compare
     from prefkit.preflight import preflight_compare
 
+    reporter = _reporter(quiet, as_json)
     registry = _report_plugin_problems()
     loaded = load_compare(recipe, overrides or [], registry=registry)
     preflight_compare(loaded, registry)
@@ -341,16 +497,23 @@ def compare(
         arms = ", ".join(f"{a.name} ({a.loaded.objective.name})" for a in loaded.arms)
         ui.console.print(f"{recipe}: valid compare recipe; arms: {arms}", highlight=False, markup=False)
         return
-    reporter = ui.RichReporter()
     try:
-        rows = run_compare(loaded, reporter=reporter, registry=registry)
+        result = run_compare(loaded, reporter=reporter, registry=registry)
     finally:
         reporter.finish()
     from prefkit.compare.report import console_table
 
-    ui.table(*console_table(rows, loaded))  # rows: the CompareResult
-    ui.console.print(f"compare directory: {loaded.compare.output_dir} (report.md, results.jsonl, aggregate.jsonl, "
-                     "paired.jsonl, budget.jsonl and their .csv, frontier.png, winrate.png)", highlight=False)
+    out_dir = loaded.compare.output_dir
+
+    def show() -> None:
+        ui.table(*console_table(result, loaded))
+        ui.console.print(f"compare directory: {out_dir} (report.md, results.jsonl, aggregate.jsonl, "
+                         "paired.jsonl, budget.jsonl and their .csv, frontier.png, winrate.png)", highlight=False)
+
+    arms = sorted({row["arm"] for row in result.aggregate})
+    reporter.result("compare", {"output_dir": str(out_dir), "aggregate": result.aggregate, "notes": result.notes},
+                    line=f"{out_dir}: {len(arms)} arms compared ({', '.join(arms)}); report.md, results.jsonl",
+                    show=show)
 
 
 @app.command()
@@ -395,16 +558,23 @@ def eval_(
     target: str = typer.Argument(..., help="A run folder, or a recipe (its model is then the reference)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. data.eval=pairs.jsonl"),
     model: Optional[str] = typer.Option(None, "--model", help="The policy to judge (default: the run's final/)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """An offline objective's loss and metrics (accuracy, margins) on a preference set, without training."""
     from prefkit.workflows import evaluate
 
-    registry = _report_plugin_problems()
     try:
-        metrics = evaluate(target, overrides or [], model=model, registry=registry, reporter=ui.RichReporter())
+        reporter = _reporter(quiet, as_json)
+        registry = _report_plugin_problems()
+        metrics = evaluate(target, overrides or [], model=model, registry=registry, reporter=reporter)
     except PrefkitError as exc:
         _fail(exc)
-    ui.table(f"evaluation of {model or target}", ["metric", "value"], [[k, f"{v:.6g}"] for k, v in metrics.items()])
+    judged = model or target
+    line = f"{judged}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    reporter.result("eval", {"model": str(judged), "metrics": metrics}, line=line,
+                    show=lambda: ui.table(f"evaluation of {judged}", ["metric", "value"],
+                                          [[k, f"{v:.6g}"] for k, v in metrics.items()]))
 
 
 @app.command()

@@ -55,8 +55,9 @@ def preflight(loaded: LoadedRecipe, registry: Any, *, command: str = "run", outp
         if recipe.data.max_length > count:
             problems.append(("data.max_length", f"{recipe.data.max_length} is more than the model's {count} positions "
                                                 f"({origin}); use at most {count}"))
-        needs = loaded.objective.needs(loaded.params)
-        if (command == "sample" or needs.generation or loaded.objective.kind == "inference") and \
+        samples = command == "sample" or loaded.objective is None or loaded.objective.kind == "inference" or \
+            loaded.objective.needs(loaded.params).generation
+        if samples and \
                 recipe.sampling.max_new_tokens >= count:
             problems.append(("sampling.max_new_tokens", f"{recipe.sampling.max_new_tokens} leaves no room for the "
                                                         f"prompt in the model's {count} positions ({origin})"))
@@ -170,6 +171,8 @@ def data_problems(loaded: LoadedRecipe, registry: Any, command: str) -> tuple[li
     """Read the local data the command will use (bad files fail here, naming the file); return
     problems with empty splits and the number of training rows (None: hub data, not counted)."""
     data = loaded.recipe.data
+    if loaded.objective is None:  # a sampling recipe: its data are prompts, whatever the command
+        command = "sample"
     kind = registry.data_kinds.get("prompts" if command == "sample" else loaded.objective.needs(loaded.params).data)
     if command == "sample":  # the prompts: data.eval if set, else data.train
         splits = [("data.eval", data.eval, data.eval_split, data.max_eval_rows)] if data.eval is not None else \
@@ -191,7 +194,7 @@ def budget_problems(loaded: LoadedRecipe, rows: int | None) -> list[tuple[str, s
     """The training budget against the ``rows`` the training data has (None: unknown, not checked)."""
     recipe, objective = loaded.recipe, loaded.objective
     data, train = recipe.data, recipe.train
-    if objective.kind == "inference" or not rows:
+    if objective is None or objective.kind == "inference" or not rows:
         return []
     shown = f"{data.train} ({data.train_split})"
     problems: list[tuple[str, str]] = []

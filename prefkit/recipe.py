@@ -177,7 +177,8 @@ class Recipe(Strict):
     cache_dir: str | None = Field(None, description="Default: $PREFKIT_CACHE or ~/.cache/prefkit.")
     model: ModelConfig
     data: DataConfig
-    objective: ObjectiveConfig
+    objective: ObjectiveConfig | None = Field(
+        None, description="What to train; `prefkit run` needs it, `prefkit sample` and `prefkit chat` do not.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     reward: RewardConfig | None = Field(None, description="The reward source, for objectives that need one.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -210,14 +211,15 @@ class LoadedRecipe:
 
     recipe: Recipe
     path: str
-    objective: Any  # prefkit.api.objective.Objective
-    params: Any  # the objective's Params instance
+    objective: Any  # prefkit.api.objective.Objective, or None for a recipe without one (sampling only)
+    params: Any  # the objective's Params instance (None without an objective)
     model_options: Any  # the named model source's Params instance, or None
     reward_params: Any = None  # the reward function's Params instance, or None
 
     def resolved_dict(self) -> dict[str, Any]:
         data = self.recipe.model_dump(mode="json")
-        data["objective"]["params"] = self.params.model_dump(mode="json")
+        if self.params is not None:
+            data["objective"]["params"] = self.params.model_dump(mode="json")
         if self.model_options is not None:
             data["model"]["options"] = self.model_options.model_dump(mode="json")
         if self.reward_params is not None:
@@ -463,8 +465,11 @@ def validate_recipe(data: dict[str, Any], where: str, registry: Any) -> LoadedRe
     if any(typos):
         raise RecipeError(where, [typo for typo in typos if typo])
 
-    objective, params = _plugin_block(registry.objectives, recipe.objective.name, recipe.objective.params, where,
-                                      kind="objective", name_path="objective.name", params_path="objective.params")
+    objective = params = None
+    if recipe.objective is not None:
+        objective, params = _plugin_block(registry.objectives, recipe.objective.name, recipe.objective.params, where,
+                                          kind="objective", name_path="objective.name",
+                                          params_path="objective.params")
 
     model_options = None
     if recipe.model.source in registry.model_sources:
@@ -481,6 +486,9 @@ def validate_recipe(data: dict[str, Any], where: str, registry: Any) -> LoadedRe
     if recipe.reward is not None:
         _, reward_params = _plugin_block(registry.reward_functions, recipe.reward.name, recipe.reward.params, where,
                                          kind="reward function", name_path="reward.name", params_path="reward.params")
+    if objective is None:  # a sampling recipe: nothing to train, so no needs to check
+        return LoadedRecipe(recipe=recipe, path=where, objective=None, params=None,
+                            model_options=model_options, reward_params=reward_params)
     from prefkit.plugins import plugin_errors
 
     with plugin_errors(registry, "objectives", objective.name, "needs()"):

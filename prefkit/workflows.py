@@ -88,6 +88,9 @@ def evaluate(run_or_recipe: Any, overrides: Iterable[str] = (), *, model: str | 
         loaded = load(path / "recipe.resolved.yaml", [f"output_dir={path}", *overrides], registry=registry)
     else:
         loaded = load(run_or_recipe, overrides, registry=registry)
+    from prefkit.loops import require_objective
+
+    require_objective(loaded, "eval")
     if eval_dataset is not None:
         loaded = load(loaded, [f"data.eval={dataset_file(eval_dataset, loaded.recipe.resolved_cache_dir(), 'eval')}"],
                       registry=registry)

@@ -13,8 +13,17 @@ from prefkit.api import PrefkitError, RecipeError
 from prefkit.recipe import LoadedRecipe
 
 
+def require_objective(loaded: LoadedRecipe, command: str = "run") -> None:
+    """Refuse a recipe without ``objective`` for a command that needs one (RecipeError)."""
+    if loaded.objective is None:
+        raise RecipeError(loaded.path, [("objective", f"the recipe has none: `prefkit {command}` needs objective.name "
+                                                      "(`prefkit objectives` lists them); a recipe without an "
+                                                      "objective can only be sampled (`prefkit sample`)")])
+
+
 def check_recipe(loaded: LoadedRecipe) -> None:
     """Refuse, before any work, what the loop that would run this recipe cannot do (RecipeError)."""
+    require_objective(loaded, "run")
     kind = loaded.objective.kind
     problems: list[tuple[str, str]] = []
     if kind == "online":

@@ -10,6 +10,7 @@ adapter with the adapter beside it, the objective's extra modules (PPO's value h
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,58 @@ def find_checkpoint(run_dir: Path, step: int | None) -> tuple[int, Path]:
     return step, path
 
 
+@dataclass
+class CheckpointModel:
+    """A checkpoint's weights in the model its recipe builds (``model``: the causal LM or scalar
+    model itself, or for an online objective the policy with its extra modules)."""
+
+    step: int
+    path: Path  # the checkpoint folder
+    loaded: Any  # the checkpoint's LoadedRecipe
+    handle: Any  # the LoadedModel the weights went into
+    model: torch.nn.Module
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        """The language model alone (what generates)."""
+        return getattr(self.model, "policy", self.model)
+
+
+def load_checkpoint_model(run_dir: Path, step: int | None = None, *, registry: Any) -> CheckpointModel:
+    """Checkpoint ``step`` of ``run_dir`` (the newest by default) loaded into the model its recipe
+    builds, in memory. Raises PrefkitError for a folder, step or checkpoint that cannot be used."""
+    from prefkit.loops.online import PolicyWithModules, hidden_size_of
+    from prefkit.models.loading import load_model
+    from prefkit.recipe import load_recipe
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PrefkitError(f"{run_dir} is not a run folder")
+    step, path = find_checkpoint(run_dir, step)
+    loaded = load_recipe(path / "recipe.resolved.yaml", [f"output_dir={run_dir}"], registry=registry)
+    recipe, objective, params = loaded.recipe, loaded.objective, loaded.params
+    needs = objective.needs(params)
+    head = needs.head if objective.kind == "offline" else "lm"
+    handle = load_model(recipe.model, loaded.model_options, recipe.resolved_cache_dir(), head=head, registry=registry)
+    tensors = load_file(str(path / "trainable.safetensors"))
+    try:
+        if objective.kind == "online":
+            model: torch.nn.Module = PolicyWithModules(handle.model, objective.modules(params, hidden_size_of(handle.model)),
+                                                       needs.hidden_states)
+        else:
+            model = handle.model
+        load_trainable_state(model, tensors)
+    except ValueError as exc:  # the checkpoint's tensors do not fit the model the recipe builds
+        raise PrefkitError(f"cannot load {path}: {exc}") from exc
+    return CheckpointModel(step, path, loaded, handle, model)
+
+
 def export_checkpoint(run_dir: Path, *, step: int | None = None, out_dir: Path | None = None,
                       dtype: str = "fp32", registry: Any) -> Path:
     """Write checkpoint ``step`` of ``run_dir`` (the newest by default) as a Hugging Face folder
     (default ``RUN/export/step-N``); return the folder."""
-    from prefkit.loops.online import PolicyWithModules, hidden_size_of, save_final
-    from prefkit.models.loading import load_model, save_pretrained
-    from prefkit.recipe import load_recipe
+    from prefkit.loops.online import save_final
+    from prefkit.models.loading import save_pretrained
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -61,25 +107,14 @@ def export_checkpoint(run_dir: Path, *, step: int | None = None, out_dir: Path |
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PrefkitError(f"{out} already exists; choose another --output (nothing was changed)")
 
-    loaded = load_recipe(path / "recipe.resolved.yaml", [f"output_dir={run_dir}"], registry=registry)
-    recipe, objective, params = loaded.recipe, loaded.objective, loaded.params
-    needs = objective.needs(params)
-    head = needs.head if objective.kind == "offline" else "lm"
-    handle = load_model(recipe.model, loaded.model_options, recipe.resolved_cache_dir(), head=head, registry=registry)
+    found = load_checkpoint_model(run_dir, step, registry=registry)
+    recipe, objective = found.loaded.recipe, found.loaded.objective
     named = registry.model_sources.get(recipe.model.source)
     options = {"dtype": DTYPES[dtype], "base_name": getattr(named, "hub_id", None) or recipe.model.source}
-    tensors = load_file(str(path / "trainable.safetensors"))
-    try:
-        if objective.kind == "online":
-            extra = objective.modules(params, hidden_size_of(handle.model))
-            model = PolicyWithModules(handle.model, extra, needs.hidden_states)
-            load_trainable_state(model, tensors)
-            save_final(model, handle.tokenizer, out, **options)
-        else:
-            load_trainable_state(handle.model, tensors)
-            save_pretrained(handle.model, handle.tokenizer, out, **options)
-    except ValueError as exc:  # the checkpoint's tensors do not fit the model the recipe builds
-        raise PrefkitError(f"cannot export {path}: {exc}") from exc
+    if objective.kind == "online":
+        save_final(found.model, found.handle.tokenizer, out, **options)
+    else:
+        save_pretrained(found.model, found.handle.tokenizer, out, **options)
     (out / "README.md").write_text(
         f"---\nlibrary_name: transformers\nbase_model: {options['base_name']}\ntags: [prefkit, {objective.name}]\n---\n\n"
         f"# {run_dir.name}, step {step}\n\nExported by `prefkit export` from `{path}`: objective `{objective.name}` "

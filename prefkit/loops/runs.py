@@ -53,6 +53,7 @@ class Reporter(Protocol):
     def start(self, total_steps: int, first_step: int, description: str = "train") -> None: ...
     def step(self, step: int, metrics: dict[str, float]) -> None: ...
     def finish(self) -> None: ...
+    # optional: ``checkpoint(step, path)``, called after each checkpoint is written
 
 
 class QuietReporter:
@@ -168,6 +169,7 @@ class RunSetup:
     started: float
     notes: list[str]  # what the user should know before training starts (e.g. damaged checkpoints skipped)
     base_name: str  # the base model as named outside this machine (see base_model_name)
+    reporter: Any = None  # the run's Reporter, told of every checkpoint written (set by open_run_dir)
 
 
 def begin_run(loaded: LoadedRecipe, resume: bool, registry: Any) -> RunSetup:
@@ -297,6 +299,7 @@ def start_run_trackers(setup: RunSetup, accelerator: Accelerator) -> Trackers:
 def open_run_dir(setup: RunSetup, reporter: Reporter, accelerator: Accelerator) -> MetricsLog:
     """Create the run folder (or reopen it), remove leftovers of killed writes, write the recipe.
     Process 0 does it, once every process has checked the folder as it was."""
+    setup.reporter = reporter
     for note in setup.notes:
         reporter.message(note)
 
@@ -481,6 +484,9 @@ def write_checkpoint(setup: RunSetup, step: int, *, model, optimizer, scheduler,
     everyone_or_nobody(accelerator, lambda: _write_checkpoint(setup, step, model=model, optimizer=optimizer,
                                                               scheduler=scheduler, state=state, objective=objective,
                                                               other_ranks_rng=other_ranks_rng))
+    told = getattr(setup.reporter, "checkpoint", None)  # optional in the Reporter protocol
+    if told is not None and accelerator.is_main_process:
+        told(step, str(setup.run_dir / "checkpoints" / f"step-{step}"))
 
 
 def _write_checkpoint(setup: RunSetup, step: int, *, model, optimizer, scheduler, state: dict[str, Any],

@@ -378,7 +378,8 @@ def sample_recipe(
     model = policy.model.to(device).eval()
 
     objective = loaded.objective
-    if objective.kind == "inference":
+    inference = objective is not None and objective.kind == "inference"  # a recipe may have no objective
+    if inference:
         if scorer is None and objective.needs(loaded.params).reward:
             from prefkit.api import PrefkitError
 
@@ -401,7 +402,7 @@ def sample_recipe(
                 "finished": sample.finished,
                 "num_tokens": sample.num_tokens,
             }
-            if objective.kind == "inference":
+            if inference:
                 row["candidate_index"] = sample.sample_index
             if sample.score is not None:
                 row["score"] = sample.score
@@ -413,7 +414,7 @@ def sample_recipe(
 
     summary: dict[str, Any] = {
         "recipe": loaded.path,
-        "objective": objective.name,
+        "objective": objective.name if objective is not None else None,
         "model": policy.path,
         "data": f"{dataset.report.source} ({dataset.report.split})",
         "reward": recipe.reward.name if recipe.reward is not None else None,
@@ -429,7 +430,7 @@ def sample_recipe(
         "output": str(output),
         "summary": str(summary_path(output)),
     }
-    if objective.kind == "inference":
+    if inference:
         summary["objective_params"] = loaded.params.model_dump(mode="json")
     _write_atomic(summary_path(output), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
