@@ -481,6 +481,8 @@ def compare(
     overrides: Optional[List[str]] = typer.Argument(
         None, help="dotted.key=value overrides, e.g. output_dir=/tmp/c arms.dpo-b0.1.params.beta=0.2"),
     validate_only: bool = typer.Option(False, "--validate", help="Check the recipe and every arm; load no model."),
+    arms: Optional[str] = typer.Option(None, "--arms", help="Only these arms, comma-separated (finished ones are "
+                                       "reused); paired tests naming other arms are dropped."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -491,7 +493,8 @@ def compare(
 
     reporter = _reporter(quiet, as_json)
     registry = _report_plugin_problems()
-    loaded = load_compare(recipe, overrides or [], registry=registry)
+    selected = None if arms is None else [a.strip() for a in arms.split(",") if a.strip()]
+    loaded = load_compare(recipe, overrides or [], registry=registry, arms=selected)
     preflight_compare(loaded, registry)
     if validate_only:
         arms = ", ".join(f"{a.name} ({a.loaded.objective.name})" for a in loaded.arms)

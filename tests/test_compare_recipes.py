@@ -241,3 +241,20 @@ def test_every_output_column_is_documented():
     outputs = section(text, "Outputs")
     for name in OUTPUTS:
         assert f"`{name}.jsonl`, `{name}.csv`" in outputs
+
+
+def test_arms_selects_a_subset_and_drops_paired_tests_naming_others():
+    from prefkit.compare.recipe import load_compare
+
+    path = ROOT / "recipes" / "sentiment" / "compare_tiny.yaml"
+    loaded = load_compare(path, registry=REGISTRY, arms=["bon-4", "dpo-b0.1", "bon-1"])
+    assert [a.name for a in loaded.arms] == ["dpo-b0.1", "bon-1", "bon-4"]  # the recipe's order
+    # of [dpo-b0.1, ppo-rm-kl2], [dpo-b0.1, ppo-gold-kl2], [bon-4, bon-1] only the last names chosen arms
+    assert [list(p) for p in loaded.compare.evaluation.paired] == [["bon-4", "bon-1"]]
+
+
+def test_arms_with_an_unknown_name_is_one_message(tmp_path):
+    result = runner.invoke(app, ["compare", str(ROOT / "recipes" / "compare_tiny.yaml"), "--arms", "dpo-b0.1,bon-5",
+                                 "--validate"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "no arm named 'bon-5'" in result.output and "did you mean 'bon-" in result.output

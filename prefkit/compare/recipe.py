@@ -480,11 +480,40 @@ def is_compare_document(data: dict[str, Any]) -> bool:
     return isinstance(data, dict) and "arms" in data
 
 
-def load_compare(path: str | os.PathLike, overrides: list[str] | None = None, *, registry: Any) -> LoadedCompare:
-    """Read, override and validate a compare recipe file. Raises RecipeError naming file and key paths."""
+def load_compare(path: str | os.PathLike, overrides: list[str] | None = None, *, registry: Any,
+                 arms: list[str] | None = None) -> LoadedCompare:
+    """Read, override and validate a compare recipe file. Raises RecipeError naming file and key paths.
+
+    ``arms``: run only these arms (by name, in the recipe's order); paired tests naming another arm
+    are dropped."""
     data = read_yaml(path)
     try:
         data = apply_compare_overrides(data, overrides or [])
+        if arms is not None:
+            data = select_arms(data, arms)
     except RecipeError as exc:
         raise RecipeError(str(path), exc.problems) from None
     return validate_compare(data, str(path), registry=registry)
+
+
+def select_arms(data: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The compare recipe ``data`` with only the arms named in ``names`` (``--arms``)."""
+    from prefkit.inputs import did_you_mean
+
+    listed = data.get("arms")
+    if not isinstance(listed, list):
+        raise RecipeError("", [("arms", "the recipe has no list of arms to choose from")])
+    known = [a.get("name") for a in listed if isinstance(a, dict)]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        problems = [("--arms", f"no arm named {n!r}{did_you_mean(n, [k for k in known if isinstance(k, str)])}; "
+                     f"the recipe's arms: {', '.join(map(str, known))}") for n in unknown]
+        raise RecipeError("", problems or [("--arms", "name at least one arm")])
+    data = copy.deepcopy(data)
+    data["arms"] = [a for a in listed if isinstance(a, dict) and a.get("name") in names]
+    evaluation = data.get("evaluation")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("paired"), list):
+        keep = set(names) | {REFERENCE_ARM}
+        evaluation["paired"] = [p for p in evaluation["paired"]
+                                if not isinstance(p, list) or all(x in keep for x in p)] or None
+    return data
