@@ -144,14 +144,14 @@ def model_positions(loaded: LoadedRecipe, registry: Any) -> tuple[int, str] | No
 # ----------------------------------------------------------------------------- the data and the budget
 
 
-def _local_rows(source: str, split: str, cfg, registry: Any, limit: int | None, kind: Any = None) -> int | None:
+def _local_rows(source: str, split: str, cfg, registry: Any, limit: int | None, kind: Any = None,
+                needed_by: str | None = None) -> int | None:
     """How many usable rows a named dataset or a local file holds, reading it (a bad file, or bad
     rows under ``data.bad_rows: error``, fail here as they would when the data is prepared);
     None for hub data, which is not read here."""
     from prefkit.api import DataError
     from prefkit.data.io import is_local_source, load_rows
-    from prefkit.data.prepare import _bad_rows_message
-    from prefkit.data.rows import check_rows, detect_format
+    from prefkit.data.prepare import _bad_rows_message, check_source_rows
 
     if not is_local_source(source, registry):
         return None
@@ -159,8 +159,7 @@ def _local_rows(source: str, split: str, cfg, registry: Any, limit: int | None, 
     rows = rows[:limit] if limit else rows
     if kind is None or not rows:
         return len(rows)
-    fmt = detect_format(rows, kind.text_fields) if cfg.format == "auto" else cfg.format
-    checked = check_rows(rows, kind, fmt)
+    checked, _, _ = check_source_rows(rows, kind, cfg.format, f"{shown} ({split})", needed_by)
     if checked.problems and cfg.bad_rows == "error":
         raise DataError(_bad_rows_message(f"{shown} ({split})", checked.problems, kind.name))
     return len(checked.examples)
@@ -171,6 +170,7 @@ def data_problems(loaded: LoadedRecipe, registry: Any, command: str) -> tuple[li
     problems with empty splits and the number of training rows (None: hub data, not counted)."""
     data = loaded.recipe.data
     kind = registry.data_kinds.get("prompts" if command == "sample" else loaded.objective.needs(loaded.params).data)
+    reader = "`prefkit sample`" if command == "sample" else f"objective {loaded.objective.name!r}"
     if command == "sample":  # the prompts: data.eval if set, else data.train
         splits = [("data.eval", data.eval, data.eval_split, data.max_eval_rows)] if data.eval is not None else \
             [("data.train", data.train, data.train_split, data.max_rows)]
@@ -181,7 +181,7 @@ def data_problems(loaded: LoadedRecipe, registry: Any, command: str) -> tuple[li
     problems: list[tuple[str, str]] = []
     counts: dict[str, int | None] = {}
     for key, source, split, limit in splits:
-        counts[key] = count = _local_rows(source, split, data, registry, limit, kind)
+        counts[key] = count = _local_rows(source, split, data, registry, limit, kind, reader)
         if count == 0:
             problems.append((key, f"{source} ({split}): the split has no rows"))
     return problems, counts.get("data.train")

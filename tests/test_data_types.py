@@ -1,0 +1,245 @@
+"""TRL's dataset types: detection, the data kinds that read each one, tokenization of
+language-modeling rows (``text``, ``messages``) and implicit-prompt preference rows, and the one
+message a row of the wrong type gets.
+
+The tiny tokenizer is byte-level (one token per ASCII character, no BOS); its end token is
+``<|endoftext|>`` without a chat template and ``<|im_end|>`` with one (ChatML).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prefkit.api import TRL_TYPES
+from prefkit.api.errors import DataError
+from prefkit.data.batching import collate
+from prefkit.data.prepare import prepare_dataset
+from prefkit.data.rows import row_type
+from prefkit.models.tiny import build_tiny_tokenizer
+from prefkit.plugins import Registry, load_registry
+from prefkit.recipe import DataConfig
+
+KINDS = load_registry().data_kinds
+REGISTRY = Registry(data_kinds=dict(KINDS))
+
+TEXT = {"text": "Hi there"}
+CHAT = {"messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                     {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]}
+PAIR = {"prompt": "Say hi.", "chosen": " Hi!", "rejected": " No."}
+IMPLICIT = {"chosen": "Q: 2+2? A: 4", "rejected": "Q: 2+2? A: 5"}
+UNPAIRED = {"prompt": "Say hi.", "completion": " Hi!", "label": True}
+PROMPT_COMPLETION = {"prompt": "Say hi.", "completion": " Hi!"}
+PROMPT_ONLY = {"prompt": "Say hi."}
+STEPWISE = {"prompt": "2+2?", "completions": ["2+2 is 4."], "labels": [True]}
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    return build_tiny_tokenizer(chat_template=True)
+
+
+@pytest.fixture(scope="module")
+def plain_tok():
+    return build_tiny_tokenizer(chat_template=False)
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prepare(tmp_path: Path, rows: list[dict], tokenizer, kind: str = "sft", **overrides):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return prepare_dataset(DataConfig(train=str(path), **overrides), tokenizer, KINDS[kind], registry=REGISTRY,
+                           needed_by="objective 'x'")
+
+
+def error_of(tmp_path: Path, rows: list[dict], tokenizer, kind: str = "sft", **overrides) -> str:
+    with pytest.raises(DataError) as info:
+        prepare(tmp_path, rows, tokenizer, kind, **overrides)
+    return str(info.value).removeprefix(f"{tmp_path / 'rows.jsonl'} (train): ")
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+@pytest.mark.parametrize("row, name", [
+    (TEXT, "language modeling"), (CHAT, "language modeling"), (PAIR, "preference"), (IMPLICIT, "preference"),
+    (UNPAIRED, "unpaired preference"), (PROMPT_COMPLETION, "prompt-completion"), (PROMPT_ONLY, "prompt-only"),
+    (STEPWISE, "stepwise supervision"), ({"question": "?"}, "unknown"),
+    ({"prompt": "Say hi.", "chosen": " Hi!"}, "preference"),  # incomplete: the data kind names the missing field
+    ({**PROMPT_COMPLETION, "label": None}, "prompt-completion"),  # a null (an empty CSV cell) is absent
+])
+def test_each_row_gets_its_trl_type(row, name):
+    assert row_type(row).name == name
+    assert name == "unknown" or name in TRL_TYPES
+
+
+def test_every_builtin_kind_declares_the_types_it_reads():
+    assert KINDS["pairs"].trl_types == ("preference",)
+    assert KINDS["sft"].trl_types == ("prompt-completion", "preference", "language modeling")
+    assert KINDS["prompts"].trl_types == ("prompt-only", "prompt-completion", "preference", "unpaired preference")
+    assert KINDS["unpaired"].trl_types == ("unpaired preference",)
+
+
+# ----------------------------------------------------------------------------- the found/needed message
+
+
+SFT_NEEDS = ("'prompt-completion' rows (prompt, completion), 'preference' rows (prompt, chosen, rejected) or "
+             "'language modeling' rows (text or messages)")
+
+
+@pytest.mark.parametrize("row, kind, message", [
+    (TEXT, "pairs", "rows are TRL 'language modeling' (field 'text'); objective 'x' needs 'preference' rows "
+                    "(prompt, chosen, rejected)"),
+    (CHAT, "pairs", "rows are TRL 'language modeling' (field 'messages'); objective 'x' needs 'preference' rows"),
+    (UNPAIRED, "pairs", "rows are TRL 'unpaired preference' (prompt, completion, label); objective 'x' needs "
+                        "'preference' rows"),
+    (PROMPT_ONLY, "pairs", "rows are TRL 'prompt-only' (field 'prompt'); objective 'x' needs 'preference' rows"),
+    (PROMPT_COMPLETION, "pairs", "rows are TRL 'prompt-completion' (prompt, completion); objective 'x' needs "
+                                 "'preference' rows"),
+    (UNPAIRED, "sft", f"rows are TRL 'unpaired preference' (prompt, completion, label); objective 'x' needs "
+                      f"{SFT_NEEDS}"),
+    (STEPWISE, "sft", "rows are TRL 'stepwise supervision' (prompt, completions, labels); objective 'x' needs"),
+    (PROMPT_ONLY, "sft", f"rows are TRL 'prompt-only' (field 'prompt'); objective 'x' needs {SFT_NEEDS}"),
+    (PAIR, "unpaired", "rows are TRL 'preference' (prompt, chosen, rejected); objective 'x' needs 'unpaired "
+                       "preference' rows (prompt, completion, label)"),
+    (IMPLICIT, "unpaired", "rows are TRL 'preference' (chosen, rejected, implicit prompt); objective 'x' needs"),
+    (TEXT, "prompts", "rows are TRL 'language modeling' (field 'text'); objective 'x' needs 'prompt-only' rows "
+                      "(prompt), 'prompt-completion' rows (prompt, completion), 'preference' rows (prompt, chosen, "
+                      "rejected) or 'unpaired preference' rows (prompt, completion, label)"),
+    ({"question": "?", "answer": "!"}, "pairs", "rows are in none of TRL's dataset types (fields: 'answer', "
+                                                "'question'); objective 'x' needs 'preference' rows"),
+])
+def test_a_row_of_the_wrong_type_gets_one_message_naming_found_and_needed(tmp_path, plain_tok, row, kind, message):
+    found = error_of(tmp_path, [row] * 3, plain_tok, kind)
+    assert found.startswith(message), found
+    assert "\n" not in found
+
+
+def test_the_type_is_what_most_rows_have_so_an_incomplete_first_row_names_its_field(tmp_path, plain_tok):
+    message = error_of(tmp_path, [{"prompt": "Say hi.", "chosen": " Hi!"}, PAIR, PAIR], plain_tok, "pairs")
+    assert message.startswith("row 1: field 'rejected' is missing")
+
+
+def test_language_modeling_rows_mixed_with_other_rows_are_bad_rows(tmp_path, plain_tok):
+    message = error_of(tmp_path, [TEXT, PROMPT_COMPLETION, TEXT], plain_tok)
+    assert message.startswith("row 2: a TRL 'prompt-completion' row (prompt, completion) among 'language modeling' "
+                              "rows; keep one type per source")
+    data = prepare(tmp_path, [TEXT, PROMPT_COMPLETION, TEXT], plain_tok, bad_rows="skip")
+    assert [ex.row for ex in data.examples] == [1, 3]
+
+
+# ----------------------------------------------------------------------------- language modeling: text
+
+
+def test_text_rows_are_the_whole_completion_after_an_empty_prompt(tmp_path, plain_tok):
+    data = prepare(tmp_path, [TEXT], plain_tok)
+    ex = data.examples[0]
+    # no BOS: the first token, which nothing predicts, is the prompt; every other token and the end token are learnt
+    assert ex.prompt_ids == ids(plain_tok, "H") == [43]
+    assert ex.completions["chosen"] == ids(plain_tok, "i there") + [plain_tok.eos_token_id]
+    assert ex.masks == {}
+    assert (data.report.format, data.report.chat_template) == ("standard", False)
+    batch = collate(data.examples, [0], plain_tok.pad_token_id, data.names)
+    assert batch.input_ids[0].tolist() == ids(plain_tok, "Hi there") + [plain_tok.eos_token_id]
+    assert batch.completion_mask[0].tolist() == [False] + [True] * 8
+
+
+def test_text_rows_skip_the_chat_template_even_when_the_tokenizer_has_one(tmp_path, chat_tok):
+    ex = prepare(tmp_path, [TEXT], chat_tok).examples[0]
+    assert ex.prompt_ids == [43]
+    assert chat_tok.decode(ex.completions["chosen"]) == "i there<|im_end|>"  # the tokenizer's own end token
+    message = error_of(tmp_path, [TEXT], chat_tok, chat_template="always")
+    assert message.startswith("the rows are TRL 'language modeling' text (field 'text'), which is trained on as "
+                              "plain text, but data.chat_template is 'always'")
+
+
+def test_text_rows_are_cut_at_the_end(tmp_path, plain_tok):
+    data = prepare(tmp_path, [TEXT], plain_tok, max_length=5)
+    assert data.examples[0].prompt_ids + data.examples[0].completions["chosen"] == ids(plain_tok, "Hi th")
+    assert data.report.rows_truncated == 1
+
+
+# ----------------------------------------------------------------------------- language modeling: messages
+
+
+def test_messages_learn_every_assistant_turn_and_no_user_turn(tmp_path, chat_tok):
+    data = prepare(tmp_path, [CHAT], chat_tok)
+    ex = data.examples[0]
+    assert chat_tok.decode(ex.prompt_ids) == "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n"
+    first, between, second = "A1<|im_end|>\n", "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n", \
+        "A2<|im_end|>\n"
+    assert ex.completions["chosen"] == ids(chat_tok, first) + ids(chat_tok, between) + ids(chat_tok, second)
+    assert ex.masks["chosen"] == ([True] * len(ids(chat_tok, first)) + [False] * len(ids(chat_tok, between))
+                                  + [True] * len(ids(chat_tok, second)))
+    assert len(ids(chat_tok, first)) == 4  # A, 1, <|im_end|>, \n
+    batch = collate(data.examples, [0], chat_tok.pad_token_id, data.names)
+    learnt = batch.input_ids[0][batch.completion_mask[0]].tolist()
+    assert chat_tok.decode(learnt) == first + second
+    assert data.report.format == "conversational" and data.report.chat_template
+
+
+def test_a_single_answer_conversation_needs_no_mask(tmp_path, chat_tok):
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q"},
+                          {"role": "assistant", "content": "A"}]}]
+    ex = prepare(tmp_path, rows, chat_tok).examples[0]
+    assert chat_tok.decode(ex.prompt_ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert chat_tok.decode(ex.completions["chosen"]) == "A<|im_end|>\n" and ex.masks == {}
+
+
+def test_a_cut_conversation_cuts_its_mask(tmp_path, chat_tok):
+    full = prepare(tmp_path, [CHAT], chat_tok).examples[0]
+    room = 10
+    cut = prepare(tmp_path, [CHAT], chat_tok, max_length=len(full.prompt_ids) + room).examples[0]
+    assert cut.completions["chosen"] == full.completions["chosen"][:room]
+    assert cut.masks["chosen"] == full.masks["chosen"][:room] == [True] * 4 + [False] * 6
+
+
+def test_the_mask_is_part_of_the_fingerprint(tmp_path, chat_tok):
+    data = prepare(tmp_path, [CHAT], chat_tok)
+    before = data.fingerprint()
+    data.examples[0].masks["chosen"][-1] = False
+    assert data.fingerprint() != before
+
+
+@pytest.mark.parametrize("messages, problem", [
+    ([{"role": "user", "content": "Q"}], "field 'messages' has no assistant message to learn"),
+    ([{"role": "assistant", "content": "A"}, {"role": "user", "content": "Q"}],
+     "field 'messages' starts with an assistant message"),
+    ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": " "}],
+     "field 'messages' message 2 has empty content"),
+])
+def test_bad_conversations_are_bad_rows(tmp_path, chat_tok, messages, problem):
+    assert error_of(tmp_path, [CHAT, {"messages": messages}], chat_tok).startswith(f"row 2: {problem}")
+
+
+# ----------------------------------------------------------------------------- preference with an implicit prompt
+
+
+def test_plain_text_pairs_without_a_prompt_share_it_up_to_a_word_boundary(tmp_path, plain_tok):
+    rows = [IMPLICIT, {"chosen": "Name a color. Yes", "rejected": "Name a color. Yellow"}]
+    data = prepare(tmp_path, rows, plain_tok, kind="pairs")
+    eos = plain_tok.eos_token_id
+    first, second = data.examples
+    assert first.prompt_ids == ids(plain_tok, "Q: 2+2? A:")
+    assert first.completions == {"chosen": ids(plain_tok, " 4") + [eos], "rejected": ids(plain_tok, " 5") + [eos]}
+    # TRL's extract_prompt would cut inside the word ("... Ye" + "s" / "llow"); the answers keep whole words
+    assert second.prompt_ids == ids(plain_tok, "Name a color.")
+    assert second.completions["rejected"] == ids(plain_tok, " Yellow") + [eos]
+
+
+def test_implicit_prompt_pairs_feed_sft_and_prompts_too(tmp_path, plain_tok):
+    sft = prepare(tmp_path, [IMPLICIT], plain_tok, kind="sft").examples[0]
+    assert sft.prompt_ids == ids(plain_tok, "Q: 2+2? A:")
+    assert sft.completions == {"chosen": ids(plain_tok, " 4") + [plain_tok.eos_token_id]}
+    prompts = prepare(tmp_path, [IMPLICIT], plain_tok, kind="prompts").examples[0]
+    assert prompts.prompt_ids == ids(plain_tok, "Q: 2+2? A:") and prompts.completions == {}
+
+
+def test_plain_pairs_that_share_no_text_are_bad_rows(tmp_path, plain_tok):
+    message = error_of(tmp_path, [IMPLICIT, {"chosen": "Yes.", "rejected": "No."}], plain_tok, "pairs")
+    assert message.startswith("row 2: field 'prompt' is missing, and 'chosen' and 'rejected' share no leading text")
