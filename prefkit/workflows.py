@@ -89,7 +89,7 @@ def evaluate(run_or_recipe: Any, overrides: Iterable[str] = (), *, model: str | 
     else:
         loaded = load(run_or_recipe, overrides, registry=registry)
     if eval_dataset is not None:
-        loaded = load(loaded, [f"data.eval={dataset_file(eval_dataset, loaded.recipe.resolved_cache_dir(), 'eval')}"],
+        loaded = load(loaded, [f"data.eval={dataset_file(eval_dataset, loaded.recipe.resolved_cache_dir(), split=loaded.recipe.data.eval_split)}"],
                       registry=registry)
     elif not loaded.recipe.data.eval:
         loaded = load(loaded, [f"data.eval={loaded.recipe.data.train}",

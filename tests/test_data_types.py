@@ -243,3 +243,87 @@ def test_implicit_prompt_pairs_feed_sft_and_prompts_too(tmp_path, plain_tok):
 def test_plain_pairs_that_share_no_text_are_bad_rows(tmp_path, plain_tok):
     message = error_of(tmp_path, [IMPLICIT, {"chosen": "Yes.", "rejected": "No."}], plain_tok, "pairs")
     assert message.startswith("row 2: field 'prompt' is missing, and 'chosen' and 'rejected' share no leading text")
+
+
+# ----------------------------------------------------------------------------- local dataset folders
+
+
+ROWS = [{"prompt": f"Say hi {i}.", "chosen": " Hi!", "rejected": " No."} for i in range(3)]
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """datasets' own cache (load_dataset on a folder writes Arrow files there), per test."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    import datasets
+
+    datasets.disable_progress_bars()
+    return tmp_path
+
+
+def load(source: Path, split: str = "train", subset: str | None = None) -> list[dict]:
+    from prefkit.data.io import load_rows
+
+    rows, shown = load_rows(str(source), split, registry=REGISTRY, subset=subset)
+    assert shown == str(source)
+    return rows
+
+
+def load_error(source: Path, split: str = "train") -> str:
+    with pytest.raises(DataError) as info:
+        load(source, split)
+    return str(info.value)
+
+
+def test_a_saved_dataset_folder_loads_with_load_from_disk(hf_cache, plain_tok):
+    from datasets import Dataset
+
+    folder = hf_cache / "saved"
+    Dataset.from_list(ROWS).save_to_disk(str(folder))
+    assert load(folder) == ROWS
+    assert load(folder, "whatever") == ROWS  # one split: the name only labels it
+    data = prepare_dataset(DataConfig(train=str(folder)), plain_tok, KINDS["pairs"], registry=REGISTRY)
+    assert [ex.prompt_ids for ex in data.examples] == [ids(plain_tok, f"Say hi {i}.") for i in range(3)]
+    with pytest.raises(DataError, match="data.train has a single split"):
+        prepare_dataset(DataConfig(train=str(folder)), plain_tok, KINDS["pairs"], registry=REGISTRY, split="eval")
+
+
+def test_a_saved_dataset_dict_folder_picks_the_split_and_lists_them(hf_cache):
+    from datasets import Dataset, DatasetDict
+
+    folder = hf_cache / "saved-dict"
+    DatasetDict({"train": Dataset.from_list(ROWS), "test": Dataset.from_list(ROWS[:1])}).save_to_disk(str(folder))
+    assert load(folder) == ROWS and load(folder, "test") == ROWS[:1]
+    assert load_error(folder, "validation") == (f"{folder} (validation): the saved DatasetDict has no split "
+                                                "'validation'; its splits: test, train")
+
+
+def test_a_hub_layout_folder_loads_with_load_dataset(hf_cache):
+    from datasets import Dataset
+
+    folder = hf_cache / "snapshot"
+    (folder / "data").mkdir(parents=True)
+    Dataset.from_list(ROWS).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    Dataset.from_list(ROWS[:2]).to_parquet(str(folder / "data" / "test-00000-of-00001.parquet"))
+    assert load(folder) == ROWS and load(folder, "test") == ROWS[:2]
+    message = load_error(folder, "dev")
+    assert message.startswith(f"{folder} (dev): a dataset folder that `datasets` cannot read: Unknown split")
+    assert "Hugging Face hub" not in message
+
+    plain = hf_cache / "plain"
+    plain.mkdir()
+    (plain / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    assert load(plain) == ROWS
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda folder: None, "a dataset folder that `datasets` cannot read: The directory at"),
+    (lambda folder: (folder / "dataset_dict.json").write_text("{not json"),
+     "a folder written by save_to_disk that `datasets` cannot read"),
+])
+def test_an_unreadable_folder_is_one_line_naming_it(hf_cache, make, expected):
+    folder = hf_cache / "bad"
+    folder.mkdir()
+    make(folder)
+    message = load_error(folder)
+    assert message.startswith(f"{folder} (train): {expected}") and "\n" not in message

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from prefkit.api import DataError, DataKind, Example, Format, Messages, Text
-from prefkit.data.io import load_rows
-from prefkit.inputs import is_file
+from prefkit.data.io import has_one_split, load_rows
 from prefkit.data.rows import (
     CheckedRows,
     RowType,
@@ -439,10 +438,11 @@ def _choose_split(cfg: DataConfig, split: str) -> tuple[str, str, int | None]:
         return cfg.train, cfg.train_split, cfg.max_rows
     if cfg.eval is not None:
         return cfg.eval, cfg.eval_split, cfg.max_eval_rows
-    if is_file(cfg.train):
+    if has_one_split(cfg.train):
         raise DataError(
-            f"{cfg.train} ({cfg.eval_split}): no evaluation data: data.train is a single file, "
-            "so set data.eval to an evaluation file or dataset"
+            f"{cfg.train} ({cfg.eval_split}): no evaluation data: data.train has a single split (a file or a "
+            "saved Dataset), so set data.eval to an evaluation file or dataset, or carve one: data.eval: "
+            "{from_train: 0.1}"
         )
     return cfg.train, cfg.eval_split, cfg.max_eval_rows
 
