@@ -327,3 +327,224 @@ def test_an_unreadable_folder_is_one_line_naming_it(hf_cache, make, expected):
     make(folder)
     message = load_error(folder)
     assert message.startswith(f"{folder} (train): {expected}") and "\n" not in message
+
+
+# ----------------------------------------------------------------------------- mixtures
+
+
+from prefkit.data.mixture import carve, mixture_counts, pick  # noqa: E402
+
+
+@pytest.mark.parametrize("available, weights, total, cap, counts", [
+    ([10, 30], [0.7, 0.3], None, None, [10, 4]),  # total min(10/0.7, 30/0.3) = 14: 9.8 -> 9 (+1 remainder), 4.2 -> 4
+    ([10, 30], [0.7, 0.3], 20, None, [14, 6]),  # a given size: 14 of a's 10 examples, so they repeat
+    ([10, 30], [7, 3], None, 5, [4, 1]),  # 3.5 and 1.5: the tied remainder goes to the first source
+    ([10, 30], [1, 1], None, None, [10, 10]),
+    ([10, 30], [0.0, 1.0], None, None, [0, 30]),
+    ([10, 30], None, None, None, [10, 30]),  # no weights: the concatenation
+    ([10, 30], None, None, 15, [10, 5]),  # ... and max_rows takes its first rows
+])
+def test_mixture_counts_by_hand(available, weights, total, cap, counts):
+    assert mixture_counts(available, weights, total=total, cap=cap) == counts
+
+
+def test_mixture_counts_refuse_weights_that_sum_to_zero():
+    with pytest.raises(ValueError):
+        mixture_counts([3, 3], [0.0, 0.0])
+
+
+def test_pick_repeats_only_when_it_must_and_is_seeded():
+    assert pick(3, 3, seed=0, index=0) == [0, 1, 2]
+    chosen = pick(10, 4, seed=0, index=0)
+    assert len(set(chosen)) == 4 and chosen == sorted(chosen) == pick(10, 4, seed=0, index=0)
+    assert pick(10, 4, seed=1, index=0) != chosen or pick(10, 4, seed=2, index=0) != chosen
+    assert pick(3, 7, seed=0, index=0)[:6] == [0, 1, 2, 0, 1, 2]
+
+
+def write_prompts(path: Path, letter: str, n: int) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"{letter}{i}", "chosen": " y", "rejected": " n"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def prompts_of(tokenizer, data) -> list[str]:
+    return [tokenizer.decode(ex.prompt_ids) for ex in data.examples]
+
+
+def mixed(tmp_path, plain_tok, split="train", **data):
+    a, b = write_prompts(tmp_path / "a.jsonl", "A", 10), write_prompts(tmp_path / "b.jsonl", "B", 30)
+    train = [{"source": str(a), "weight": 0.7}, {"source": str(b), "weight": 0.3}]
+    cfg = DataConfig(**{"train": train, "seed": 0, **data})
+    return prepare_dataset(cfg, plain_tok, KINDS["pairs"], registry=REGISTRY, split=split)
+
+
+def test_a_weighted_mixture_takes_its_proportions_and_reports_each_source(tmp_path, plain_tok):
+    data = mixed(tmp_path, plain_tok)
+    names = prompts_of(plain_tok, data)
+    assert names[:10] == [f"A{i}" for i in range(10)] and len(names) == 14
+    assert len({n for n in names[10:] if n.startswith("B")}) == 4
+    assert [(s["examples"], s["used"], s["weight"]) for s in data.report.sources] == [(10, 10, 0.7), (30, 4, 0.3)]
+    assert data.report.rows_kept == 14 and data.report.rows_read == 40
+    assert data.report.source == f"{tmp_path / 'a.jsonl'} + {tmp_path / 'b.jsonl'}"
+
+
+def test_a_mixture_is_deterministic_given_the_seed_and_its_fingerprint_covers_it(tmp_path, plain_tok):
+    first = mixed(tmp_path, plain_tok)
+    assert mixed(tmp_path, plain_tok).fingerprint() == first.fingerprint()
+    assert prompts_of(plain_tok, mixed(tmp_path, plain_tok)) == prompts_of(plain_tok, first)
+    others = {mixed(tmp_path, plain_tok, seed=seed).fingerprint() for seed in (1, 2, 3)}
+    assert first.fingerprint() not in others  # another seed picks other B rows
+    assert mixed(tmp_path, plain_tok, mix_rows=20).fingerprint() != first.fingerprint()
+
+
+def test_a_mixture_of_a_given_size_repeats_the_small_source(tmp_path, plain_tok):
+    data = mixed(tmp_path, plain_tok, mix_rows=20)
+    names = prompts_of(plain_tok, data)
+    assert sum(n.startswith("A") for n in names) == 14 and sum(n.startswith("B") for n in names) == 6
+    assert set(names[:10]) == {f"A{i}" for i in range(10)}  # every A once, then 4 of them again
+    assert [s["used"] for s in data.report.sources] == [14, 6]
+
+
+def test_a_mixture_without_weights_is_the_concatenation(tmp_path, plain_tok):
+    a, b = write_prompts(tmp_path / "a.jsonl", "A", 2), write_prompts(tmp_path / "b.jsonl", "B", 3)
+    cfg = DataConfig(train=[{"source": str(a)}, {"source": str(b), "max_rows": 2}], max_rows=3)
+    data = prepare_dataset(cfg, plain_tok, KINDS["pairs"], registry=REGISTRY)
+    assert prompts_of(plain_tok, data) == ["A0", "A1", "B0"]  # b's first 2 rows; the first 3 of the concatenation
+
+
+def test_a_bad_row_in_a_mixture_names_its_source(tmp_path, plain_tok):
+    a = write_prompts(tmp_path / "a.jsonl", "A", 2)
+    b = tmp_path / "b.jsonl"
+    b.write_text(json.dumps({"prompt": "B", "chosen": "", "rejected": " n"}) + "\n")
+    with pytest.raises(DataError) as info:
+        prepare_dataset(DataConfig(train=[{"source": str(a)}, {"source": str(b)}]), plain_tok, KINDS["pairs"],
+                        registry=REGISTRY)
+    assert str(info.value).startswith(f"{b} (train): row 1: field 'chosen' is empty")
+
+
+# ----------------------------------------------------------------------------- an evaluation split carved from train
+
+
+def test_a_carved_split_is_seeded_sized_and_disjoint_from_training(tmp_path, plain_tok):
+    path = write_prompts(tmp_path / "a.jsonl", "A", 10)
+    cfg = DataConfig(train=str(path), eval={"from_train": 3}, seed=1)
+    train = prepare_dataset(cfg, plain_tok, KINDS["pairs"], registry=REGISTRY, split="train")
+    held = prepare_dataset(cfg, plain_tok, KINDS["pairs"], registry=REGISTRY, split="eval")
+    assert len(held) == 3 and len(train) == 7
+    assert set(prompts_of(plain_tok, train)) | set(prompts_of(plain_tok, held)) == {f"A{i}" for i in range(10)}
+    assert not set(prompts_of(plain_tok, train)) & set(prompts_of(plain_tok, held))
+    assert train.report.carved_for_eval == 3 and held.report.split == "train, carved for eval"
+    again = prepare_dataset(cfg, plain_tok, KINDS["pairs"], registry=REGISTRY, split="eval")
+    assert prompts_of(plain_tok, again) == prompts_of(plain_tok, held)
+    fraction = DataConfig(train=str(path), eval={"from_train": 0.25}, seed=1)  # ceil(0.25 * 10) = 3, as datasets does
+    assert len(prepare_dataset(fraction, plain_tok, KINDS["pairs"], registry=REGISTRY, split="eval")) == 3
+
+
+def test_a_carved_split_of_a_repeating_mixture_never_shares_an_example(tmp_path, plain_tok):
+    train = mixed(tmp_path, plain_tok, mix_rows=20, eval={"from_train": 0.5})
+    held = mixed(tmp_path, plain_tok, split="eval", mix_rows=20, eval={"from_train": 0.5})
+    assert not set(prompts_of(plain_tok, train)) & set(prompts_of(plain_tok, held))
+    assert len(held) == 8  # ceil(0.5 x 16 distinct examples: 10 A and 6 B)
+    assert len(prompts_of(plain_tok, held)) == len(set(prompts_of(plain_tok, held)))
+
+
+def test_carving_every_example_is_refused(tmp_path, plain_tok):
+    path = write_prompts(tmp_path / "a.jsonl", "A", 3)
+    with pytest.raises(DataError) as info:
+        prepare_dataset(DataConfig(train=str(path), eval={"from_train": 3}), plain_tok, KINDS["pairs"],
+                        registry=REGISTRY)
+    assert str(info.value) == (f"{path} (train): data.eval.from_train: carving 3 of 3 example(s) takes 3, leaving "
+                               "none for training")
+
+
+# ----------------------------------------------------------------------------- bad inputs through the real CLI
+
+
+import copy  # noqa: E402
+
+import yaml  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_DPO = yaml.safe_load((ROOT / "recipes" / "dpo_tiny.yaml").read_text())
+
+
+def validate(tmp_path: Path, **data) -> tuple[int, str]:
+    from prefkit.cli import app
+
+    doc = copy.deepcopy(TINY_DPO)
+    doc["output_dir"] = str(tmp_path / "out")
+    doc["data"].update({"eval": None, **data})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert "Traceback" not in result.output
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"train": [{"source": "tiny-prefs", "weight": -1}]}, "data.train.0.weight: Input should be greater than or equal "
+                                                          "to 0"),
+    ({"train": [{"source": "tiny-prefs", "weight": 0}, {"source": "tiny-prefs", "weight": 0.0}]},
+     "data.train: the weights are all 0"),
+    ({"train": [{"source": "tiny-prefs", "weight": float("nan")}]}, "data.train.0.weight: must be a finite number"),
+    ({"train": [{"source": "tiny-prefs", "weight": 1}, {"source": "tiny-prefs"}]}, "source(s) 1 have no weight"),
+    ({"train": []}, "data.train: is an empty list"),
+    ({"train": [{"source": "tiny-prefs", "wieght": 1}]}, "data.train.0.wieght: unknown key; did you mean 'weight'?"),
+    ({"mix_rows": 10}, "data.mix_rows sets the size of a weighted mixture"),
+    ({"eval": {"from_train": 1.5}}, "data.eval.from_train: is 1.5; a fraction must lie strictly between 0 and 1"),
+    ({"eval": {"from_train": 0}}, "data.eval.from_train: is 0; carve at least 1 example"),
+    ({"eval": {"from_train": 48}}, "data.eval.from_train: carving 48 of the 48 training examples of tiny-prefs"),
+    ({"train": "tiny-sft"}, "rows are TRL 'prompt-completion' (prompt, completion); objective 'dpo' needs "
+                            "'preference' rows (prompt, chosen, rejected)"),
+])
+def test_bad_data_settings_are_one_message_with_exit_2(tmp_path, data, needle):
+    code, output = validate(tmp_path, **data)
+    assert code == 2, output
+    assert needle in " ".join(output.split()), output
+    assert len(output.strip().splitlines()) <= 4, output
+
+
+def test_text_rows_for_dpo_name_the_type_through_the_cli(tmp_path):
+    path = tmp_path / "lm.jsonl"
+    path.write_text(json.dumps(TEXT) + "\n")
+    code, output = validate(tmp_path, train=str(path))
+    assert code == 2
+    assert (f"{path} (train): rows are TRL 'language modeling' (field 'text'); objective 'dpo' needs 'preference' "
+            "rows (prompt, chosen, rejected)") in " ".join(output.split())
+
+
+def test_an_unreadable_folder_through_the_cli(tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, output = validate(tmp_path, train=str(tmp_path / "empty"))
+    assert code == 2 and "a dataset folder that `datasets` cannot read" in " ".join(output.split())
+
+
+def test_a_good_mixture_with_a_carved_split_validates(tmp_path):
+    code, output = validate(tmp_path, train=[{"source": "tiny-prefs", "weight": 0.5},
+                                             {"source": "quickstart-prefs", "weight": 0.5}],
+                            eval={"from_train": 0.1})
+    assert code == 0, output
+
+
+# ----------------------------------------------------------------------------- a run on language-modeling text
+
+
+def test_preferred_ft_on_text_rows_lowers_its_loss(tmp_path):
+    """Preferred-FT learns plain ``text`` rows handed over as an in-memory DatasetDict."""
+    from datasets import Dataset, DatasetDict
+
+    import prefkit
+
+    texts = [{"text": f"The cat sat on mat number {i}."} for i in range(16)]
+    dataset = DatasetDict({"train": Dataset.from_list(texts)})
+    summary = prefkit.train(ROOT / "recipes" / "preferred_ft_tiny.yaml",
+                            [f"output_dir={tmp_path / 'run'}", "data.eval=null", "train.max_steps=16",
+                             "train.save_every=null", "train.eval_every=null"], train_dataset=dataset)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[:3], records[-3:]
+    mean = lambda rs: sum(r["loss"] for r in rs) / len(rs)  # noqa: E731
+    assert mean(first) > 4.5  # about ln(260): the untrained byte model
+    assert mean(last) < mean(first) - 1.0
+    report = summary["data"]["train"]
+    assert report["rows_kept"] == 16 and report["format"] == "standard" and report["chat_template"] is False

@@ -23,11 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from prefkit.api import DataError, DataKind, Example, Format, Messages, Text
 from prefkit.data.io import has_one_split, load_rows
+from prefkit.data.mixture import Part, carve, mixture_counts, pick, source_parts
 from prefkit.data.rows import (
     CheckedRows,
     RowType,
@@ -67,8 +68,10 @@ class DataReport:
     rows_dropped_overlong: int
     rows_skipped_bad: int
     format: str  # "standard" | "conversational"
-    chat_template: bool  # whether the chat template was applied
+    chat_template: bool  # whether the chat template was applied (a mixture: by any source)
     kind: str = ""  # the data kind the rows were checked as
+    sources: list[dict] = field(default_factory=list)  # a mixture: each source's examples and how many it gave
+    carved_for_eval: int = 0  # distinct training examples carved out as the evaluation split
 
 
 @dataclass
@@ -351,14 +354,91 @@ def prepare_dataset(
     """Load, check, tokenize and fit one split of the recipe's data for an objective's data kind.
 
     ``split="eval"`` reads ``data.eval`` (or, when that is unset, the ``data.eval_split`` split
-    of ``data.train``, which must then be a named or hub dataset, not a single file).
+    of ``data.train``, which must then be a named or hub dataset, not a single file). A mixture
+    (a list of sources) is prepared source by source, then mixed (:mod:`prefkit.data.mixture`).
+    With ``data.eval: {from_train: F}`` both splits come from the training examples: the carved
+    ones are the evaluation split and are left out of the training split.
     ``mismatched`` adds a ``mismatched`` completion to every example (see :func:`add_mismatched`).
     ``needed_by`` names the reader in a message about rows of the wrong TRL type (``"objective 'dpo'"``).
     """
-    source, split_name, limit = _choose_split(cfg, split)
-    rows, shown = load_rows(source, split_name, subset=cfg.subset, registry=registry)
-    rows = rows[:limit] if limit else rows
-    where = f"{shown} ({split_name})"
+    seed = cfg.seed or 0
+    amount = getattr(cfg.eval, "from_train", None)  # data.eval: {from_train: ...}
+    if amount is not None:
+        examples, identities, report = _pool(cfg, tokenizer, kind, registry, "train", needed_by, seed)
+        try:
+            carved = carve(identities, amount, seed)
+        except ValueError as exc:
+            raise DataError(f"{report.source} ({report.split}): data.eval.from_train: {exc}") from None
+        if split == "train":
+            kept = [ex for ex, key in zip(examples, identities) if key not in carved]
+            report = replace(report, rows_kept=len(kept), carved_for_eval=len(carved))
+        else:
+            first = {key: ex for key, ex in reversed(list(zip(identities, examples)))}
+            kept = [first[key] for key in dict.fromkeys(identities) if key in carved]
+            kept = kept[: cfg.max_eval_rows] if cfg.max_eval_rows else kept
+            kept = [replace(ex, completions=dict(ex.completions), masks=dict(ex.masks)) for ex in kept]
+            report = replace(report, split=f"{report.split}, carved for eval", rows_kept=len(kept),
+                             carved_for_eval=len(carved), sources=[])
+    else:
+        kept, _, report = _pool(cfg, tokenizer, kind, registry, split, needed_by, seed)
+    names = tuple(kind.completions)
+    if mismatched:
+        add_mismatched(kept, names[0], cfg.max_length)
+        names += (MISMATCHED,)
+    return TokenizedDataset(kept, report, names)
+
+
+def _pool(cfg: DataConfig, tokenizer: Any, kind: DataKind, registry: Any, which: str, needed_by: str | None,
+          seed: int) -> tuple[list[TokenizedExample], list[tuple[int, int]], DataReport]:
+    """The examples of ``data.train`` or ``data.eval`` (one source, or the mixture of several), each
+    with its identity ``(source index, row)``, and the report."""
+    parts, is_mixture = _choose_parts(cfg, which)
+    if not is_mixture:
+        dataset = _prepare_part(parts[0], cfg, tokenizer, kind, registry, which, needed_by)
+        return dataset.examples, [(0, ex.row) for ex in dataset.examples], dataset.report
+    used = [(i, part) for i, part in enumerate(parts) if part.weight is None or part.weight > 0]
+    prepared = [_prepare_part(part, cfg, tokenizer, kind, registry, which, needed_by) for _, part in used]
+    weights = None if used[0][1].weight is None else [part.weight for _, part in used]
+    limit = cfg.max_rows if which == "train" else cfg.max_eval_rows
+    counts = mixture_counts([len(d) for d in prepared], weights, total=cfg.mix_rows if which == "train" else None,
+                            cap=limit)
+    examples: list[TokenizedExample] = []
+    identities: list[tuple[int, int]] = []
+    sources = []
+    for (index, part), dataset, count in zip(used, prepared, counts):
+        chosen = list(range(count)) if weights is None else pick(len(dataset), count, seed, index)
+        # a repeated example is its own copy: the mismatched completion and the loop may change it
+        examples += [replace(dataset.examples[j], completions=dict(dataset.examples[j].completions),
+                             masks=dict(dataset.examples[j].masks)) for j in chosen]
+        identities += [(index, dataset.examples[j].row) for j in chosen]
+        sources.append({"source": dataset.report.source, "split": dataset.report.split, "weight": part.weight,
+                        "examples": len(dataset), "used": count})
+    if not examples:
+        raise DataError(f"{cfg.label(which)}: the mixture has no examples (data.max_rows / data.mix_rows)")
+    reports = [d.report for d in prepared]
+    formats = sorted({r.format for r in reports})
+    report = DataReport(
+        source=" + ".join(r.source for r in reports),
+        split=", ".join(dict.fromkeys(r.split for r in reports)),
+        rows_read=sum(r.rows_read for r in reports),
+        rows_kept=len(examples),
+        rows_truncated=sum(r.rows_truncated for r in reports),
+        rows_dropped_overlong=sum(r.rows_dropped_overlong for r in reports),
+        rows_skipped_bad=sum(r.rows_skipped_bad for r in reports),
+        format=formats[0] if len(formats) == 1 else "mixed",
+        chat_template=any(r.chat_template for r in reports),
+        kind=kind.name,
+        sources=sources,
+    )
+    return examples, identities, report
+
+
+def _prepare_part(part: Part, cfg: DataConfig, tokenizer: Any, kind: DataKind, registry: Any, which: str,
+                  needed_by: str | None) -> TokenizedDataset:
+    """Steps 1-4 for one source."""
+    rows, shown = load_rows(part.source, part.split, subset=part.subset, registry=registry)
+    rows = rows[: part.limit] if part.limit else rows
+    where = f"{shown} ({part.split})"
     if not rows:
         raise DataError(f"{where}: the split has no rows")
 
@@ -372,7 +452,7 @@ def prepare_dataset(
 
     if chat:
         _check_roles(checked.examples, tokenizer, where)
-    if split == "train":
+    if which == "train":
         from prefkit.models.positions import check_max_length
 
         check_max_length(cfg.max_length, tokenizer)
@@ -383,7 +463,7 @@ def prepare_dataset(
         example.prompt = raw_prompts[example.row]  # so reward functions and samplers can see the text
     report = DataReport(
         source=shown,
-        split=split_name,
+        split=part.split,
         rows_read=len(rows),
         rows_kept=len(kept),
         rows_truncated=truncated,
@@ -395,11 +475,7 @@ def prepare_dataset(
     )
     if not kept:
         raise DataError(_nothing_left_message(where, report, checked.problems))
-    names = tuple(kind.completions)
-    if mismatched:
-        add_mismatched(kept, names[0], cfg.max_length)
-        names += (MISMATCHED,)
-    return TokenizedDataset(kept, report, names)
+    return TokenizedDataset(kept, report, tuple(kind.completions))
 
 
 def check_source_rows(rows: list[dict], kind: DataKind, fmt_setting: str, where: str,
@@ -432,19 +508,31 @@ def add_mismatched(examples: list[TokenizedExample], source: str, max_length: in
             example.masks[MISMATCHED] = list(other.masks[source][:room])
 
 
-def _choose_split(cfg: DataConfig, split: str) -> tuple[str, str, int | None]:
-    """(source, split name, row limit) for the train or the eval data."""
-    if split == "train":
-        return cfg.train, cfg.train_split, cfg.max_rows
-    if cfg.eval is not None:
-        return cfg.eval, cfg.eval_split, cfg.max_eval_rows
+def _choose_parts(cfg: DataConfig, which: str) -> tuple[list[Part], bool]:
+    """The sources of the train or the eval data, and whether they form a mixture."""
+    if which == "train" or cfg.eval is not None:
+        return source_parts(cfg, which)
+    if not isinstance(cfg.train, str):
+        raise DataError(f"{cfg.label()} ({cfg.eval_split}): no evaluation data: data.train is a mixture, so set "
+                        "data.eval to an evaluation file, dataset or mixture, or carve one: data.eval: {from_train: 0.1}")
     if has_one_split(cfg.train):
         raise DataError(
             f"{cfg.train} ({cfg.eval_split}): no evaluation data: data.train has a single split (a file or a "
             "saved Dataset), so set data.eval to an evaluation file or dataset, or carve one: data.eval: "
             "{from_train: 0.1}"
         )
-    return cfg.train, cfg.eval_split, cfg.max_eval_rows
+    return [Part(cfg.train, cfg.eval_split, cfg.subset, cfg.max_eval_rows, None)], False
+
+
+def _choose_split(cfg: DataConfig, split: str) -> tuple[str, str, int | None]:
+    """(source, split name, row limit) of a split read from one source, whose examples' ``row``
+    numbers are that source's rows (a carved split's are its training source's)."""
+    if split == "eval" and getattr(cfg.eval, "from_train", None) is not None:
+        split = "train"
+    parts, is_mixture = _choose_parts(cfg, split)
+    if is_mixture:
+        raise DataError(f"{cfg.label(split)}: a mixture of sources, where a single source is needed")
+    return parts[0].source, parts[0].split, parts[0].limit
 
 
 def _apply_truncation(
