@@ -203,6 +203,11 @@ class DataConfig(Strict):
                              "(a list of sources, each with a weight)")
         return self
 
+    def draws(self) -> bool:
+        """Whether the data makes seeded choices: a weighted mixture, or an evaluation split carved from train."""
+        weighted = any(isinstance(v, list) and v[0].weight is not None for v in (self.train, self.eval))
+        return weighted or isinstance(self.eval, FromTrain)
+
     def label(self, which: str = "train") -> str:
         """``data.train`` (or ``data.eval``) as messages show it: the source, or the mixture's sources."""
         value = self.train if which == "train" else self.eval
@@ -298,7 +303,7 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _data_seed(self) -> "Recipe":
-        if self.data.seed is None:
+        if self.data.seed is None and self.data.draws():
             self.data.seed = self.seed  # the mixture's and the carved split's choices follow the recipe's seed
         return self
 

@@ -548,3 +548,19 @@ def test_preferred_ft_on_text_rows_lowers_its_loss(tmp_path):
     assert mean(last) < mean(first) - 1.0
     report = summary["data"]["train"]
     assert report["rows_kept"] == 16 and report["format"] == "standard" and report["chat_template"] is False
+
+
+def test_the_data_seed_follows_the_recipe_seed_only_where_the_data_draws():
+    from prefkit.recipe import validate_recipe
+
+    def data_of(**data):
+        doc = copy.deepcopy(TINY_DPO)
+        doc["seed"] = 7
+        doc["data"].update(data)
+        return validate_recipe(doc, "r.yaml", registry=load_registry()).recipe.data
+
+    assert data_of().seed is None  # nothing is drawn: the resolved recipe (and a resume's check) is unchanged
+    assert data_of(eval={"from_train": 0.1}).seed == 7
+    assert data_of(train=[{"source": "tiny-prefs", "weight": 1}]).seed == 7
+    assert data_of(train=[{"source": "tiny-prefs", "weight": 1}], seed=3).seed == 3
+    assert data_of(train=[{"source": "tiny-prefs", "weight": 1}], eval=None).label() == "tiny-prefs (1)"
