@@ -145,23 +145,22 @@ def model_positions(loaded: LoadedRecipe, registry: Any) -> tuple[int, str] | No
 # ----------------------------------------------------------------------------- the data and the budget
 
 
-def _local_rows(source: str, split: str, cfg, registry: Any, limit: int | None, kind: Any = None) -> int | None:
+def _local_rows(source: str, split: str, cfg, registry: Any, limit: int | None, kind: Any = None,
+                needed_by: str | None = None, subset: str | None = None) -> int | None:
     """How many usable rows a named dataset or a local file holds, reading it (a bad file, or bad
     rows under ``data.bad_rows: error``, fail here as they would when the data is prepared);
     None for hub data, which is not read here."""
     from prefkit.api import DataError
     from prefkit.data.io import is_local_source, load_rows
-    from prefkit.data.prepare import _bad_rows_message
-    from prefkit.data.rows import check_rows, detect_format
+    from prefkit.data.prepare import _bad_rows_message, check_source_rows
 
     if not is_local_source(source, registry):
         return None
-    rows, shown = load_rows(source, split, subset=cfg.subset, registry=registry)
+    rows, shown = load_rows(source, split, subset=subset if subset is not None else cfg.subset, registry=registry)
     rows = rows[:limit] if limit else rows
     if kind is None or not rows:
         return len(rows)
-    fmt = detect_format(rows, kind.text_fields) if cfg.format == "auto" else cfg.format
-    checked = check_rows(rows, kind, fmt)
+    checked, _, _ = check_source_rows(rows, kind, cfg.format, f"{shown} ({split})", needed_by)
     if checked.problems and cfg.bad_rows == "error":
         raise DataError(_bad_rows_message(f"{shown} ({split})", checked.problems, kind.name))
     return len(checked.examples)
@@ -169,25 +168,54 @@ def _local_rows(source: str, split: str, cfg, registry: Any, limit: int | None, 
 
 def data_problems(loaded: LoadedRecipe, registry: Any, command: str) -> tuple[list[tuple[str, str]], int | None]:
     """Read the local data the command will use (bad files fail here, naming the file); return
-    problems with empty splits and the number of training rows (None: hub data, not counted)."""
+    problems with empty splits, a mixture or a carved split, and the number of training examples
+    (None: hub data, not counted). Every source of a mixture is read."""
+    from prefkit.data.mixture import carve_count, mixture_counts, source_parts
+    from prefkit.recipe import FromTrain
+
     data = loaded.recipe.data
     if loaded.objective is None:  # a sampling recipe: its data are prompts, whatever the command
         command = "sample"
     kind = registry.data_kinds.get("prompts" if command == "sample" else loaded.objective.needs(loaded.params).data)
-    if command == "sample":  # the prompts: data.eval if set, else data.train
-        splits = [("data.eval", data.eval, data.eval_split, data.max_eval_rows)] if data.eval is not None else \
-            [("data.train", data.train, data.train_split, data.max_rows)]
+    reader = "`prefkit sample`" if command == "sample" else f"objective {loaded.objective.name!r}"
+    carved = isinstance(data.eval, FromTrain)
+    if command == "sample":  # the prompts: data.eval if set (or carved from data.train), else data.train
+        which = ["eval"] if data.eval is not None and not carved else ["train"]
     else:
-        splits = [("data.train", data.train, data.train_split, data.max_rows)]
-        if data.eval is not None:
-            splits.append(("data.eval", data.eval, data.eval_split, data.max_eval_rows))
+        which = ["train"] + (["eval"] if data.eval is not None and not carved else [])
     problems: list[tuple[str, str]] = []
     counts: dict[str, int | None] = {}
-    for key, source, split, limit in splits:
-        counts[key] = count = _local_rows(source, split, data, registry, limit, kind)
-        if count == 0:
-            problems.append((key, f"{source} ({split}): the split has no rows"))
-    return problems, counts.get("data.train")
+    for split in which:
+        key = f"data.{split}"
+        parts, is_mixture = source_parts(data, split)
+        sizes: list[int | None] = []
+        for i, part in enumerate(parts):
+            if is_mixture and part.weight == 0:
+                continue
+            count = _local_rows(part.source, part.split, data, registry, part.limit, kind, reader, part.subset)
+            if count == 0:
+                problems.append((f"{key}.{i}.source" if is_mixture else key, f"{part.source} ({part.split}): the "
+                                                                              "split has no rows"))
+            sizes.append(count)
+        if any(size is None for size in sizes) or not sizes:
+            counts[key] = None
+        elif is_mixture:
+            weights = [part.weight for part in parts if part.weight is None or part.weight > 0]
+            counts[key] = sum(mixture_counts([int(size or 0) for size in sizes],
+                                             None if weights[0] is None else weights,
+                                             total=data.mix_rows if split == "train" else None,
+                                             cap=data.max_rows if split == "train" else data.max_eval_rows))
+        else:
+            counts[key] = sizes[0]
+    rows = counts.get("data.train")
+    if carved and rows:
+        taken = carve_count(data.eval.from_train, rows)
+        if taken >= rows:
+            problems.append(("data.eval.from_train", f"carving {data.eval.from_train} of the {rows} training "
+                                                     f"examples of {data.label()} takes {taken}, leaving none for "
+                                                     "training"))
+        rows -= taken
+    return problems, rows
 
 
 def budget_problems(loaded: LoadedRecipe, rows: int | None) -> list[tuple[str, str]]:
@@ -196,7 +224,7 @@ def budget_problems(loaded: LoadedRecipe, rows: int | None) -> list[tuple[str, s
     data, train = recipe.data, recipe.train
     if objective is None or objective.kind == "inference" or not rows:
         return []
-    shown = f"{data.train} ({data.train_split})"
+    shown = f"{data.label()} ({data.train_split})"
     problems: list[tuple[str, str]] = []
     if objective.kind == "online":
         per_step = getattr(loaded.params, "rollout_batch_size", None)

@@ -14,13 +14,23 @@ from __future__ import annotations
 
 import os
 import re
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from prefkit.api.errors import RecipeError
 from prefkit.inputs import (
@@ -88,11 +98,87 @@ class ModelConfig(Strict):
         return value
 
 
+class MixSource(Strict):
+    """One source of a mixture (``data.train`` or ``data.eval`` as a list of these)."""
+
+    source: str = Field(description="A named dataset, a local file or folder, or a hub dataset.")
+    weight: float | None = Field(None, ge=0, description="Its share of the mixture's examples (weights are "
+                                 "normalised by their sum); give every source a weight, or none (concatenation).")
+    split: str | None = Field(None, description="Default: data.train_split (data.eval_split in data.eval).")
+    subset: str | None = Field(None, description="Hub dataset configuration name. Default: data.subset.")
+    max_rows: int | None = Field(None, gt=0, description="Read only the first N rows of this source.")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty; name a dataset or a file")
+        return value
+
+
+class FromTrain(Strict):
+    """An evaluation split carved from the training examples: ``data.eval: {from_train: 0.1}``."""
+
+    from_train: int | float = Field(description="A fraction in (0, 1) of the training examples, or a number of them "
+                                    "(an integer >= 1); seeded by data.seed, and never trained on.")
+
+    @field_validator("from_train", mode="before")
+    @classmethod
+    def _amount(cls, value: Any) -> int | float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"should be a fraction in (0, 1) or a number of examples, got {value!r}")
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError(f"is {value}; carve at least 1 example (or give a fraction in (0, 1))")
+        elif not 0.0 < value < 1.0:
+            raise ValueError(f"is {value}; a fraction must lie strictly between 0 and 1 (or give a whole number "
+                             "of examples, e.g. 50)")
+        return value
+
+
+def _source_kind(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "<mixture>"
+    if isinstance(value, (dict, FromTrain)):
+        return "<from_train>"
+    return "<name>"
+
+
+def _check_mixture(value: Any) -> Any:
+    """A list of sources: not empty, weights for every source or for none, weights not all 0."""
+    if not isinstance(value, list):
+        return value
+    if not value:
+        raise ValueError("is an empty list; name at least one source")
+    weighted = [entry.weight is not None for entry in value]
+    if any(weighted) and not all(weighted):
+        missing = ", ".join(str(i) for i, given in enumerate(weighted) if not given)
+        raise ValueError(f"source(s) {missing} have no weight; give every source a weight (the mixture's "
+                         "proportions), or none (every example of every source, concatenated)")
+    if all(weighted) and sum(entry.weight for entry in value) <= 0:
+        raise ValueError("the weights are all 0; give at least one source a weight above 0")
+    return value
+
+
+# A data source: a name or path, or a mixture (a list of sources). Tags name the union's members
+# in pydantic's error paths; _problems drops them (they are not keys a user writes).
+Sources = Annotated[typing.Union[Annotated[str, Tag("<name>")], Annotated[list[MixSource], Tag("<mixture>")]],
+                    Discriminator(_source_kind)]
+EvalSources = Annotated[typing.Union[Annotated[str, Tag("<name>")], Annotated[list[MixSource], Tag("<mixture>")],
+                                     Annotated[FromTrain, Tag("<from_train>")]], Discriminator(_source_kind)]
+
+
 class DataConfig(Strict):
-    train: str = Field(description="A named dataset, a local JSONL/JSON/CSV/Parquet file, or a hub dataset.")
+    train: Sources = Field(description="A named dataset, a local JSONL/JSON/CSV/Parquet file or dataset folder, a "
+                           "hub dataset, or a mixture: a list of {source, weight, split, subset, max_rows}.")
     train_split: str = "train"
-    eval: str | None = None
+    eval: EvalSources | None = Field(None, description="Resolved like train; or {from_train: F} to carve F "
+                                     "(a fraction, or a number of examples) of the training examples.")
     eval_split: str = "test"
+    mix_rows: int | None = Field(None, gt=0, le=100_000_000, description="Examples in a weighted training "
+                                 "mixture; default: the most the weights allow without repeating an example.")
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="Seeds the mixture's and the carved "
+                             "split's choices; default: the recipe's seed.")
     subset: str | None = Field(None, description="Hub dataset configuration name.")
     format: Literal["auto", "standard", "conversational"] = "auto"
     chat_template: Literal["auto", "always", "never"] = "auto"
@@ -105,10 +191,43 @@ class DataConfig(Strict):
 
     @field_validator("train", "eval")
     @classmethod
-    def _source(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
+    def _source(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
             raise ValueError("is empty; name a dataset or a file")
-        return value
+        return _check_mixture(value)
+
+    @model_validator(mode="after")
+    def _mix_rows(self) -> "DataConfig":
+        if self.mix_rows is not None and not (isinstance(self.train, list) and self.train[0].weight is not None):
+            raise ValueError("data.mix_rows sets the size of a weighted mixture, but data.train is not one "
+                             "(a list of sources, each with a weight)")
+        return self
+
+    def draws(self) -> bool:
+        """Whether the data makes seeded choices: a weighted mixture, or an evaluation split carved from train."""
+        weighted = any(isinstance(v, list) and v[0].weight is not None for v in (self.train, self.eval))
+        return weighted or isinstance(self.eval, FromTrain)
+
+    def label(self, which: str = "train") -> str:
+        """``data.train`` (or ``data.eval``) as messages show it: the source, or the mixture's sources."""
+        value = self.train if which == "train" else self.eval
+        if isinstance(value, FromTrain):
+            return f"{value.from_train} of {self.label('train')}"
+        if isinstance(value, list):
+            return " + ".join(entry.source if entry.weight is None else f"{entry.source} ({entry.weight:g})"
+                              for entry in value)
+        return str(value)
+
+    def source_names(self) -> list[tuple[str, str]]:
+        """Every source named in train and eval: ``(key path, source)``."""
+        out: list[tuple[str, str]] = []
+        for key in ("train", "eval"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                out.append((f"data.{key}", value))
+            elif isinstance(value, list):
+                out += [(f"data.{key}.{i}.source", entry.source) for i, entry in enumerate(value)]
+        return out
 
 
 class ObjectiveConfig(Strict):
@@ -183,6 +302,12 @@ class Recipe(Strict):
     reward: RewardConfig | None = Field(None, description="The reward source, for objectives that need one.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
+    @model_validator(mode="after")
+    def _data_seed(self) -> "Recipe":
+        if self.data.seed is None and self.data.draws():
+            self.data.seed = self.seed  # the mixture's and the carved split's choices follow the recipe's seed
+        return self
+
     def resolved_cache_dir(self) -> Path:
         return cache_dir_of(self.cache_dir)
 
@@ -235,6 +360,7 @@ def _problems(error: ValidationError, prefix: str = "", model: type[BaseModel] |
     """pydantic's errors as (key path, message); an unknown key gets a "did you mean" from ``model``'s keys."""
     out = []
     for item in error.errors():
+        item["loc"] = tuple(part for part in item["loc"] if not (isinstance(part, str) and part.startswith("<")))
         path = _loc(item["loc"])
         if prefix:
             path = f"{prefix}.{path}" if path else prefix
@@ -275,15 +401,18 @@ def _suggest_key(key: Any, known: list[str]) -> str:
     return f"; did you mean {aliases[alias]!r}?" if alias else ""
 
 
-def _model_in(annotation: Any) -> Any:
-    """The pydantic model (or list item type) inside ``X | None``, ``list[X]``, ..."""
+def _members(annotation: Any) -> list[Any]:
+    """The types an annotation allows: inside ``Annotated[...]``, ``X | Y`` and ``Optional[X]``."""
     origin = typing.get_origin(annotation)
-    if origin is None:
-        return annotation
-    for arg in typing.get_args(annotation):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return annotation
+    if origin is Annotated:
+        return _members(typing.get_args(annotation)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return [member for arg in typing.get_args(annotation) for member in _members(arg)]
+    return [annotation]
+
+
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    return [m for m in _members(annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
 
 
 def keys_at(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -291,15 +420,17 @@ def keys_at(model: type[BaseModel], loc: tuple) -> list[str]:
     node: Any = model
     for part in loc:
         if isinstance(part, int):
-            args = typing.get_args(node)
-            node = args[0] if typing.get_origin(node) is list and args else None
-        else:
-            node = _model_in(node)
-            if not (isinstance(node, type) and issubclass(node, BaseModel)) or part not in node.model_fields:
+            items = [typing.get_args(m)[0] for m in _members(node) if typing.get_origin(m) is list and typing.get_args(m)]
+            if not items:
                 return []
-            node = node.model_fields[part].annotation
-        node = _model_in(node)
-    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+            node = items[0]
+        else:
+            owners = [m for m in _models(node) if part in m.model_fields]
+            if not owners:
+                return []
+            node = owners[0].model_fields[part].annotation
+    models = _models(node)
+    return list(models[0].model_fields) if models else []
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -452,16 +583,14 @@ def validate_recipe(data: dict[str, Any], where: str, registry: Any) -> LoadedRe
     recipe = validate_document(data, where, Recipe)
     check_paths(where, {"output_dir": recipe.output_dir, "cache_dir": recipe.cache_dir,
                         "model.source": recipe.model.source, "model.tokenizer": recipe.model.tokenizer,
-                        "model.gguf_file": recipe.model.gguf_file, "data.train": recipe.data.train,
-                        "data.eval": recipe.data.eval})
+                        "model.gguf_file": recipe.model.gguf_file, **dict(recipe.data.source_names())})
     train = recipe.train
     if train.max_steps is not None and warmup_beyond_run(train.warmup_steps, train.max_steps):
         raise RecipeError(where, [("train.warmup_steps", f"{train.warmup_steps} is more than train.max_steps "
                                                          f"({train.max_steps}), so the learning rate would never "
                                                          "reach train.lr; lower it")])
     typos = [misspelt_name(recipe.model.source, registry.model_sources, "model source", "model.source"),
-             misspelt_name(recipe.data.train, registry.datasets, "dataset", "data.train"),
-             misspelt_name(recipe.data.eval, registry.datasets, "dataset", "data.eval") if recipe.data.eval else None]
+             *(misspelt_name(source, registry.datasets, "dataset", key) for key, source in recipe.data.source_names())]
     if any(typos):
         raise RecipeError(where, [typo for typo in typos if typo])
 

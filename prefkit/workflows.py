@@ -49,6 +49,7 @@ def train(recipe: Any, overrides: Iterable[str] = (), *, train_dataset: Any = No
     cache = loaded.recipe.resolved_cache_dir()
     if train_dataset is not None:
         extra.append(f"data.train={dataset_file(train_dataset, cache, split=loaded.recipe.data.train_split)}")
+        extra.append("data.mix_rows=null")  # the recipe's mixture, if any, is replaced
     if eval_dataset is not None:
         extra.append(f"data.eval={dataset_file(eval_dataset, cache, split=loaded.recipe.data.eval_split)}")
     if extra:
@@ -92,11 +93,12 @@ def evaluate(run_or_recipe: Any, overrides: Iterable[str] = (), *, model: str | 
 
     require_objective(loaded, "eval")
     if eval_dataset is not None:
-        loaded = load(loaded, [f"data.eval={dataset_file(eval_dataset, loaded.recipe.resolved_cache_dir(), 'eval')}"],
-                      registry=registry)
+        written = dataset_file(eval_dataset, loaded.recipe.resolved_cache_dir(), split=loaded.recipe.data.eval_split)
+        loaded = load(loaded, [f"data.eval={written}"], registry=registry)
     elif not loaded.recipe.data.eval:
-        loaded = load(loaded, [f"data.eval={loaded.recipe.data.train}",
-                               f"data.eval_split={loaded.recipe.data.train_split}"], registry=registry)
+        train = loaded.recipe.data.model_dump(mode="json", exclude_none=True)["train"]
+        loaded = load(loaded, [f"data.eval={json.dumps(train)}", f"data.eval_split={loaded.recipe.data.train_split}"],
+                      registry=registry)
     recipe, objective, params = loaded.recipe, loaded.objective, loaded.params
     if objective.kind != "offline":
         raise PrefkitError(f"objective {objective.name!r} is {objective.kind}: it has no loss on fixed data; "

@@ -7,12 +7,12 @@ only ``from prefkit.api import ...``:
 - objectives: :class:`Objective` (offline), :class:`OnlineObjective`, :class:`InferenceObjective`,
   their params bases, :class:`Needs`, and what the loops hand them (:class:`LossInputs`,
   :class:`Rollout`, :class:`OnlineInputs`) and take back (:class:`LossOutput`);
-- data: :class:`DataKind`, :class:`Example`, :class:`NamedDataset`;
+- data: :class:`DataKind`, :class:`Example`, :class:`NamedDataset`, :data:`TRL_TYPES`;
 - sources: :class:`ModelSource`, :class:`RewardFunction` and their params, :class:`Scorer`;
 - errors: :class:`PrefkitError`, :class:`RecipeError`, :class:`DataError`.
 """
 
-from prefkit.api.data import DataKind, Example, Format, Messages, NamedDataset, Text
+from prefkit.api.data import TRL_TYPES, DataKind, Example, Format, Messages, NamedDataset, Text
 from prefkit.api.errors import DataError, PrefkitError, RecipeError
 from prefkit.api.hookspecs import hookimpl, hookspec
 from prefkit.api.objective import (
@@ -36,5 +36,5 @@ __all__ = [
     "DataError", "DataKind", "Example", "Format", "InferenceObjective", "LossInputs", "LossOutput", "LossUnit",
     "Messages", "ModelHead", "ModelSource", "ModelSourceParams", "NamedDataset", "Needs", "Objective",
     "ObjectiveKind", "ObjectiveParams", "OnlineInputs", "OnlineObjective", "OnlineParams", "PrefkitError",
-    "RecipeError", "RewardFunction", "RewardParams", "Rollout", "Scorer", "Text", "hookimpl", "hookspec",
+    "RecipeError", "RewardFunction", "RewardParams", "Rollout", "Scorer", "TRL_TYPES", "Text", "hookimpl", "hookspec",
 ]

@@ -18,6 +18,18 @@ Format = Literal["standard", "conversational"]
 Messages = list[dict[str, Any]]
 Text = Union[str, Messages]  # a standard string or a conversational list of messages
 
+# TRL's dataset types (https://huggingface.co/docs/trl/dataset_formats): name -> the fields a row of
+# that type has. A data kind lists the types it reads in ``DataKind.trl_types``; rows of another
+# type are refused with one message naming the type found and the types needed.
+TRL_TYPES: dict[str, str] = {
+    "language modeling": "text or messages",
+    "prompt-only": "prompt",
+    "prompt-completion": "prompt, completion",
+    "preference": "prompt, chosen, rejected",
+    "unpaired preference": "prompt, completion, label",
+    "stepwise supervision": "prompt, completions, labels",
+}
+
 
 @dataclass
 class Example:
@@ -35,6 +47,11 @@ class DataKind(ABC):
     ``completions`` names the answers every example carries, in the order their rows appear in a
     batch. ``text_fields`` lists the row fields that hold text (used to tell the standard format
     from the conversational one). ``columns`` documents the extra columns, name -> meaning.
+    ``trl_types`` names the :data:`TRL_TYPES` the kind reads (empty: not declared, rows of any
+    type go to ``check_row``).
+
+    In a conversational completion (a list of messages), only the ``assistant`` messages are
+    learnt: the tokens of any other message inside it (a user turn between two answers) carry no loss.
     """
 
     name: ClassVar[str]
@@ -42,6 +59,7 @@ class DataKind(ABC):
     completions: ClassVar[tuple[str, ...]] = ()
     text_fields: ClassVar[tuple[str, ...]] = ("prompt",)
     columns: ClassVar[dict[str, str]] = {}
+    trl_types: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def check_row(self, row_no: int, row: dict[str, Any], fmt: Format) -> tuple[Example | None, list[str]]:

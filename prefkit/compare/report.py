@@ -205,7 +205,7 @@ def write_report(path: Path | str, loaded: LoadedCompare, result: Any, *, prompt
         "## Setup",
         "",
         f"- **Model** (the starting policy and π_ref): {model}",
-        f"- **Training data**: `{compare.data.train}` ({compare.data.train_split}), max_length "
+        f"- **Training data**: `{compare.data.label()}` ({compare.data.train_split}), max_length "
         f"{compare.data.max_length}, max_prompt_length {compare.data.max_prompt_length}",
         f"- **Seeds**: {', '.join(map(str, seeds))} (each arm is trained once per seed); evaluation sampling seed: "
         f"{eval_seeds}",

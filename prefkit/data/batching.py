@@ -2,7 +2,8 @@
 
 Every named completion of an example is one row: for pairs the first B rows of a batch are
 prompt+chosen, the next B rows prompt+rejected, all in one forward pass. Rows are right-padded only to the longest row of the
-batch. ``completion_mask`` marks the answer tokens, the only ones any loss looks at.
+batch. ``completion_mask`` marks the answer tokens, the only ones any loss looks at (where an
+example carries a mask for a completion, only its learnt tokens: the assistant messages).
 """
 
 from __future__ import annotations
@@ -52,18 +53,22 @@ def collate(examples: list, indices: list[int], pad_id: int, names: tuple[str, .
     """Pad ``examples`` (TokenizedExample) into a Batch with one row group per completion name
     (``names`` empty: the prompts alone, one row each)."""
     if names:
-        rows = [(ex.prompt_ids, ex.completions[name]) for name in names for ex in examples]
+        rows = [(ex.prompt_ids, ex.completions[name], getattr(ex, "masks", {}).get(name))
+                for name in names for ex in examples]
     else:
-        rows = [(ex.prompt_ids, []) for ex in examples]
-    width = max(len(p) + len(c) for p, c in rows)
+        rows = [(ex.prompt_ids, [], None) for ex in examples]
+    width = max(len(p) + len(c) for p, c, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     completion_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for r, (prompt, completion) in enumerate(rows):
+    for r, (prompt, completion, mask) in enumerate(rows):
         n = len(prompt) + len(completion)
         input_ids[r, :n] = torch.tensor(prompt + completion, dtype=torch.long)
         attention_mask[r, :n] = 1
-        completion_mask[r, len(prompt) : n] = True
+        if mask is None:
+            completion_mask[r, len(prompt) : n] = True
+        else:
+            completion_mask[r, len(prompt) : n] = torch.tensor(mask, dtype=torch.bool)
     shared = set.intersection(*(set(ex.columns) for ex in examples)) if examples else set()
     columns = {name: torch.tensor([float(ex.columns[name]) for ex in examples], dtype=torch.float32)
                for name in sorted(shared)}

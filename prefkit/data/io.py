@@ -1,5 +1,6 @@
-"""Data sources -> rows: a registered dataset name, a local JSONL/JSON/CSV/Parquet file, or a
-Hugging Face hub dataset, read into plain dicts. Nothing here checks what the rows mean."""
+"""Data sources -> rows: a registered dataset name, a local JSONL/JSON/CSV/Parquet file, a local
+dataset folder (written by ``save_to_disk``, or laid out as a hub repository), or a Hugging Face
+hub dataset, read into plain dicts. Nothing here checks what the rows mean."""
 
 from __future__ import annotations
 
@@ -40,10 +41,11 @@ def load_rows(
     """Read a source's split into plain dicts; return ``(rows, display name)``.
 
     ``source`` is, in this order: a registered dataset name (``registry.datasets``), a local
-    ``.jsonl``/``.json``/``.csv``/``.parquet`` file (relative to the current directory) or
-    folder, or a hub dataset id for ``datasets.load_dataset(source, subset, split=split)``.
-    A local file has one split, so ``split`` only labels it in messages. A bare name that is
-    not a file but close to a registered dataset's name is refused with "did you mean".
+    ``.jsonl``/``.json``/``.csv``/``.parquet`` file (relative to the current directory), a local
+    folder (see :func:`read_folder`), or a hub dataset id for
+    ``datasets.load_dataset(source, subset, split=split)``. A local file has one split, so
+    ``split`` only labels it in messages. A bare name that is not a file but close to a
+    registered dataset's name is refused with "did you mean".
     """
     named = registry.datasets.get(source)
     if named is not None:
@@ -55,7 +57,7 @@ def load_rows(
     if is_dir(path):
         if path.suffix.lower() in FILE_SUFFIXES:
             raise DataError(f"{source} ({split}): is a directory, not a {path.suffix} file")
-        return _load_hub(source, split, subset), source
+        return read_folder(path, split, subset, shown_as=source), source
     if path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
         raise DataError(f"{source} ({split}): file not found (looked in {path.absolute().parent})")
     meant = closest(source, registry.datasets, cutoff=0.75) if "/" not in source else None
@@ -73,9 +75,58 @@ def is_local_source(source: str, registry: Any) -> bool:
     if is_file(path) or (exists(path) and not is_dir(path)):
         return True
     if is_dir(path):
-        return path.suffix.lower() in FILE_SUFFIXES
+        return True
     return path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")) or (
         "/" not in source and closest(source, registry.datasets, cutoff=0.75) is not None)
+
+
+def folder_layout(path: Path) -> str:
+    """What a local dataset folder holds: ``"dataset"`` (``Dataset.save_to_disk``), ``"dataset_dict"``
+    (``DatasetDict.save_to_disk``) or ``"files"`` (data files, as a hub repository's snapshot)."""
+    if is_file(path / "dataset_dict.json"):
+        return "dataset_dict"
+    if is_file(path / "state.json") and is_file(path / "dataset_info.json"):
+        return "dataset"
+    return "files"
+
+
+def has_one_split(source: str) -> bool:
+    """A local file or a saved ``Dataset`` folder: one split, which ``data.train_split`` only labels."""
+    path = Path(source).expanduser()
+    return is_file(path) or (is_dir(path) and folder_layout(path) == "dataset")
+
+
+def read_folder(path: Path, split: str, subset: str | None = None, *, shown_as: str | None = None) -> list[dict]:
+    """Rows of a local dataset folder: one written by ``Dataset.save_to_disk`` (one split, which
+    ``split`` only labels) or ``DatasetDict.save_to_disk`` (its ``split``), read with
+    ``datasets.load_from_disk``; any other folder (data files such as ``data/train-*.parquet`` or
+    ``train.jsonl``, as a hub repository's snapshot looks) with ``datasets.load_dataset(folder)``.
+    Every failure is a DataError naming the folder."""
+    import datasets
+
+    where = f"{shown_as or path} ({split})"
+    layout = folder_layout(path)
+    try:
+        if layout == "files":
+            dataset = datasets.load_dataset(str(path), subset, split=split)
+        else:
+            dataset = datasets.load_from_disk(str(path))
+    except Exception as exc:  # corrupt arrow files, no data files, an unknown split or subset, ...
+        what = "a folder written by save_to_disk" if layout != "files" else "a dataset folder"
+        raise DataError(f"{where}: {what} that `datasets` cannot read: {_first_line(exc)}") from None
+    if layout == "dataset_dict":
+        if split not in dataset:
+            raise DataError(f"{where}: the saved DatasetDict has no split {split!r}; its splits: "
+                            f"{', '.join(sorted(dataset)) or 'none'}")
+        dataset = dataset[split]
+    if not hasattr(dataset, "to_list"):
+        raise DataError(f"{where}: `datasets` read a {type(dataset).__name__}, not a dataset of rows")
+    return dataset.to_list()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _load_named(named: NamedDataset, split: str, registry: Any) -> list[dict]:

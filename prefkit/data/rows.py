@@ -6,10 +6,11 @@ bad rows. A data kind (:class:`prefkit.api.DataKind`) checks one row with the he
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from prefkit.api import DataKind, Example, Format, Messages
+from prefkit.api import TRL_TYPES, DataKind, Example, Format, Messages
 from prefkit.inputs import did_you_mean, short_repr
 
 MAX_SHOWN = 10  # bad rows listed in an error message before "... and N more"
@@ -40,15 +41,90 @@ def detect_format(rows: list[dict], fields: tuple[str, ...] = ("prompt", "chosen
     return "standard"
 
 
-def check_rows(rows: list[dict], kind: DataKind, fmt: Format) -> CheckedRows:
+@dataclass(frozen=True)
+class RowType:
+    """The TRL dataset type of a row (a :data:`prefkit.api.TRL_TYPES` name, or ``"unknown"``)
+    and the fields that told, as a message shows them."""
+
+    name: str
+    fields: str
+
+    @property
+    def is_language_modeling(self) -> bool:
+        return self.name == "language modeling"
+
+
+TRL_FIELDS = ("prompt", "chosen", "rejected", "completion", "label", "completions", "labels", "text", "messages")
+
+
+def row_type(row: dict) -> RowType:
+    """A row's TRL type, from the fields it gives (a ``None`` value counts as absent).
+
+    ``chosen`` or ``rejected``: preference (explicit or implicit prompt); ``completions``:
+    stepwise supervision; ``completion`` with ``label``: unpaired preference; ``completion``:
+    prompt-completion; ``text`` or ``messages`` without the fields above and without ``prompt``:
+    language modeling; ``prompt`` alone: prompt-only. A row missing a field of its type still gets
+    the type (its data kind then names the missing field).
+    """
+    has = {key for key in TRL_FIELDS if row.get(key) is not None}
+    if has & {"chosen", "rejected"}:
+        if "prompt" in has:
+            return RowType("preference", "prompt, chosen, rejected")
+        return RowType("preference", "chosen, rejected, implicit prompt")
+    if "completions" in has:
+        return RowType("stepwise supervision", "prompt, completions, labels")
+    if "completion" in has:
+        if "label" in has:
+            return RowType("unpaired preference", "prompt, completion, label")
+        return RowType("prompt-completion", "prompt, completion")
+    if "prompt" in has:
+        return RowType("prompt-only", "field 'prompt'")
+    for key in ("messages", "text"):
+        if key in has:
+            return RowType("language modeling", f"field {key!r}")
+    names = sorted(map(str, row))
+    fields = ", ".join(repr(name) for name in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return RowType("unknown", f"fields: {fields or 'none'}")
+
+
+def dataset_type(rows: list[dict]) -> RowType:
+    """The TRL type most rows have (the first row's on a tie)."""
+    types = [row_type(row) for row in rows]
+    counts = Counter(t.name for t in types)
+    best = max(counts.values(), default=0)
+    return next((t for t in types if counts[t.name] == best), RowType("unknown", "fields: none"))
+
+
+def type_mismatch(found: RowType, kind: DataKind, needed_by: str | None = None) -> str | None:
+    """``rows are TRL 'language modeling' (field 'text'); objective 'dpo' needs 'preference' rows
+    (prompt, chosen, rejected)``, or None when ``kind`` reads ``found`` (or declares no types)."""
+    accepted = tuple(getattr(kind, "trl_types", ()) or ())
+    if not accepted or found.name in accepted:
+        return None
+    who = needed_by or f"data kind {kind.name!r}"
+    needed = [f"{name!r} rows ({TRL_TYPES.get(name, '?')})" for name in accepted]
+    wanted = needed[0] if len(needed) == 1 else ", ".join(needed[:-1]) + " or " + needed[-1]
+    if found.name == "unknown":
+        return f"rows are in none of TRL's dataset types ({found.fields}); {who} needs {wanted}"
+    return f"rows are TRL {found.name!r} ({found.fields}); {who} needs {wanted}"
+
+
+def check_rows(rows: list[dict], kind: DataKind, fmt: Format, expected: RowType | None = None) -> CheckedRows:
     """Check every row with ``kind``; collect the problems of all bad rows.
 
     A column the kind declares that some rows give must be given by every row (a margin on half
-    the pairs is a mistake, not a choice).
+    the pairs is a mistake, not a choice). With ``expected`` (the rows' type), a language-modeling
+    row among rows of another type, or the other way round, is a bad row: the two are tokenized
+    differently (plain text, no prompt).
     """
     present = [c for c in kind.columns if any(row.get(c) is not None for row in rows)]
     examples, problems = [], []
     for row_no, row in enumerate(rows, start=1):
+        if expected is not None and row_type(row).is_language_modeling != expected.is_language_modeling:
+            found = row_type(row)
+            problems.append((row_no, f"a TRL {found.name!r} row ({found.fields}) among {expected.name!r} rows; "
+                                     "keep one type per source"))
+            continue
         try:
             example, row_problems = kind.check_row(row_no, row, fmt)
         except Exception as exc:  # a data kind must not raise for bad data; name it rather than crash
@@ -132,6 +208,32 @@ def split_implicit_prompt(chosen: Messages, rejected: Messages) -> tuple[dict[st
     if empty:
         return {}, [f"field {key!r} has no messages after the prompt it shares with the other answer" for key in empty]
     return {"prompt": chosen[:shared], **rest}, []
+
+
+def split_implicit_text(chosen: str, rejected: str) -> tuple[dict[str, str], list[str]]:
+    """Standard pairs without a prompt column: the text ``chosen`` and ``rejected`` share at the
+    start is the prompt, as TRL's ``extract_prompt`` does, but cut at a word boundary: the prompt
+    ends before the whitespace that precedes the first word the two differ in, and that whitespace
+    starts each answer (``"Q: 2+2? A: 4"`` / ``"Q: 2+2? A: 5"`` -> ``"Q: 2+2? A:"``, ``" 4"``, ``" 5"``).
+    Shared text without whitespace is the prompt as it is."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    cut = shared
+    if shared < max(len(chosen), len(rejected)):  # the answers differ after the shared text
+        space = max((i for i in range(shared) if chosen[i].isspace()), default=-1)
+        if space >= 0:
+            cut = space
+            while cut > 0 and chosen[cut - 1].isspace():
+                cut -= 1
+    prompt = chosen[:cut]
+    if not prompt.strip():
+        return {}, ["field 'prompt' is missing, and 'chosen' and 'rejected' share no leading text to use as the prompt"]
+    rest = {"chosen": chosen[cut:], "rejected": rejected[cut:]}
+    empty = [key for key, text in rest.items() if not text.strip()]
+    if empty:
+        return {}, [f"field {key!r} has no text after the prompt it shares with the other answer" for key in empty]
+    return {"prompt": prompt, **rest}, []
 
 
 def check_number(value: Any, key: str) -> tuple[float | None, str | None]:

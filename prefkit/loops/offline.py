@@ -191,10 +191,11 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
 
     # Data first: a bad row fails here, before any model is loaded.
     kind = registry.data_kinds[needs.data]
+    reader = f"objective {objective.name!r}"
     train_data = prepare_dataset(recipe.data, setup.tokenizer, kind, split="train", registry=registry,
-                                 mismatched=needs.mismatched)
+                                 mismatched=needs.mismatched, needed_by=reader)
     eval_data = (prepare_dataset(recipe.data, setup.tokenizer, kind, split="eval", registry=registry,
-                                 mismatched=needs.mismatched) if recipe.data.eval else None)
+                                 mismatched=needs.mismatched, needed_by=reader) if recipe.data.eval else None)
     for data in filter(None, [train_data, eval_data]):
         reporter.message(describe_data("data", data.report))
 

@@ -144,7 +144,7 @@ def check_resumable(setup: "RunSetup", *, total_steps: int, data_fingerprint: st
     if saved_data is not None and saved_data != data_fingerprint:
         raise PrefkitError(
             f"cannot resume {setup.checkpoint}: the training data changed since it was written "
-            f"({setup.loaded.recipe.data.train}); resuming would mix two datasets. Restore the data, or start "
+            f"({setup.loaded.recipe.data.label()}); resuming would mix two datasets. Restore the data, or start "
             "a new run with another output_dir=... (nothing was changed)"
         )
     if state["step"] >= total_steps and (setup.run_dir / "run.json").exists():
@@ -218,10 +218,16 @@ def distribution_of(obj) -> str:
 
 
 def describe_data(kind: str, report) -> str:
-    return (f"{kind} {report.source} ({report.split}): {report.rows_kept} of {report.rows_read} rows kept; "
+    text = (f"{kind} {report.source} ({report.split}): {report.rows_kept} of {report.rows_read} rows kept; "
             f"{report.rows_truncated} truncated, {report.rows_dropped_overlong} dropped as too long, "
             f"{report.rows_skipped_bad} bad rows skipped; format {report.format}, "
             f"chat template {'on' if report.chat_template else 'off'}")
+    sources = getattr(report, "sources", None) or []
+    if sources:
+        text += "; mixture: " + ", ".join(f"{s['source']} gave {s['used']} of {s['examples']}" for s in sources)
+    if getattr(report, "carved_for_eval", 0):
+        text += f"; {report.carved_for_eval} carved out for evaluation"
+    return text
 
 
 def make_accelerator(setup: RunSetup) -> Accelerator:
@@ -450,7 +456,7 @@ def model_card(setup: RunSetup, summary: dict[str, Any]) -> str:
         f"{str(final_dtype(setup)).replace('torch.', '')}.",
         "",
         f"- base model: `{base_model_name(setup)}`",
-        f"- training data: `{recipe.data.train}` (fingerprint `{(summary.get('data') or {}).get('train_fingerprint')}`)",
+        f"- training data: `{recipe.data.label()}` (fingerprint `{(summary.get('data') or {}).get('train_fingerprint')}`)",
         f"- objective parameters: `{json.dumps(summary.get('objective_params'), sort_keys=True)}`",
         "",
         "## Final metrics",
