@@ -45,7 +45,8 @@ def clean(text: str) -> str:
 
 
 def sft_rows(reviews: list[tuple[str, int]], count: int, seed: int, max_words: int) -> list[dict]:
-    """``count`` prompt/completion rows, half from positive and half from negative reviews."""
+    """``count`` prompt/completion rows, half from positive and half from negative reviews (no label
+    column: a ``label`` would make the rows TRL's unpaired preference type)."""
     rng = random.Random(seed)
     by_label = {label: [clean(t) for t, lab in reviews if lab == label] for label in (0, 1)}
     picked: list[tuple[str, int]] = []
@@ -54,17 +55,16 @@ def sft_rows(reviews: list[tuple[str, int]], count: int, seed: int, max_words: i
         picked += [(t, label) for t in texts if len(t.split()) >= 12][: (count + label) // 2]
     rng.shuffle(picked)
     rows = []
-    for text, label in picked:
+    for text, _ in picked:
         words = text.split()
         k = rng.randint(2, 8)
-        rows.append({"prompt": " ".join(words[:k]), "completion": " " + " ".join(words[k:k + max_words]),
-                     "label": bool(label)})
+        rows.append({"prompt": " ".join(words[:k]), "completion": " " + " ".join(words[k:k + max_words])})
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("output", type=Path, help="The JSONL to write (prompt, completion, label).")
+    parser.add_argument("output", type=Path, help="The JSONL to write (prompt, completion).")
     parser.add_argument("--reviews", type=int, default=1200, help="How many reviews (half positive).")
     parser.add_argument("--max-words", type=int, default=60, help="Words kept after the prompt.")
     parser.add_argument("--seed", type=int, default=0)
@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.output.with_name(args.output.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(args.output)
-    print(f"{args.output}: {len(rows)} IMDb reviews as prompt/completion rows "
-          f"({sum(r['label'] for r in rows)} positive)")
+    print(f"{args.output}: {len(rows)} IMDb reviews (half positive) as prompt/completion rows")
     return 0
 
 
