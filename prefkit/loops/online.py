@@ -354,14 +354,18 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
             for idx in chunks(n, cfg.batch_size):
                 batch = collate([examples[i] for i in idx], idx, pad_id, (COMPLETION,)).to(device)
                 step_tokens += batch.num_tokens
+                clock.lap("collate")
                 with accelerator.autocast():
                     lp, ent, outputs, m = policy_forward(unwrapped, objective, params, batch, with_entropy=True)
-                    if needs.reference:
+                clock.lap("old_logprobs")
+                if needs.reference:
+                    with accelerator.autocast():
                         if reference is None:
                             with handle.reference():
                                 ref = reference_logps(unwrapped.policy, batch)
                         else:
                             ref = reference_logps(reference, batch)
+                    clock.lap("reference_logprobs")
                 cols = m.shape[1]
                 old_logps[idx, :cols], entropy[idx, :cols], mask[idx, :cols] = lp, ent, m
                 if needs.reference:
@@ -377,8 +381,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
             rollout, examples = gather_rollout(rollout, examples, device)
             n, scores, mask, old_logps = rollout.num_sequences, rollout.scores, rollout.mask, rollout.logps
             ref_logps, entropy = rollout.ref_logps, rollout.entropy
-
-        clock.lap("rollout_logprobs")
+        clock.lap("old_logprobs")
         # 5. The objective's advantages (and its controllers).
         with torch.no_grad():
             rollout_metrics = plugin_call(objective, "prepare()", lambda: objective.prepare(params, rollout, state))
@@ -402,6 +405,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                 parts += [(minibatch[:1], 0.0)] * (most - len(parts))
                 for idx, weight in parts:
                     batch = collate([examples[i] for i in idx], idx, pad_id, (COMPLETION,)).to(device)
+                    clock.lap("collate")
                     with accelerator.autocast():
                         new_logps, _, new_outputs, m = policy_forward(model, objective, params, batch)
                     clock.lap("update_forward")
