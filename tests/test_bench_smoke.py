@@ -1,7 +1,8 @@
 """The benchmark scripts run, so they cannot rot. Correctness only: nothing here looks at a timing.
 
 ``benchmarks/vs_trl.py --smoke`` trains a tiny random model with prefkit and with TRL on every job
-(DPO, reward model, Preferred-FT) and fails unless both saw the same token ids and their losses agree.
+(DPO, reward model, Preferred-FT) and fails unless both saw the same token ids and their losses agree;
+for GRPO (sampled, so losses are not compared) unless both generated exactly the same number of tokens.
 """
 
 import os
@@ -29,7 +30,17 @@ def test_vs_trl_smoke_trains_both_libraries_to_the_same_losses(tmp_path):
         line = next((l for l in out.splitlines() if l.startswith(f"loss agreement ({where} vs TRL)")), None)
         assert line is not None and line.endswith(": OK"), (where, out[-4000:])
     assert out.count("token ids: identical") == 3 and "DIFFERENT" not in out
+    assert "GRPO: prefkit grpo vs TRL GRPOTrainer" in out
+    assert "generated tokens: the same (every completion 8 tokens on both sides)" in out
     assert "all checks passed" in out
+
+
+def test_profile_step_script_profiles_an_online_iteration_on_the_tiny_model():
+    proc = run_script("benchmarks/profile_step.py", "--job", "grpo", "--model", "tiny-llama", "--steps", "1",
+                      timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for phase in ("generation", "scoring (reward)", "reference log-probs", "update: backward", "optimizer"):
+        assert phase in proc.stdout
 
 
 def test_dpo_step_script_runs_on_the_tiny_model():

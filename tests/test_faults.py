@@ -476,5 +476,6 @@ def test_run_json_breaks_the_time_down_by_phase(tmp_path):
     assert sum(offline["seconds_by_phase"].values()) <= offline["wall_seconds"]
     online = train(tmp_path / "grpo", "train.max_steps=2", recipe=GRPO)
     phases = online["seconds_by_phase"]
-    assert {"generate", "score", "rollout_logprobs", "prepare", "update_forward", "update_backward", "optimizer"} <= set(phases)
+    assert {"generate", "score", "collate", "old_logprobs", "reference_logprobs", "prepare", "update_forward",
+            "update_backward", "optimizer"} <= set(phases)
     assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= online["wall_seconds"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import prefkit.loops as engine
+import prefkit.loops.online as online
 import prefkit.loops.optim as optim
 from prefkit.api.errors import PrefkitError
 from prefkit.recipe import load_recipe
@@ -49,6 +50,9 @@ def tiny_run(tmp_path_factory):
     loaded = load_recipe(TINY, [f"output_dir={root / 'run'}", f"cache_dir={root / 'cache'}"], registry=REGISTRY)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(optim, "fused_supported", lambda params: False)
+        # the old policy by a second forward pass, as when the golden numbers were logged: the numbers
+        # sampling records agree to float rounding, which 30 PPO rollouts turn into visible differences
+        patch.setattr(online, "OLD_POLICY_FROM_SAMPLING", False)
         summary = engine.train(loaded, registry=REGISTRY)
     return summary, root / "run"
 
@@ -199,3 +203,28 @@ def test_ppo_numbers_are_unchanged_by_the_move_into_its_plugin(tiny_run):
         assert set(now) == set(before)
         for key, value in before.items():
             assert now[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (before["step"], key)
+
+
+@pytest.mark.parametrize("recipe", [TINY, ROOT / "recipes" / "grpo_tiny.yaml"])
+def test_old_policy_from_sampling_gives_the_numbers_of_a_second_forward_pass(tmp_path, monkeypatch, recipe):
+    """The loop takes the old policy's log-probs, entropy and values from sampling instead of a
+    second forward pass (OLD_POLICY_FROM_SAMPLING); both give the same rollouts and, to float
+    rounding, the same metrics (a few rollouts: over many, PPO's clipping turns rounding into
+    visible differences). The clip fractions are left out: they count tokens where the clipped and
+    the unclipped term are compared strictly, and while the policy is where it sampled, the two
+    are equal to rounding, so which side wins is a coin toss of the last bit in either way."""
+    def logged(name: str, from_sampling: bool) -> list[dict]:
+        monkeypatch.setattr(online, "OLD_POLICY_FROM_SAMPLING", from_sampling)
+        loaded = load_recipe(recipe, [f"output_dir={tmp_path / name}", "train.max_steps=3", "train.save_every=null"],
+                             registry=REGISTRY)
+        engine.train(loaded, registry=REGISTRY)
+        return records(tmp_path / name)
+
+    reused, forward = logged("reused", True), logged("forward", False)
+    assert len(reused) == len(forward) == 3
+    for now, before in zip(reused, forward):
+        assert set(now) == set(before)
+        differ = {key: (now[key], value) for key, value in before.items()
+                  if key != "tokens_per_s" and not key.endswith("clipfrac")
+                  and now[key] != pytest.approx(value, rel=1e-4, abs=1e-6)}
+        assert not differ, (before["step"], differ)

@@ -190,3 +190,53 @@ def test_docs_sampling_table_matches_the_recipe_model():
         default = field.default
         shown = "null" if default is None else str(default)
         assert rows[name] == shown, name
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.7, top_k=20), dict(temperature=1.3, top_p=0.9),
+                                      dict(temperature=0.0)])
+def test_recorded_logps_entropy_and_hidden_states_equal_a_fresh_forward_pass(tiny, prompt_ids, settings):
+    """What generate(record=True) keeps while sampling (left-padded, with the KV cache, under any
+    temperature / top-k / top-p) is what one forward pass over prompt + completion computes: the
+    log-probs at temperature 1 of the sampled tokens, the entropy there, and the LM head's input.
+    The online loop relies on it to skip the old policy's forward pass."""
+    from prefkit.data.batching import collate
+    from prefkit.data.prepare import TokenizedExample
+    from prefkit.loops.online import PolicyWithModules, keep_positions, policy_forward
+    from prefkit_builtins.ppo_kl import PPOKL, PPOParams
+
+    model, tokenizer = tiny
+    plain = generate(model, tokenizer, prompt_ids, cfg(num_samples=3, batch_size=4, **settings), seed=4)
+    recorded = generate(model, tokenizer, prompt_ids, cfg(num_samples=3, batch_size=4, **settings), seed=4,
+                        record=True, hidden_states=True)
+    assert token_ids(recorded) == token_ids(plain) and plain[0][0].logps is None  # recording changes nothing
+    flat = [s for samples in recorded for s in samples]
+    examples = [TokenizedExample(i, prompt_ids[s.prompt_index], {"completion": s.token_ids}) for i, s in enumerate(flat)]
+    batch = collate(examples, list(range(len(flat))), tokenizer.pad_token_id, ("completion",))
+    objective, params = PPOKL(), PPOParams()
+    heads = objective.modules(params, model.config.hidden_size)
+    torch.nn.init.normal_(heads["value_head"].weight, generator=torch.Generator().manual_seed(0))
+    wrapped = PolicyWithModules(model, heads, hidden_states=True).eval()
+    with torch.no_grad():
+        logps, entropy, outputs, mask = policy_forward(wrapped, objective, params, batch, with_entropy=True)
+        hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
+                       use_cache=False).hidden_states[-1][keep_positions(batch.completion_mask)]
+        values = objective.token_outputs(params, dict(heads), torch.cat([s.hidden for s in flat]))["values"]
+    for row, sample in enumerate(flat):
+        n = sample.num_tokens
+        assert sample.logps.shape == sample.entropy.shape == (n,) and sample.hidden.shape == (n, model.config.hidden_size)
+        torch.testing.assert_close(sample.logps, logps[row, :n], rtol=0, atol=1e-5)
+        torch.testing.assert_close(sample.entropy, entropy[row, :n], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat([s.hidden for s in flat]), hidden, rtol=0, atol=1e-5)
+    torch.testing.assert_close(values, outputs["values"][mask], rtol=0, atol=1e-5)
+    assert float(outputs["values"][mask].abs().max()) > 0  # a head that is not all zeros was compared
+
+
+def test_min_new_tokens_suppresses_the_end_token_until_then(tiny, prompt_ids):
+    model, tokenizer = tiny
+    ends = set(end_token_ids(model, tokenizer))
+    fixed = generate(model, tokenizer, prompt_ids, cfg(num_samples=4, temperature=1.5, min_new_tokens=10), seed=2,
+                     record=True)
+    assert all(s.num_tokens == 10 and not s.finished and not ends & set(s.token_ids)
+               for samples in fixed for s in samples)
+    # the recorded log-probs are the model's own (the end token kept its probability there)
+    assert all(bool(torch.all(s.logps < 0)) for samples in fixed for s in samples)

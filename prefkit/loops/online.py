@@ -8,10 +8,13 @@ iteration per rollout:
 1. take ``rollout_batch_size`` prompts (a seeded order over the prompts, like the offline loop's);
 2. sample ``sampling.num_samples`` (G) completions for each (:func:`prefkit.models.sampling.generate`,
    seeded from the recipe's seed and the step, so a resumed run samples exactly what the
-   uninterrupted one did);
+   uninterrupted one did), keeping what the policy computed while sampling: each token's log-prob
+   at temperature 1, the entropy and, for objectives with token outputs (PPO's values), the last
+   hidden states. These are the old policy's numbers (the policy has not changed since), equal to a
+   second forward pass's to float rounding, so none is run;
 3. score the texts with the reward function;
-4. one forward pass of the policy (token log-probs, entropy, and the objective's token outputs)
-   and one of the reference over prompt + completion: a :class:`~prefkit.api.Rollout`;
+4. the objective's token outputs from those hidden states, and one forward pass of the reference
+   over prompt + completion: a :class:`~prefkit.api.Rollout`;
 5. ``objective.prepare``: the objective's advantages (and its controllers, normalisers);
 6. ``update_epochs`` passes over shuffled minibatches of ``mini_batch_size`` sequences: the
    objective's ``loss`` on chunks of ``train.batch_size`` sequences, one optimizer step per minibatch.
@@ -66,6 +69,10 @@ from prefkit.models.logprobs import token_logps
 from prefkit.recipe import LoadedRecipe
 
 COMPLETION = "completion"  # the name of the sampled completion in a rollout's batches
+# The old policy's log-probs, entropy and value-head inputs are the ones sampling computed (step 2 of
+# the module docstring). False: a second forward pass over the rollout (old_policy_pass), the loop's
+# way before; it agrees to float rounding and is kept for tests pinned to those exact bits.
+OLD_POLICY_FROM_SAMPLING = True
 
 
 # ----------------------------------------------------------------------------- the policy and its modules
@@ -158,6 +165,27 @@ def reference_logps(reference: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """The reference's log-probs of the completion tokens, ``[R, T]`` completion-aligned, fp32."""
     full = token_logps(reference, batch)
     return pack(full[batch.completion_mask], batch.completion_mask.sum(-1))[0]
+
+
+def old_policy_pass(model: PolicyWithModules, objective, params, examples: list, batch_size: int, pad_id: int,
+                    device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """The old policy's log-probs, entropy and token outputs by a forward pass over the rollout,
+    ``batch_size`` sequences at a time: ``[N, T]`` each, and the mask. The loop takes these numbers
+    from sampling instead (:data:`OLD_POLICY_FROM_SAMPLING`); they agree to float rounding."""
+    n = len(examples)
+    width = max(len(ex.completions[COMPLETION]) for ex in examples)
+    logps, entropy = torch.zeros(n, width, device=device), torch.zeros(n, width, device=device)
+    mask = torch.zeros(n, width, dtype=torch.bool, device=device)
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for idx in chunks(n, batch_size):
+            batch = collate([examples[i] for i in idx], idx, pad_id, (COMPLETION,)).to(device)
+            lp, ent, out, m = policy_forward(model, objective, params, batch, with_entropy=True)
+            cols = m.shape[1]
+            logps[idx, :cols], entropy[idx, :cols], mask[idx, :cols] = lp, ent, m
+            for name, value in out.items():
+                outputs.setdefault(name, torch.zeros(n, width, device=device))[idx, :cols] = value
+    return logps, entropy, outputs, mask
 
 
 def chunks(n: int, size: int) -> list[list[int]]:
@@ -328,11 +356,15 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
         lr = scheduler.get_last_lr()[0]
 
         # 1-3. Prompts, samples, scores (each process samples and scores its share of the prompts).
+        # Sampling also keeps the policy's log-probs (at temperature 1), entropy and, when the objective
+        # has token outputs, last hidden states of the sampled tokens: the old policy's numbers, as a
+        # second forward pass over the same tokens would compute them (the policy has not changed since).
         batch_prompts = [prompts.examples[i] for i in order.indices(step)[rank::world]]
         with accelerator.autocast():
             samples = generate(unwrapped.policy, handle.tokenizer, [ex.prompt_ids for ex in batch_prompts],
                                sampling, seed=sub_seed(sample_seed, step) if world == 1 else
-                               sub_seed(sample_seed, step, rank))
+                               sub_seed(sample_seed, step, rank), record=OLD_POLICY_FROM_SAMPLING,
+                               hidden_states=needs.hidden_states)
         clock.lap("generate")
         flat = [(p, ex, s) for p, (ex, per_prompt) in enumerate(zip(batch_prompts, samples)) for s in per_prompt]
         examples = [TokenizedExample(ex.row, ex.prompt_ids, {COMPLETION: list(s.token_ids)}, prompt=ex.prompt)
@@ -342,32 +374,37 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                               dtype=torch.float32)
         clock.lap("score")
 
-        # 4. Log-probs, entropy and token outputs of the policy; log-probs of the reference.
+        # 4. The old policy's log-probs, entropy and token outputs (from sampling); the reference's log-probs.
         n = len(examples)
-        width = max(len(ex.completions[COMPLETION]) for ex in examples)
-        old_logps, entropy = torch.zeros(n, width, device=device), torch.zeros(n, width, device=device)
-        ref_logps = torch.zeros(n, width, device=device) if needs.reference else None
-        old_outputs: dict[str, torch.Tensor] = {}
-        mask = torch.zeros(n, width, dtype=torch.bool, device=device)
-        step_tokens = 0
+        step_tokens = sum(len(ex.prompt_ids) + len(ex.completions[COMPLETION]) for ex in examples)
+        if OLD_POLICY_FROM_SAMPLING:
+            lengths = torch.tensor([s.num_tokens for _, _, s in flat], device=device)
+            old_logps, mask = pack(torch.cat([s.logps for _, _, s in flat]).float(), lengths)
+            entropy = pack(torch.cat([s.entropy for _, _, s in flat]).float(), lengths)[0]
+            old_outputs: dict[str, torch.Tensor] = {}
+            if needs.hidden_states:
+                with torch.no_grad(), accelerator.autocast():
+                    outputs = objective.token_outputs(params, dict(unwrapped.extra),
+                                                      torch.cat([s.hidden for _, _, s in flat]))
+                old_outputs = {name: pack(value.float(), lengths)[0] for name, value in outputs.items()}
+        else:
+            with accelerator.autocast():
+                old_logps, entropy, old_outputs, mask = old_policy_pass(unwrapped, objective, params, examples,
+                                                                        cfg.batch_size, pad_id, device)
+        clock.lap("old_logprobs")
+        ref_logps = torch.zeros_like(old_logps) if needs.reference else None
         with torch.no_grad():
-            for idx in chunks(n, cfg.batch_size):
+            for idx in chunks(n if needs.reference else 0, cfg.batch_size):
                 batch = collate([examples[i] for i in idx], idx, pad_id, (COMPLETION,)).to(device)
-                step_tokens += batch.num_tokens
+                clock.lap("collate")
                 with accelerator.autocast():
-                    lp, ent, outputs, m = policy_forward(unwrapped, objective, params, batch, with_entropy=True)
-                    if needs.reference:
-                        if reference is None:
-                            with handle.reference():
-                                ref = reference_logps(unwrapped.policy, batch)
-                        else:
-                            ref = reference_logps(reference, batch)
-                cols = m.shape[1]
-                old_logps[idx, :cols], entropy[idx, :cols], mask[idx, :cols] = lp, ent, m
-                if needs.reference:
-                    ref_logps[idx, :cols] = ref
-                for name, value in outputs.items():
-                    old_outputs.setdefault(name, torch.zeros(n, width, device=device))[idx, :cols] = value
+                    if reference is None:
+                        with handle.reference():
+                            ref = reference_logps(unwrapped.policy, batch)
+                    else:
+                        ref = reference_logps(reference, batch)
+                ref_logps[idx, :ref.shape[1]] = ref
+                clock.lap("reference_logprobs")
         rollout = Rollout(step=step, prompts=[ex.prompt for _, ex, _ in flat], completions=[s.text for _, _, s in flat],
                           group_ids=torch.tensor([p for p, _, _ in flat], dtype=torch.long),
                           scores=scores, finished=torch.tensor([s.finished for _, _, s in flat], dtype=torch.bool),
@@ -377,8 +414,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
             rollout, examples = gather_rollout(rollout, examples, device)
             n, scores, mask, old_logps = rollout.num_sequences, rollout.scores, rollout.mask, rollout.logps
             ref_logps, entropy = rollout.ref_logps, rollout.entropy
-
-        clock.lap("rollout_logprobs")
+            clock.lap("gather_rollout")
         # 5. The objective's advantages (and its controllers).
         with torch.no_grad():
             rollout_metrics = plugin_call(objective, "prepare()", lambda: objective.prepare(params, rollout, state))
@@ -402,6 +438,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                 parts += [(minibatch[:1], 0.0)] * (most - len(parts))
                 for idx, weight in parts:
                     batch = collate([examples[i] for i in idx], idx, pad_id, (COMPLETION,)).to(device)
+                    clock.lap("collate")
                     with accelerator.autocast():
                         new_logps, _, new_outputs, m = policy_forward(model, objective, params, batch)
                     clock.lap("update_forward")

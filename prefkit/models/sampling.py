@@ -15,6 +15,14 @@ greedy decoding.
 
 :func:`best_of_n` samples ``n`` candidates per prompt, scores them all with a reward function and
 keeps the best. :func:`sample_recipe` is the library function behind ``prefkit sample RECIPE``.
+
+**What the sampling policy thought** (``record=True``, the online loop's use). While it samples,
+:func:`generate` can keep, for every completion token, the model's log-probability of that token at
+temperature 1 (the log-softmax of the raw logits, before temperature, top-k or top-p), the entropy of
+that distribution and, with ``hidden_states=True``, the last hidden state that predicted it (the LM
+head's input). These are the numbers a second forward pass over prompt + completion would compute
+(``tests/test_sampling.py`` checks them against one to 1e-5), so the online loop takes the old
+policy's log-probs from here instead of running that pass.
 """
 
 from __future__ import annotations
@@ -47,6 +55,10 @@ class Sample:
     token_ids: list[int]  # completion tokens only, up to and including the first end token
     finished: bool  # ended with an end token within max_new_tokens
     score: float | None = None
+    # with generate(record=True): per completion token, fp32 [num_tokens] (hidden: [num_tokens, H])
+    logps: torch.Tensor | None = None  # the model's log-prob of the token at temperature 1
+    entropy: torch.Tensor | None = None  # the entropy of the model's temperature-1 distribution there
+    hidden: torch.Tensor | None = None  # the last hidden state that predicted the token (hidden_states=True)
 
     @property
     def num_tokens(self) -> int:
@@ -88,6 +100,46 @@ class _InverseTransformSampler:
         chosen = torch.searchsorted(cdf, target, right=True).clamp_(max=scores.shape[-1] - 1)
         out = torch.full_like(scores, -math.inf)
         return out.scatter_(1, chosen, 0.0)
+
+
+class _Recorder:
+    """A logits processor, first in the list, that keeps what the model thought at every step.
+
+    It sees the raw logits (prefkit's generation config adds none of transformers' own processors
+    before it) and keeps their log-softmax until the next call, when the token that was chosen
+    (the last column of ``input_ids``) is known; :meth:`result` collects the last step's. It
+    returns the scores unchanged. With ``hidden``, a hook on the LM head keeps the hidden state
+    at the last position of every forward pass (the one that predicts the next token).
+    """
+
+    def __init__(self, prompt_width: int):
+        self.prompt_width = prompt_width
+        self.pending: torch.Tensor | None = None  # [B, V] the previous step's log-probs
+        self.logps: list[torch.Tensor] = []  # one [B] per step
+        self.entropy: list[torch.Tensor] = []
+        self.hidden: list[torch.Tensor] = []  # one [B, H] per forward pass
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.pending is not None:
+            self.logps.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        with torch.autocast(device_type=scores.device.type, enabled=False):
+            logp = torch.log_softmax(scores.float(), dim=-1)
+            self.entropy.append(-(logp.exp() * logp).sum(-1))
+        self.pending = logp
+        return scores
+
+    def keep_hidden(self, module: torch.nn.Module, inputs: tuple) -> None:
+        self.hidden.append(inputs[0][:, -1, :].detach())
+
+    def result(self, sequences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``[B, steps]`` log-probs and entropies (and ``[B, steps, H]`` hidden states)."""
+        steps = len(self.entropy)
+        if self.pending is not None:
+            chosen = sequences[:, self.prompt_width + steps - 1 : self.prompt_width + steps]
+            self.logps.append(self.pending.gather(-1, chosen).squeeze(-1))
+            self.pending = None
+        hidden = torch.stack(self.hidden[:steps], dim=1) if self.hidden else None
+        return torch.stack(self.logps, dim=1), torch.stack(self.entropy, dim=1), hidden
 
 
 def _warpers(cfg: SamplingConfig) -> list:
@@ -154,6 +206,8 @@ def generate(
     seed: int,
     num_samples: int | None = None,
     progress: Progress | None = None,
+    record: bool = False,
+    hidden_states: bool = False,
 ) -> list[list[Sample]]:
     """``num_samples`` (default ``cfg.num_samples``) completions for each prompt.
 
@@ -163,9 +217,13 @@ def generate(
     otherwise sample ``s`` of prompt ``p`` is drawn with random numbers seeded from ``(seed, p, s)``
     (see the module docstring), so results do not depend on ``batch_size``. The model is put in
     eval mode for the call and returned to its previous mode.
+
+    With ``record`` every Sample also holds ``logps`` and ``entropy`` (and, with ``hidden_states``,
+    ``hidden``) of its completion tokens, as the model computed them while sampling (see the
+    module docstring).
     """
     from transformers import GenerationConfig
-    from transformers.generation import LogitsProcessorList
+    from transformers.generation import LogitsProcessorList, MinNewTokensLengthLogitsProcessor
 
     n = cfg.num_samples if num_samples is None else int(num_samples)
     if n < 1:
@@ -208,22 +266,42 @@ def generate(
             chunk = rows[start : start + cfg.batch_size]
             input_ids, attention_mask = _left_pad([list(prompt_ids[p]) for p, _ in chunk], pad_id, device)
             processors = LogitsProcessorList()
+            recorder = _Recorder(input_ids.shape[1]) if record else None
+            if recorder is not None:
+                processors.append(recorder)  # first: it must see the raw logits
+            if cfg.min_new_tokens:  # after the recorder, which must see the unconstrained distribution
+                processors.append(MinNewTokensLengthLogitsProcessor(input_ids.shape[1], cfg.min_new_tokens, ends,
+                                                                    device=device))
             if not greedy:
                 uniforms = np.stack([sample_uniforms(seed, p, s, cfg.max_new_tokens) for p, s in chunk])
                 uniforms_t = torch.from_numpy(uniforms).to(device)
                 processors.append(_InverseTransformSampler(uniforms_t, input_ids.shape[1], warpers))
-            with torch.no_grad():
-                output = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    generation_config=generation_config,
-                    logits_processor=processors,
-                )
+            hook = None
+            if recorder is not None and hidden_states:
+                hook = model.get_output_embeddings().register_forward_pre_hook(recorder.keep_hidden)
+            try:
+                with torch.no_grad():
+                    output = model.generate(
+                        input_ids=input_ids,
+                        attention_mask=attention_mask,
+                        generation_config=generation_config,
+                        logits_processor=processors,
+                    )
+            finally:
+                if hook is not None:
+                    hook.remove()
+            recorded = recorder.result(output) if recorder is not None else None
             completions = output[:, input_ids.shape[1] :].tolist()
-            for (p, s), tokens in zip(chunk, completions):
+            for row, ((p, s), tokens) in enumerate(zip(chunk, completions)):
                 token_ids, finished = _cut(tokens, set(ends), cfg.max_new_tokens)
                 text = tokenizer.decode(token_ids, skip_special_tokens=True)
-                results[p][s] = Sample(p, s, text, token_ids, finished)
+                sample = Sample(p, s, text, token_ids, finished)
+                if recorded is not None:
+                    n_tokens = len(token_ids)
+                    logps, entropy, hidden = recorded
+                    sample.logps, sample.entropy = logps[row, :n_tokens], entropy[row, :n_tokens]
+                    sample.hidden = hidden[row, :n_tokens] if hidden is not None else None
+                results[p][s] = sample
             if progress is not None:
                 progress(min(start + cfg.batch_size, len(rows)), len(rows))
     finally:
