@@ -264,7 +264,7 @@ def label_samples(samples: Path | str, output: Path | str, *, reward: Any, rewar
             f"completions tied or were identical ({counts.get('ties_dropped', 0)} ties dropped); sample more "
             f"completions per prompt (sampling.num_samples), at a higher temperature, or use a finer reward. "
             f"{output} was not written")
-    if not margin or mode == "unpaired":
+    if not margin:
         for pair in pairs:
             pair.pop("margin", None)
     output = Path(output)

@@ -36,6 +36,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from prefkit.api.errors import RecipeError
+from prefkit.inputs import did_you_mean
 from prefkit.loops.online import check_online_recipe
 from prefkit.recipe import (
     MAX_BATCH,
@@ -498,8 +499,6 @@ def load_compare(path: str | os.PathLike, overrides: list[str] | None = None, *,
 
 def select_arms(data: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """The compare recipe ``data`` with only the arms named in ``names`` (``--arms``)."""
-    from prefkit.inputs import did_you_mean
-
     listed = data.get("arms")
     if not isinstance(listed, list):
         raise RecipeError("", [("arms", "the recipe has no list of arms to choose from")])

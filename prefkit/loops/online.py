@@ -393,18 +393,19 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
                                                                         cfg.batch_size, pad_id, device)
         clock.lap("old_logprobs")
         ref_logps = torch.zeros_like(old_logps) if needs.reference else None
-        with torch.no_grad():
-            for idx in chunks(n if needs.reference else 0, cfg.batch_size):
-                batch = collate([examples[i] for i in idx], idx, pad_id, (COMPLETION,)).to(device)
-                clock.lap("collate")
-                with accelerator.autocast():
-                    if reference is None:
-                        with handle.reference():
-                            ref = reference_logps(unwrapped.policy, batch)
-                    else:
-                        ref = reference_logps(reference, batch)
-                ref_logps[idx, :ref.shape[1]] = ref
-                clock.lap("reference_logprobs")
+        if needs.reference:
+            with torch.no_grad():
+                for idx in chunks(n, cfg.batch_size):
+                    batch = collate([examples[i] for i in idx], idx, pad_id, (COMPLETION,)).to(device)
+                    clock.lap("collate")
+                    with accelerator.autocast():
+                        if reference is None:
+                            with handle.reference():
+                                ref = reference_logps(unwrapped.policy, batch)
+                        else:
+                            ref = reference_logps(reference, batch)
+                    ref_logps[idx, :ref.shape[1]] = ref
+                    clock.lap("reference_logprobs")
         rollout = Rollout(step=step, prompts=[ex.prompt for _, ex, _ in flat], completions=[s.text for _, _, s in flat],
                           group_ids=torch.tensor([p for p, _, _ in flat], dtype=torch.long),
                           scores=scores, finished=torch.tensor([s.finished for _, _, s in flat], dtype=torch.bool),
