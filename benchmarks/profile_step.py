@@ -54,6 +54,7 @@ from prefkit.data.batching import collate
 from prefkit.data.prepare import prepare_dataset
 from prefkit.loops.optim import adamw
 from prefkit.models.loading import load_model
+from prefkit.models import packing
 from prefkit.plugins import load_registry
 from prefkit.recipe import load_recipe
 from prefkit_builtins.dpo import dpo_loss
@@ -220,6 +221,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--min-new-tokens", type=int, default=0, help="online jobs: force this many new tokens")
     parser.add_argument("--json", default=None, help="online jobs: write every iteration's phases here")
+    parser.add_argument("--padded", action="store_true",
+                        help="dpo: the padded forward instead of the engine's packed rows (before/after)")
     args = parser.parse_args()
     if args.job != "dpo":
         profile_online(args)
@@ -242,7 +245,8 @@ def main() -> None:
     inter = getattr(model.config, "intermediate_size", 4 * hidden)
 
     phases: dict[str, list[float]] = {}
-    tokens = answer_tokens = 0
+    tokens = answer_tokens = positions = 0
+    used_packing = False
     for step in range(args.steps + 1):
         idx = list(range(step * args.pairs, (step + 1) * args.pairs))
         times = {}
@@ -253,13 +257,20 @@ def main() -> None:
         keep[:, :-1] = batch.completion_mask[:, 1:]
         targets = batch.input_ids[batch.completion_mask]
         t = time.perf_counter()
+        packed = None if args.padded or not packing.can_pack(model) else packing.plan(batch.input_ids,
+                                                                                   batch.attention_mask)
         with autocast:
-            states = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 use_cache=False).last_hidden_state
+            if packed is not None:  # as the engine runs it: the rows packed, no padding
+                states = packing.forward(model.model, packed).last_hidden_state[0]
+                kept = packed.take(keep)[0]
+            else:
+                states = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                     use_cache=False).last_hidden_state
+                kept = keep
         times["backbone forward"] = time.perf_counter() - t
         t = time.perf_counter()
         with autocast:
-            logits = model.lm_head(states[keep])
+            logits = model.lm_head(states[kept])
         picked = F.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
         times["LM head + log-softmax (answer positions)"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -281,6 +292,8 @@ def main() -> None:
                 phases.setdefault(name, []).append(value)
             tokens += int(batch.attention_mask.sum())
             answer_tokens += int(batch.completion_mask.sum())
+            positions += batch.input_ids.numel()
+            used_packing = packed is not None
 
     steps = args.steps
     medians = {name: statistics.median(values) for name, values in phases.items()}
@@ -293,6 +306,8 @@ def main() -> None:
     print(f"model {args.model}, {params / 1e6:.1f}M parameters, precision {args.precision}, "
           f"{args.pairs} pairs a step, {tokens // steps} tokens a step ({answer_tokens // steps} answer tokens), "
           f"{torch.get_num_threads()} threads, median of {steps} steps")
+    print(f"padded layout: {positions // steps} positions a step ({1 - tokens / positions:.0%} padding); "
+          f"forward {'packed (no padding), as the engine runs it' if used_packing else 'padded'}")
     print(f"{'phase':42} {'seconds':>8} {'share':>6}")
     for name, value in medians.items():
         print(f"{name:42} {value:8.3f} {value / total:6.1%}")

@@ -270,6 +270,9 @@ class TrainConfig(Strict):
     warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each layer's activations in the backward pass: less memory, about a third "
+        "more compute; turns off padding-free packing.")
     log_every: int = Field(1, gt=0, le=MAX_STEPS)
     eval_every: int | None = Field(None, gt=0, le=MAX_STEPS)
     save_every: int | None = Field(None, gt=0, le=MAX_STEPS)

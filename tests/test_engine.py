@@ -143,6 +143,26 @@ def test_resume_refuses_a_changed_recipe(tmp_path):
         run(tmp_path, "a", "train.max_steps=6", "data.eval=null", "train.lr=0.5", resume=True)
 
 
+def test_resume_accepts_a_checkpoint_from_before_a_new_setting(tmp_path):
+    """A checkpoint written before a setting existed resumes when the setting is at its default
+    (the run behaved that way), and refuses when it is not."""
+    import yaml
+
+    from prefkit.manifest import write_manifest
+
+    run(tmp_path, "a", "train.max_steps=4", "train.save_every=2", "data.eval=null")
+    for saved in (tmp_path / "a" / "checkpoints").glob("step-*/recipe.resolved.yaml"):
+        recipe = yaml.safe_load(saved.read_text())
+        del recipe["train"]["gradient_checkpointing"]
+        saved.write_text(yaml.safe_dump(recipe))
+        write_manifest(saved.parent)  # as the older version wrote it
+    with pytest.raises(PrefkitError, match=r"train.gradient_checkpointing \(False -> True\)"):
+        run(tmp_path, "a", "train.max_steps=6", "train.save_every=2", "data.eval=null",
+            "train.gradient_checkpointing=true", resume=True)
+    summary, _ = run(tmp_path, "a", "train.max_steps=6", "train.save_every=2", "data.eval=null", resume=True)
+    assert summary["steps"] == 6
+
+
 def test_resume_in_process_continues_exactly(tmp_path):
     # a constant schedule, so that stopping at step 5 and extending to 12 changes no learning rate
     common = ["data.eval=null", "train.save_every=3", "train.scheduler=constant", "train.warmup_steps=0"]

@@ -181,7 +181,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
           registry: Any) -> dict[str, Any]:
     """Train with the recipe's objective; returns the run summary also written to ``run.json``."""
     from prefkit.data.prepare import prepare_dataset
-    from prefkit.models.loading import load_model
+    from prefkit.models.loading import enable_gradient_checkpointing, load_model
 
     reporter = reporter or QuietReporter()
     recipe, objective, params = loaded.recipe, loaded.objective, loaded.params
@@ -207,6 +207,8 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     trackers = start_run_trackers(setup, accelerator)
     handle = load_model(recipe.model, loaded.model_options, setup.cache_dir, head=needs.head, registry=registry)
     model = handle.model.to(accelerator.device)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     pad_id = handle.tokenizer.pad_token_id
 
     # Reference log-probs, from the initial weights (before any checkpoint is loaded).

@@ -65,7 +65,7 @@ from prefkit.loops.runs import (
     write_checkpoint,
     write_summary,
 )
-from prefkit.models.logprobs import token_logps
+from prefkit.models.logprobs import answer_outputs, token_logps
 from prefkit.recipe import LoadedRecipe
 
 COMPLETION = "completion"  # the name of the sampled completion in a rollout's batches
@@ -93,15 +93,7 @@ class PolicyWithModules(torch.nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ``[K, V]`` (and hidden states ``[K, H]``) at the ``K`` positions where ``keep`` is
         true (the positions that predict a completion token), row-major."""
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
-                          output_hidden_states=self.hidden_states, use_cache=False)
-        logits = out.logits
-        if logits.dim() == 3 and logits.shape[:2] == keep.shape:  # the model ignored logits_to_keep
-            logits = logits[keep]
-        elif logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
-            logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[keep]
-        hidden = out.hidden_states[-1][keep] if self.hidden_states else None
-        return logits, hidden
+        return answer_outputs(self.policy, input_ids, attention_mask, keep, hidden_states=self.hidden_states)
 
 
 def hidden_size_of(model: torch.nn.Module) -> int:
@@ -284,7 +276,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
           registry: Any) -> dict[str, Any]:
     """Train with an online objective; returns the run summary also written to ``run.json``."""
     from prefkit.data.prepare import prepare_dataset
-    from prefkit.models.loading import load_model
+    from prefkit.models.loading import enable_gradient_checkpointing, load_model
     from prefkit.models.rewards import build_reward
     from prefkit.models.sampling import generate
 
@@ -324,6 +316,8 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     # The reference: with LoRA, the same model with its adapter disabled; otherwise a frozen copy
     # of the initial weights (taken before any checkpoint is loaded).
     reference = frozen_copy(policy) if needs.reference and not handle.is_lora else None
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)  # after the frozen copy: the reference never trains
     extra = plugin_call(objective, "modules()", lambda: objective.modules(params, hidden_size_of(policy)))
     model = PolicyWithModules(policy, extra, needs.hidden_states).to(device)
     pad_id = handle.tokenizer.pad_token_id

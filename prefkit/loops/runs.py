@@ -33,7 +33,7 @@ from prefkit.loops.checkpoint import (
 from prefkit.api.errors import PrefkitError
 from prefkit.loops.metrics import Averager, MetricsLog
 from prefkit.loops.optim import replan_schedule
-from prefkit.recipe import LoadedRecipe, dump_yaml
+from prefkit.recipe import LoadedRecipe, Recipe, dump_yaml
 from prefkit.loops.trackers import Trackers, check_trackers, start_trackers
 from prefkit.models.precision import auto_precision
 
@@ -94,6 +94,26 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
+_NO_DEFAULT = object()
+
+
+def _default_of(dotted: str) -> Any:
+    """The default of a recipe setting such as ``train.gradient_checkpointing`` (as the resolved
+    recipe writes it), or ``_NO_DEFAULT``."""
+    model: Any = Recipe
+    *parents, name = dotted.split(".")
+    for part in parents:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = getattr(field, "annotation", None)
+        if not isinstance(model, type):
+            return _NO_DEFAULT
+    field = getattr(model, "model_fields", {}).get(name)
+    if field is None or field.is_required():
+        return _NO_DEFAULT
+    value = field.get_default(call_default_factory=True)
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
 def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> tuple[Path | None, list[str]]:
     """Check the run directory before any heavy work; return the checkpoint to resume (the newest
     intact one) and notes on any damaged newer ones."""
@@ -118,6 +138,10 @@ def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> tuple[Path |
         )
     saved = _flatten(yaml.safe_load((checkpoint / "recipe.resolved.yaml").read_text()))
     current = _flatten(resolved)
+    for key in set(current) - set(saved):  # a setting newer than the checkpoint: it ran with the default
+        default = _default_of(key)
+        if default is not _NO_DEFAULT:
+            saved[key] = default
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     changed = [k for k in changed if k not in RESUMABLE_CHANGES]
     if changed:

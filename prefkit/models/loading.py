@@ -368,6 +368,19 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
+    """Recompute activations layer by layer in the backward pass (``train.gradient_checkpointing``);
+    the non-reentrant form, which works with LoRA and frozen inputs."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise PrefkitError(f"train.gradient_checkpointing: {type(inner).__name__} does not support it; set it to false")
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.x
+        inner.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def apply_lora(model: torch.nn.Module, lora: LoraConfig, head: Head = "lm") -> torch.nn.Module:
     """Wrap ``model`` in peft LoRA adapters; only adapter weights (and a scalar head) train."""
     from peft import LoraConfig as PeftLoraConfig

@@ -2,7 +2,9 @@
 
 The LM head over a large vocabulary dominates small models, so the policy is asked for
 logits only at the positions that predict an answer token (transformers' boolean
-``logits_to_keep``). Log-softmax runs in fp32 whatever the autocast precision.
+``logits_to_keep``). Where the model allows it, the batch's rows are packed into one sequence
+without padding (:mod:`prefkit.models.packing`). Log-softmax runs in fp32 whatever the autocast
+precision.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from prefkit.data.batching import Batch
+from prefkit.models import packing
 
 
 def _position_mask(completion_mask: torch.Tensor) -> torch.Tensor:
@@ -20,19 +23,36 @@ def _position_mask(completion_mask: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def answer_outputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   keep: torch.Tensor, *, hidden_states: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits ``[K, V]`` (and, with ``hidden_states``, the last hidden states ``[K, H]``) at the K
+    positions where ``keep`` ``[R, T]`` is true, row-major; only those positions go through the LM
+    head. The rows are packed into one sequence without padding where the model allows it."""
+    packed = packing.plan(input_ids, attention_mask) if packing.can_pack(model) else None
+    if packed is not None:
+        keep = packed.take(keep)  # [1, N]: the same positions, in packed order
+
+        def run(**kwargs):
+            return packing.forward(model, packed, **kwargs)
+    else:
+        def run(**kwargs):
+            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+
+    out = run(logits_to_keep=keep, output_hidden_states=hidden_states)
+    logits = out.logits
+    if logits.dim() == 3 and logits.shape[:2] == keep.shape:  # the model ignored logits_to_keep
+        logits = logits[keep]
+    elif logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
+        logits = run().logits[keep]  # a model without boolean logits_to_keep support: select here
+    hidden = out.hidden_states[-1][keep] if hidden_states else None
+    return logits, hidden
+
+
 def answer_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """The logits that predict each completion token, ``[K, V]`` for the K completion tokens of the
-    batch in row-major order (the order of ``input_ids[completion_mask]``); only those positions
-    go through the LM head."""
+    batch in row-major order (the order of ``input_ids[completion_mask]``)."""
     keep = _position_mask(batch.completion_mask).to(batch.input_ids.device)
-    wanted = int(batch.completion_mask.sum())
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep, use_cache=False)
-    logits = out.logits
-    if logits.dim() != 2 or logits.shape[0] != wanted:
-        # A model without boolean logits_to_keep support returned full (or other) logits: select here.
-        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        logits = full[keep]
-    return logits
+    return answer_outputs(model, batch.input_ids, batch.attention_mask, keep)[0]
 
 
 def token_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -67,11 +87,33 @@ def sequence_rewards(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     inner = _unwrap(model)
     if getattr(inner, "score", None) is None:
         raise ValueError(f"{type(inner).__name__} has no `score` head; use a *ForSequenceClassification model")
+    packed = _packed_scores(model, inner, batch)
+    if packed is not None:
+        return packed
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     logits = out.logits
     if logits.dim() != 2 or logits.shape[-1] != 1:
         raise ValueError(f"the reward model must have one label; its logits have shape {list(logits.shape)}")
     return logits.squeeze(-1).float()
+
+
+def _packed_scores(model: torch.nn.Module, inner: torch.nn.Module, batch: Batch) -> torch.Tensor | None:
+    """The scores of :func:`sequence_rewards` from a packed pass of the backbone, pooled at the same
+    token transformers pools at, then the head; None where the rows cannot be packed (a model under
+    DDP too: the backbone is called past the wrapper, whose forward must run for gradients to sync)."""
+    backbone = getattr(inner, "base_model", None)
+    pad_id = getattr(inner.config, "pad_token_id", None)
+    distributed = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    if backbone is None or backbone is inner or pad_id is None or distributed or not packing.can_pack(backbone):
+        return None
+    packed = packing.plan(batch.input_ids, batch.attention_mask)
+    if packed is None:
+        return None
+    # transformers' pooling: the last position whose token is not the pad token, on the padded rows.
+    positions = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
+    last = (positions * (batch.input_ids != pad_id)).argmax(-1)
+    hidden = packing.forward(backbone, packed).last_hidden_state[0]  # [N, H]
+    return inner.score(hidden[packed.starts + last - packed.first]).squeeze(-1).float()
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

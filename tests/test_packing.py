@@ -1,0 +1,226 @@
+"""Padding-free forward passes (prefkit/models/packing.py): the plan, equality with the padded
+forward (values and gradients), and the models it must leave alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefkit.data.batching import Batch
+from prefkit.models import packing
+from prefkit.models.logprobs import answer_outputs, token_logps
+from prefkit.models.tiny import build_tiny_model
+
+VOCAB = 97
+
+
+def _batch(lengths_and_prompts, width=None, seed=0):
+    """Right-padded rows: (row length, prompt length) each."""
+    width = width or max(n for n, _ in lengths_and_prompts)
+    rows = len(lengths_and_prompts)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (rows, width), generator=generator)
+    attention = torch.zeros((rows, width), dtype=torch.long)
+    completion = torch.zeros((rows, width), dtype=torch.bool)
+    for r, (n, p) in enumerate(lengths_and_prompts):
+        attention[r, :n] = 1
+        completion[r, p:n] = True
+    ids[attention == 0] = 0
+    return Batch(ids, attention, completion, torch.arange(rows // 2), ("chosen", "rejected"))
+
+
+@pytest.fixture
+def model():
+    return build_tiny_model(vocab_size=VOCAB, seed=3).train()
+
+
+def _padded_only(monkeypatch):
+    monkeypatch.setattr(packing, "can_pack", lambda model: False)
+
+
+def test_plan_positions_and_gather_indices():
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [0, 3, 4, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 1, 1, 0]])
+    plan = packing.plan(ids, mask)
+    assert plan.input_ids.tolist() == [[5, 6, 7, 8, 9, 3, 4]]
+    # positions restart at every row, a left-padded row included
+    assert plan.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1]]
+    assert plan.starts.tolist() == [0, 3, 5]
+    assert plan.rows.tolist() == [[0, 1, 2], [3, 4, 0], [5, 6, 0]]
+    assert plan.in_row.tolist() == [[True, True, True], [True, True, False], [True, True, False]]
+    assert plan.take(torch.arange(12).view(3, 4)).tolist() == [[0, 1, 2, 4, 5, 9, 10]]
+
+
+def test_plan_declines_when_it_cannot_gain_or_rows_have_holes():
+    full = torch.ones((4, 10), dtype=torch.long)
+    assert packing.plan(full, full) is None  # no padding
+    one_pad = full.clone()
+    one_pad[0, -1] = 0  # 1 of 40 positions: 2.5% < MIN_PADDING_SHARE
+    assert packing.plan(full, one_pad) is None
+    assert packing.plan(full[:1], one_pad[:1]) is None  # a single row
+    holes = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 0]])
+    assert packing.plan(holes, holes) is None  # a row's tokens must be contiguous
+
+
+def test_packed_log_probs_and_gradients_equal_the_padded_forward(model, monkeypatch):
+    batch = _batch([(14, 3), (6, 2), (9, 8), (3, 1)])
+    calls = []
+    real_forward = packing.forward
+    monkeypatch.setattr(packing, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
+
+    packed = token_logps(model, batch)
+    packed.sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    assert calls, "the packed forward was not used"
+
+    _padded_only(monkeypatch)
+    padded = token_logps(model, batch)
+    padded.sum().backward()
+    assert (packed - padded).abs().max() < 1e-5
+    assert float(padded.detach()[batch.completion_mask].abs().min()) > 0  # real log-probs, not zeros
+    for got, want in zip(packed_grads, (p.grad for p in model.parameters())):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_hidden_states_equal_the_padded_forward(model, monkeypatch):
+    batch = _batch([(12, 4), (5, 2), (8, 3), (12, 6)], width=12)
+    keep = torch.zeros_like(batch.completion_mask)
+    keep[:, :-1] = batch.completion_mask[:, 1:]
+    logits, hidden = answer_outputs(model, batch.input_ids, batch.attention_mask, keep, hidden_states=True)
+    _padded_only(monkeypatch)
+    want_logits, want_hidden = answer_outputs(model, batch.input_ids, batch.attention_mask, keep, hidden_states=True)
+    assert logits.shape == want_logits.shape == (int(keep.sum()), VOCAB)
+    assert hidden.shape == want_hidden.shape
+    assert (logits - want_logits).abs().max() < 1e-5
+    assert (hidden - want_hidden).abs().max() < 1e-5
+
+
+def test_packed_under_bf16_autocast_stays_close(model, monkeypatch):
+    batch = _batch([(16, 5), (7, 2), (11, 4), (4, 1)])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = token_logps(model, batch)
+        _padded_only(monkeypatch)
+        padded = token_logps(model, batch)
+    assert (packed - padded).abs().max() < 5e-2
+
+
+def test_models_it_must_leave_alone(model):
+    assert packing.can_pack(model)
+    eager = build_tiny_model(vocab_size=VOCAB, seed=3)
+    eager.config._attn_implementation = "eager"
+    assert not packing.supported(eager)  # attention other than SDPA
+    windowed = build_tiny_model(vocab_size=VOCAB, seed=3)
+    windowed.config.sliding_window = 4
+    assert not packing.supported(windowed)
+    checkpointed = build_tiny_model(vocab_size=VOCAB, seed=3)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # noqa
+    assert not packing.supported(checkpointed)
+    other = build_tiny_model(vocab_size=VOCAB, seed=3)
+    other.config.model_type = "gpt2"
+    assert not packing.supported(other)
+
+
+def test_the_attention_switch_is_undone_even_on_error(model):
+    with pytest.raises(RuntimeError), packing.packed_attention(model):
+        assert model.config._attn_implementation == packing.ATTENTION_NAME
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_model_that_disagrees_with_its_padded_forward_is_not_packed(model, monkeypatch):
+    # A packed forward that mixes rows (here: attention across the whole packed sequence) must be
+    # caught by the one-time check.
+    def leaky(model, plan, **kwargs):
+        return model(input_ids=plan.input_ids, use_cache=False, **kwargs)
+
+    monkeypatch.setattr(packing, "forward", leaky)
+    monkeypatch.setattr(packing, "_checked", type(packing._checked)())
+    assert not packing.can_pack(model)
+
+
+# --------------------------------------------------------------------------- whole runs
+
+def _records(run_dir):
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run(recipe, out, *overrides):
+    from pathlib import Path
+
+    import prefkit.loops as engine
+    from prefkit.plugins import load_registry
+    from prefkit.recipe import load_recipe
+
+    registry = load_registry()
+    path = Path(__file__).resolve().parent.parent / "recipes" / recipe
+    loaded = load_recipe(path, [f"output_dir={out}", "train.save_every=null", "train.eval_every=null", *overrides],
+                         registry=registry)
+    engine.train(loaded, registry=registry)
+    return _records(out)
+
+
+@pytest.mark.parametrize("recipe, keys", [
+    ("dpo_tiny.yaml", ["loss", "rewards/margins", "logps/chosen", "logps/rejected"]),
+    ("ppo_kl_tiny.yaml", ["reward/mean", "loss", "kl", "loss/value"]),
+])
+def test_packing_and_gradient_checkpointing_leave_a_run_unchanged(tmp_path, monkeypatch, recipe, keys):
+    """The same run three ways: packed (the default for these Llama models), padded, and with
+    gradient checkpointing (which runs padded); the logged numbers agree to float rounding."""
+    calls = []
+    real_forward = packing.forward
+    monkeypatch.setattr(packing, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
+    packed = _run(recipe, tmp_path / "packed", "train.max_steps=4")
+    assert calls, "the run never packed its rows"
+    packed_calls = len(calls)
+    calls.clear()
+    checkpointed = _run(recipe, tmp_path / "checkpointed", "train.max_steps=4", "train.gradient_checkpointing=true")
+    # the policy runs padded under checkpointing (PPO's frozen reference copy may still pack)
+    assert len(calls) < packed_calls
+    monkeypatch.setattr(packing, "can_pack", lambda model: False)
+    padded = _run(recipe, tmp_path / "padded", "train.max_steps=4")
+    assert len(packed) == len(padded) == len(checkpointed) == 4
+    for a, b, c in zip(packed, padded, checkpointed):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], abs=1e-4, rel=1e-4), key
+            assert c[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), key
+    assert packed[-1]["loss"] != packed[0]["loss"]  # the runs did train
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_packed_reward_scores_equal_the_sequence_classifier(monkeypatch, pad_is_eos):
+    """A reward model's scores and their gradients, packed, equal transformers' own
+    ``LlamaForSequenceClassification`` forward on the padded rows (pooling at the last non-pad token,
+    which with pad = end token is the token before the final end token)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from prefkit.models.logprobs import sequence_rewards
+
+    lm = build_tiny_model(vocab_size=VOCAB, seed=5)
+    eos = 2
+    pad = eos if pad_is_eos else 0
+    lm.config.num_labels = 1
+    scorer = AutoModelForSequenceClassification.from_config(lm.config)
+    scorer.config.pad_token_id = pad
+    batch = _batch([(12, 4), (5, 2), (9, 3), (3, 1)], seed=7)
+    batch.input_ids[batch.attention_mask == 0] = pad
+    batch.input_ids[batch.input_ids == pad] = 1  # no pad token inside the text...
+    for r, n in enumerate(batch.attention_mask.sum(-1).tolist()):
+        batch.input_ids[r, n - 1] = eos  # ...each row ends with the end token
+    batch.input_ids[batch.attention_mask == 0] = pad
+    calls = []
+    real_forward = packing.forward
+    monkeypatch.setattr(packing, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
+    packed = sequence_rewards(scorer, batch)
+    packed.sum().backward()
+    grads = [p.grad.clone() for p in scorer.parameters()]
+    scorer.zero_grad()
+    assert calls
+    want = scorer(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1)
+    want.sum().backward()
+    assert packed.shape == (4,)
+    assert (packed - want).abs().max() < 1e-5
+    for got, expected in zip(grads, (p.grad for p in scorer.parameters())):
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
