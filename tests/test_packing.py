@@ -46,8 +46,9 @@ def test_plan_positions_and_gather_indices():
     # positions restart at every row, a left-padded row included
     assert plan.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1]]
     assert plan.starts.tolist() == [0, 3, 5]
-    assert plan.rows.tolist() == [[0, 1, 2], [3, 4, 0], [5, 6, 0]]
-    assert plan.in_row.tolist() == [[True, True, True], [True, True, False], [True, True, False]]
+    assert plan.longest == 3
+    assert plan.gather.tolist() == [0, 1, 2, 3, 4, 0, 5, 6, 0]
+    assert plan.scatter.tolist() == [0, 1, 2, 3, 4, 6, 7]
     assert plan.take(torch.arange(12).view(3, 4)).tolist() == [[0, 1, 2, 4, 5, 9, 10]]
 
 
@@ -122,7 +123,7 @@ def test_models_it_must_leave_alone(model):
 
 
 def test_the_attention_switch_is_undone_even_on_error(model):
-    with pytest.raises(RuntimeError), packing.packed_attention(model):
+    with pytest.raises(RuntimeError), packing.engine_attention(model):
         assert model.config._attn_implementation == packing.ATTENTION_NAME
         raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
@@ -224,3 +225,30 @@ def test_packed_reward_scores_equal_the_sequence_classifier(monkeypatch, pad_is_
     assert (packed - want).abs().max() < 1e-5
     for got, expected in zip(grads, (p.grad for p in scorer.parameters())):
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("fp32_faster", [True, False])
+def test_attention_under_bf16_runs_in_the_precision_measured_faster(model, monkeypatch, packed, fp32_faster):
+    import prefkit.models.precision as precision
+
+    monkeypatch.setattr(precision, "_cpu_attention_in_fp32", None)
+    monkeypatch.setattr(precision, "measure_cpu_attention", lambda: (2.0, 1.0) if fp32_faster else (1.0, 1.0))
+    seen = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **k: seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+                        or real_sdpa(q, *a, **k))
+    if not packed:
+        monkeypatch.setattr(packing, "can_pack", lambda model: False)
+    batch = _batch([(16, 5), (7, 2), (11, 4), (4, 1)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = token_logps(model, batch)
+    seen = seen[-2:]  # the two layers of the last forward (before it: the model's one-time packing check)
+    if fp32_faster:  # fp32 inputs, autocast off; else autocast casts them to bf16
+        assert seen == [(torch.float32, False)] * 2
+    else:
+        assert [on for _, on in seen] == [True, True]
+    with torch.no_grad():
+        exact = token_logps(model, batch)  # fp32 throughout
+    assert (values.detach() - exact).abs().max() < 5e-2

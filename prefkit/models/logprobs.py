@@ -9,6 +9,8 @@ precision.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -35,8 +37,11 @@ def answer_outputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
         def run(**kwargs):
             return packing.forward(model, packed, **kwargs)
     else:
+        attention = packing.engine_attention(model) if packing.supported(model) else contextlib.nullcontext()
+
         def run(**kwargs):
-            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+            with attention:
+                return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
 
     out = run(logits_to_keep=keep, output_hidden_states=hidden_states)
     logits = out.logits
@@ -90,7 +95,8 @@ def sequence_rewards(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     packed = _packed_scores(model, inner, batch)
     if packed is not None:
         return packed
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    with packing.engine_attention(model) if packing.supported(inner) else contextlib.nullcontext():
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     logits = out.logits
     if logits.dim() != 2 or logits.shape[-1] != 1:
         raise ValueError(f"the reward model must have one label; its logits have shape {list(logits.shape)}")

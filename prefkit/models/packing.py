@@ -31,6 +31,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from prefkit.models.precision import cpu_attention_in_fp32
+
 ATTENTION_NAME = "prefkit_packed"
 
 # Architectures whose decoder layers pass the forward's keyword arguments on to the attention
@@ -50,8 +52,9 @@ class Packing:
     input_ids: torch.Tensor  # [1, N]
     position_ids: torch.Tensor  # [1, N], 0 at each row's first token
     real: torch.Tensor  # [R, T] bool: the padded positions that hold a token
-    rows: torch.Tensor  # [R, L] long: packed index of each row's j-th token (0 beyond the row)
-    in_row: torch.Tensor  # [R, L] bool: j < the row's length
+    gather: torch.Tensor  # [R * L] long: packed index of row r's j-th token at r * L + j (0 beyond the row)
+    scatter: torch.Tensor  # [N] long: where each packed token sits in that [R * L] layout
+    longest: int  # L, the longest row
     starts: torch.Tensor  # [R] long: packed index of each row's first token
     first: torch.Tensor  # [R] long: padded position of each row's first token
 
@@ -84,27 +87,41 @@ def plan(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Packing | Non
         input_ids=input_ids[real].unsqueeze(0),
         position_ids=position_ids,
         real=real,
-        rows=rows,
-        in_row=in_row,
+        gather=rows.flatten(),
+        scatter=in_row.flatten().nonzero().squeeze(1),
+        longest=longest,
         starts=starts,
         first=first,
     )
 
 
 def _attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, prefkit_packing=None, **kwargs):
-    """Causal attention within each packed row (the packed call's ``prefkit_packing``); any other
-    call is plain SDPA."""
-    if prefkit_packing is None:
+    """The engine's attention: causal attention within each packed row (for the packed call's
+    ``prefkit_packing``), else transformers' SDPA. Under bf16 autocast on a CPU where fp32 attention
+    measured faster (:func:`prefkit.models.precision.cpu_attention_in_fp32`) it runs in fp32, outside
+    autocast, and returns bf16 as autocast would."""
+    if (query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and cpu_attention_in_fp32()):
+        with torch.autocast("cpu", enabled=False):
+            out, weights = _attend(module, query.float(), key.float(), value.float(), attention_mask, scaling,
+                                   dropout, prefkit_packing, **kwargs)
+        return out.to(torch.bfloat16), weights
+    return _attend(module, query, key, value, attention_mask, scaling, dropout, prefkit_packing, **kwargs)
+
+
+def _attend(module, query, key, value, attention_mask, scaling, dropout, packing, **kwargs):
+    if packing is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    rows, in_row = prefkit_packing.rows, prefkit_packing.in_row
+    rows, width = packing.gather.numel() // packing.longest, packing.longest
     # [1, heads, N, d] -> [R, heads, L, d]: each row's tokens from position 0, padding after them.
-    q, k, v = (t[0][:, rows].transpose(0, 1) for t in (query, key, value))
+    q, k, v = (t[0].index_select(1, packing.gather).unflatten(1, (rows, width)).transpose(0, 1)
+               for t in (query, key, value))
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=q.shape[1] != k.shape[1]
     )
     # [R, heads, L, d] -> [1, N, heads, d], the layout transformers expects back.
-    return out.transpose(1, 2)[in_row].unsqueeze(0), None
+    return out.transpose(1, 2).flatten(0, 1).index_select(0, packing.scatter).unsqueeze(0), None
 
 
 AttentionInterface.register(ATTENTION_NAME, _attention)
@@ -139,8 +156,9 @@ def supported(model: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def packed_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Within this block ``model`` runs its attention through :func:`_attention`."""
+def engine_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Within this block ``model`` (one that is :func:`supported`) runs its attention through
+    :func:`_attention`."""
     config = _unwrap(model).config
     before = config._attn_implementation
     config._attn_implementation = ATTENTION_NAME
@@ -153,7 +171,7 @@ def packed_attention(model: torch.nn.Module) -> Iterator[None]:
 def forward(model: torch.nn.Module, packing: Packing, **kwargs) -> object:
     """``model``'s forward pass over the packed sequence (``kwargs`` as for the padded call, with
     ``logits_to_keep`` already in packed order)."""
-    with packed_attention(model):
+    with engine_attention(model):
         return model(input_ids=packing.input_ids, position_ids=packing.position_ids, prefkit_packing=packing,
                      use_cache=False, **kwargs)
 

@@ -134,6 +134,50 @@ def cpu_precision(cache_dir: Path | None, probe: Callable[[], CpuProbe] | None =
     return choice
 
 
+FP32_ATTENTION_MIN_SPEEDUP = 1.1  # fp32 attention (inputs cast up, output down) must be this much faster
+_cpu_attention_in_fp32: bool | None = None
+
+
+def measure_cpu_attention(rows: int = 8, heads: int = 9, kv_heads: int = 3, length: int = 64, head_dim: int = 64,
+                          repeats: int = 3) -> tuple[float, float]:
+    """Seconds of causal SDPA, forward and backward, on bf16 inputs, computed in bf16 and computed in
+    fp32 (cast up and back down, as :func:`prefkit.models.packing._attention` does); SmolLM2's head
+    shapes, alternated, the fastest of ``repeats`` after a warm-up."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(rows, heads, length, head_dim), (rows, kv_heads, length, head_dim), (rows, kv_heads, length, head_dim)]
+
+    def step(fp32: bool) -> float:
+        q, k, v = (torch.randn(shape, generator=generator).bfloat16().requires_grad_() for shape in shapes)
+        # called from inside a forward pass, perhaps under no_grad or autocast: measure outside both
+        with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            start = time.perf_counter()
+            a, b, c = (t.float() for t in (q, k, v)) if fp32 else (q, k, v)
+            out = F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True).to(torch.bfloat16)
+            out.float().square().mean().backward()
+            return time.perf_counter() - start
+
+    step(False), step(True)
+    bf16, fp32 = [], []
+    for _ in range(repeats):
+        bf16.append(step(False))
+        fp32.append(step(True))
+    return min(bf16), min(fp32)
+
+
+def cpu_attention_in_fp32() -> bool:
+    """Whether attention under bf16 autocast on this CPU runs faster in fp32 (measured once per
+    process, in about a tenth of a second). On the development machine (AVX512-BF16, no AMX)
+    torch's bf16 CPU attention took 2.3x as long as fp32's, forward and backward; a CPU with AMX may
+    differ, hence the measurement."""
+    global _cpu_attention_in_fp32
+    if _cpu_attention_in_fp32 is None:
+        bf16, fp32 = measure_cpu_attention()
+        _cpu_attention_in_fp32 = bf16 >= FP32_ATTENTION_MIN_SPEEDUP * fp32
+        log.info("attention under bf16 autocast on this CPU: %s (bf16 %.4f s, fp32 %.4f s)",
+                 "fp32" if _cpu_attention_in_fp32 else "bf16", bf16, fp32)
+    return _cpu_attention_in_fp32
+
+
 def auto_precision(cache_dir: Path | None, probe: Callable[[], CpuProbe] | None = None) -> str:
     """``train.precision: auto`` resolved: ``"bf16"``/``"fp16"`` on a GPU, the measured choice on a CPU."""
     if torch.cuda.is_available():
