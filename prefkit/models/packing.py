@@ -202,8 +202,9 @@ def _output(out: object) -> torch.Tensor | None:
 
 
 def _agrees(model: torch.nn.Module) -> bool:
-    device = next(model.parameters()).device
-    vocab = int(_unwrap(model).config.vocab_size)
+    inner = _unwrap(model)
+    device = next(inner.parameters()).device
+    vocab = int(inner.config.vocab_size)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (3, 12), generator=generator).to(device)
     mask = torch.zeros((3, 12), dtype=torch.long, device=device)
@@ -211,12 +212,20 @@ def _agrees(model: torch.nn.Module) -> bool:
         mask[row, :length] = 1
     packing = plan(ids, mask)
     keep = mask.bool()
+
+    def call(**kwargs):
+        # The class's own forward, in fp32: not an instance-level wrapper such as the autocast one
+        # accelerate puts on a prepared model, so the verdict does not depend on when it is taken.
+        return type(inner).forward(inner, use_cache=False, **kwargs)
+
     with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-        padded = _output(model(input_ids=ids, attention_mask=mask, use_cache=False))
+        padded = _output(call(input_ids=ids, attention_mask=mask))
         if padded is None:
             return False
         try:
-            packed = _output(forward(model, packing))[0]
+            with engine_attention(inner):
+                packed = _output(call(input_ids=packing.input_ids, position_ids=packing.position_ids,
+                                      prefkit_packing=packing))[0]
         except (TypeError, ValueError, RuntimeError):
             return False
     expected = padded[keep].float()
