@@ -13,6 +13,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from prefkit.api.reporting import SilentReporter
+
 console = Console(stderr=True)
 out = Console()
 
@@ -86,17 +88,8 @@ class RichReporter:
         show()
 
 
-class QuietReporter(RichReporter):
+class QuietReporter(SilentReporter):
     """``--quiet``: no bars, no notes; errors (and warnings) on stderr, and one result line on stdout."""
-
-    def message(self, text: str) -> None:
-        pass
-
-    def start(self, total_steps: int, first_step: int, description: str = "train") -> None:
-        pass
-
-    def step(self, step: int, metrics: dict[str, float]) -> None:
-        pass
 
     def result(self, command: str, data: dict, *, line: str, show: Callable[[], None]) -> None:
         out.print(printable(line), markup=False, highlight=False, soft_wrap=True)

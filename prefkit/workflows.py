@@ -69,14 +69,15 @@ def evaluate(run_or_recipe: Any, overrides: Iterable[str] = (), *, model: str | 
     """
     from prefkit.loops.offline import evaluate as evaluate_loop
     from prefkit.loops.offline import reference_for
-    from prefkit.loops.runs import QuietReporter, resolve_precision
+    from prefkit.api.reporting import SilentReporter
+    from prefkit.loops.runs import resolve_precision
     from prefkit.data.prepare import prepare_dataset
     from prefkit.models.loading import load_model
     from prefkit.recipe import ModelConfig
 
     registry = registry if registry is not None else _default_registry()
     overrides = list(overrides)
-    reporter = reporter or QuietReporter()
+    reporter = reporter or SilentReporter()
     path = Path(run_or_recipe) if isinstance(run_or_recipe, (str, os.PathLike)) else None
     if path is not None and path.is_dir():
         if not (path / "recipe.resolved.yaml").is_file():

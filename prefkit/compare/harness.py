@@ -65,7 +65,8 @@ from prefkit.compare.results import (
     seed_rows,
 )
 from prefkit.loops.checkpoint import checkpoint_steps
-from prefkit.loops.runs import RESUMABLE_CHANGES, QuietReporter, Reporter, _flatten
+from prefkit.api.reporting import Reporter, SilentReporter
+from prefkit.loops.runs import RESUMABLE_CHANGES, _flatten
 from prefkit.manifest import MANIFEST
 from prefkit.recipe import DataConfig, LoadedRecipe, SamplingConfig, dump_yaml
 
@@ -712,7 +713,7 @@ def run_compare(loaded: LoadedCompare, reporter: Reporter | None = None, *, regi
     from prefkit.models.loading import load_model, load_tokenizer, resolve_model_dir
     from prefkit.models.rewards import build_reward
 
-    reporter = reporter or QuietReporter()
+    reporter = reporter or SilentReporter()
     compare = loaded.compare
     ev = compare.evaluation
     out_dir = Path(compare.output_dir)

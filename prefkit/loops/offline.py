@@ -24,10 +24,9 @@ from prefkit.api import LossInputs, Needs
 from prefkit.loops.optim import build_optimizer
 from prefkit.recipe import LoadedRecipe
 from prefkit.models.refcache import ReferenceCache, ReferenceLogps, get_or_compute, reference_fingerprint
+from prefkit.api.reporting import Reporter, SilentReporter
 from prefkit.loops.runs import (
     Precision,
-    QuietReporter,
-    Reporter,
     begin_run,
     check_loss_output,
     check_resumable,
@@ -183,7 +182,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     from prefkit.data.prepare import prepare_dataset
     from prefkit.models.loading import enable_gradient_checkpointing, load_model
 
-    reporter = reporter or QuietReporter()
+    reporter = reporter or SilentReporter()
     recipe, objective, params = loaded.recipe, loaded.objective, loaded.params
     needs = objective.needs(params)
     cfg = recipe.train

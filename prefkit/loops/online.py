@@ -43,9 +43,8 @@ from prefkit.data.batching import Batch, BatchOrder, collate
 from prefkit.data.prepare import TokenizedExample
 from prefkit.loops.metrics import Averager, PhaseClock
 from prefkit.loops.optim import build_optimizer
+from prefkit.api.reporting import Reporter, SilentReporter
 from prefkit.loops.runs import (
-    QuietReporter,
-    Reporter,
     begin_run,
     check_loss_output,
     check_resumable,
@@ -280,7 +279,7 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     from prefkit.models.rewards import build_reward
     from prefkit.models.sampling import generate
 
-    reporter = reporter or QuietReporter()
+    reporter = reporter or SilentReporter()
     recipe, objective, params = loaded.recipe, loaded.objective, loaded.params
     needs = objective.needs(params)
     cfg, sampling = recipe.train, recipe.sampling

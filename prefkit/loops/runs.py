@@ -31,6 +31,7 @@ from prefkit.loops.checkpoint import (
     save_checkpoint,
 )
 from prefkit.api.errors import PrefkitError
+from prefkit.api.reporting import Reporter, SilentReporter  # noqa: F401  (Reporter: re-exported)
 from prefkit.loops.metrics import Averager, MetricsLog
 from prefkit.loops.optim import replan_schedule
 from prefkit.recipe import LoadedRecipe, Recipe, dump_yaml
@@ -44,30 +45,6 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.save_every", "tra
                      "train.eval_every", "train.keep_checkpoints", "train.trackers", "train.project",
                      "train.final_dtype",
                      "output_dir", "cache_dir"}
-
-
-class Reporter(Protocol):
-    """What the engine tells a user interface. Library code never prints."""
-
-    def message(self, text: str) -> None: ...
-    def start(self, total_steps: int, first_step: int, description: str = "train") -> None: ...
-    def step(self, step: int, metrics: dict[str, float]) -> None: ...
-    def finish(self) -> None: ...
-    # optional: ``checkpoint(step, path)``, called after each checkpoint is written
-
-
-class QuietReporter:
-    def message(self, text: str) -> None:
-        pass
-
-    def start(self, total_steps: int, first_step: int, description: str = "train") -> None:
-        pass
-
-    def step(self, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
 
 
 @dataclass
