@@ -34,6 +34,23 @@ def model():
     return build_tiny_model(vocab_size=VOCAB, seed=3).train()
 
 
+def _packed_calls(monkeypatch) -> list:
+    """A list that grows by one at every packed forward pass from now on."""
+    calls = []
+    real_forward = packing.forward
+    monkeypatch.setattr(packing, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
+    return calls
+
+
+def _values_and_grads(module, compute):
+    """``compute()``'s values and the gradients of their sum over ``module``'s parameters (then cleared)."""
+    values = compute()
+    values.sum().backward()
+    grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    return values, grads
+
+
 def _padded_only(monkeypatch):
     monkeypatch.setattr(packing, "can_pack", lambda model: False)
 
@@ -65,22 +82,16 @@ def test_plan_declines_when_it_cannot_gain_or_rows_have_holes():
 
 def test_packed_log_probs_and_gradients_equal_the_padded_forward(model, monkeypatch):
     batch = _batch([(14, 3), (6, 2), (9, 8), (3, 1)])
-    calls = []
-    real_forward = packing.forward
-    monkeypatch.setattr(packing, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
+    calls = _packed_calls(monkeypatch)
 
-    packed = token_logps(model, batch)
-    packed.sum().backward()
-    packed_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
+    packed, packed_grads = _values_and_grads(model, lambda: token_logps(model, batch))
     assert calls, "the packed forward was not used"
 
     _padded_only(monkeypatch)
-    padded = token_logps(model, batch)
-    padded.sum().backward()
+    padded, padded_grads = _values_and_grads(model, lambda: token_logps(model, batch))
     assert (packed - padded).abs().max() < 1e-5
     assert float(padded.detach()[batch.completion_mask].abs().min()) > 0  # real log-probs, not zeros
-    for got, want in zip(packed_grads, (p.grad for p in model.parameters())):
+    for got, want in zip(packed_grads, padded_grads):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
@@ -182,9 +193,7 @@ def _run(recipe, out, *overrides):
 def test_packing_and_gradient_checkpointing_leave_a_run_unchanged(tmp_path, monkeypatch, recipe, keys):
     """The same run three ways: packed (the default for these Llama models), padded, and with
     gradient checkpointing (which runs padded); the logged numbers agree to float rounding."""
-    calls = []
-    real_forward = packing.forward
-    monkeypatch.setattr(packing, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
+    calls = _packed_calls(monkeypatch)
     packed = _run(recipe, tmp_path / "packed", "train.max_steps=4")
     assert calls, "the run never packed its rows"
     packed_calls = len(calls)
@@ -223,19 +232,14 @@ def test_packed_reward_scores_equal_the_sequence_classifier(monkeypatch, pad_is_
     for r, n in enumerate(batch.attention_mask.sum(-1).tolist()):
         batch.input_ids[r, n - 1] = eos  # ...each row ends with the end token
     batch.input_ids[batch.attention_mask == 0] = pad
-    calls = []
-    real_forward = packing.forward
-    monkeypatch.setattr(packing, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
-    packed = sequence_rewards(scorer, batch)
-    packed.sum().backward()
-    grads = [p.grad.clone() for p in scorer.parameters()]
-    scorer.zero_grad()
+    calls = _packed_calls(monkeypatch)
+    packed, grads = _values_and_grads(scorer, lambda: sequence_rewards(scorer, batch))
     assert calls
-    want = scorer(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1)
-    want.sum().backward()
+    want, want_grads = _values_and_grads(
+        scorer, lambda: scorer(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1))
     assert packed.shape == (4,)
     assert (packed - want).abs().max() < 1e-5
-    for got, expected in zip(grads, (p.grad for p in scorer.parameters())):
+    for got, expected in zip(grads, want_grads):
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 

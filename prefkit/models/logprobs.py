@@ -89,7 +89,7 @@ def sequence_rewards(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     the pad token is also the end-of-text token (SmolLM2 and many chat models), that is the token
     *before* the final end-of-text, for training and for every later use alike.
     """
-    inner = _unwrap(model)
+    inner = packing.unwrap(model)
     if getattr(inner, "score", None) is None:
         raise ValueError(f"{type(inner).__name__} has no `score` head; use a *ForSequenceClassification model")
     packed = _packed_scores(model, inner, batch)
@@ -120,14 +120,3 @@ def _packed_scores(model: torch.nn.Module, inner: torch.nn.Module, batch: Batch)
     last = (positions * (batch.input_ids != pad_id)).argmax(-1)
     hidden = packing.forward(backbone, packed).last_hidden_state[0]  # [N, H]
     return inner.score(hidden[packed.starts + last - packed.first]).squeeze(-1).float()
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a peft or DDP wrapper."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP
-            model = model.module
-        elif hasattr(model, "get_base_model"):  # peft
-            model = model.get_base_model()
-        else:
-            return model

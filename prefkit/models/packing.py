@@ -128,7 +128,8 @@ AttentionInterface.register(ATTENTION_NAME, _attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft or DDP wrapper."""
     while True:
         if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP
             model = model.module
@@ -140,7 +141,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def supported(model: torch.nn.Module) -> bool:
     """Whether ``model``'s architecture and settings allow a packed forward (before the check)."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     config = getattr(inner, "config", None)
     if config is None or getattr(config, "model_type", None) not in PACKABLE_MODEL_TYPES:
         return False
@@ -159,7 +160,7 @@ def supported(model: torch.nn.Module) -> bool:
 def engine_attention(model: torch.nn.Module) -> Iterator[None]:
     """Within this block ``model`` (one that is :func:`supported`) runs its attention through
     :func:`_attention`."""
-    config = _unwrap(model).config
+    config = unwrap(model).config
     before = config._attn_implementation
     config._attn_implementation = ATTENTION_NAME
     try:
@@ -185,7 +186,7 @@ def can_pack(model: torch.nn.Module) -> bool:
     are compared)."""
     if not supported(model):
         return False
-    inner = _unwrap(model)
+    inner = unwrap(model)
     verdict = _checked.get(inner)
     if verdict is None:
         verdict = _agrees(model)
@@ -202,7 +203,7 @@ def _output(out: object) -> torch.Tensor | None:
 
 
 def _agrees(model: torch.nn.Module) -> bool:
-    inner = _unwrap(model)
+    inner = unwrap(model)
     device = next(inner.parameters()).device
     vocab = int(inner.config.vocab_size)
     generator = torch.Generator().manual_seed(0)
