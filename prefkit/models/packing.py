@@ -41,10 +41,8 @@ ATTENTION_NAME = "prefkit_packed"
 PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo", "olmo2", "granite"})
 
 # Pack only when at least this share of a batch's positions is padding: below it the gather and
-# scatter around attention cost more than packing saves. Measured on SmolLM2, 2 CPU cores
-# (docs/benchmarks.md): GRPO update batches with 5-11% padding ran 5% slower packed; the DPO
-# benchmark's batches with 18% padding ran 4-6% faster packed (fp32).
-MIN_PADDING_SHARE = 0.15
+# scatter around attention cost about what packing saves.
+MIN_PADDING_SHARE = 0.05
 
 
 @dataclass(frozen=True)
