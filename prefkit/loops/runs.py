@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import yaml
@@ -31,7 +31,7 @@ from prefkit.loops.checkpoint import (
     save_checkpoint,
 )
 from prefkit.api.errors import PrefkitError
-from prefkit.api.reporting import Reporter, SilentReporter  # noqa: F401  (Reporter: re-exported)
+from prefkit.api.reporting import Reporter
 from prefkit.loops.metrics import Averager, MetricsLog
 from prefkit.loops.optim import replan_schedule
 from prefkit.recipe import LoadedRecipe, Recipe, dump_yaml

@@ -39,6 +39,7 @@ from transformers import (
 
 from prefkit.api import PrefkitError
 from prefkit.manifest import verify_manifest, write_manifest
+from prefkit.models.packing import unwrap
 from prefkit.recipe import LoraConfig, ModelConfig
 
 log = logging.getLogger("prefkit")
@@ -371,7 +372,7 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
 def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
     """Recompute activations layer by layer in the backward pass (``train.gradient_checkpointing``);
     the non-reentrant form, which works with LoRA and frozen inputs."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
     if not getattr(inner, "supports_gradient_checkpointing", False):
         raise PrefkitError(f"train.gradient_checkpointing: {type(inner).__name__} does not support it; set it to false")
     if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.x

@@ -9,8 +9,6 @@ precision.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
@@ -37,10 +35,8 @@ def answer_outputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
         def run(**kwargs):
             return packing.forward(model, packed, **kwargs)
     else:
-        attention = packing.engine_attention(model) if packing.supported(model) else contextlib.nullcontext()
-
         def run(**kwargs):
-            with attention:
+            with packing.attention(model):
                 return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
 
     out = run(logits_to_keep=keep, output_hidden_states=hidden_states)
@@ -95,7 +91,7 @@ def sequence_rewards(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     packed = _packed_scores(model, inner, batch)
     if packed is not None:
         return packed
-    with packing.engine_attention(model) if packing.supported(inner) else contextlib.nullcontext():
+    with packing.attention(model):
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     logits = out.logits
     if logits.dim() != 2 or logits.shape[-1] != 1:

@@ -4,7 +4,7 @@ A batch of R rows right-padded to T positions makes every linear layer of the mo
 R x T positions, of which only the N real tokens matter (in the DPO quickstart pairs about 18% of
 the positions are padding). Here the N tokens are packed into one sequence ``[1, N]`` with
 position ids that restart at every row, so the projections, the MLPs, the norms and the LM head run
-on N positions only. Attention must still keep the rows apart: :func:`packed_attention` gathers each
+on N positions only. Attention must still keep the rows apart: :func:`engine_attention` gathers each
 row's queries, keys and values back into the padded layout, runs causal SDPA there (the same
 attention work as the padded batch, nothing across rows) and scatters the result back.
 
@@ -167,6 +167,11 @@ def engine_attention(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = before
+
+
+def attention(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """:func:`engine_attention` for a :func:`supported` model; for any other, a block that changes nothing."""
+    return engine_attention(model) if supported(model) else contextlib.nullcontext()
 
 
 def forward(model: torch.nn.Module, packing: Packing, **kwargs) -> object:
