@@ -258,3 +258,28 @@ def test_arms_with_an_unknown_name_is_one_message(tmp_path):
                                  "--validate"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "no arm named 'bon-5'" in result.output and "did you mean 'bon-" in result.output
+
+
+def _imdb_sft_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("imdb_sft", ROOT / "recipes" / "sentiment" / "imdb_sft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_pair_prompts_are_openings_of_reviews_the_sft_data_does_not_use():
+    imdb = _imdb_sft_module()
+    reviews = [(f"review {i} " + " ".join(f"w{i}x{j}" for j in range(20)), i % 2) for i in range(40)]
+    sft = imdb.sft_rows(reviews, 10, seed=3, max_words=60)
+    openings = imdb.opening_rows(reviews, 12, seed=3, sft_reviews=10)
+    assert len(sft) == 10 and len(openings) == 12 and all(set(r) == {"prompt"} for r in openings)
+    used = {r["prompt"].split()[1] for r in sft}  # the review number of each SFT row
+    picked = {r["prompt"].split()[1] for r in openings}
+    assert not used & picked  # disjoint reviews
+    assert all(2 <= len(r["prompt"].split()) <= 8 for r in openings)
+    assert sum(int(n) % 2 for n in picked) == 6  # half positive
+    assert openings == imdb.opening_rows(reviews, 12, seed=3, sft_reviews=10)  # reproducible
+    with pytest.raises(SystemExit, match="need 21 reviews"):
+        imdb.opening_rows(reviews, 22, seed=3, sft_reviews=20)

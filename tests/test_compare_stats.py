@@ -249,6 +249,24 @@ def test_the_plan_of_an_epoch_budget_with_curves(tmp_path):
     assert plans["bon-4"].total_steps == 0 and plans["bon-4"].eval_steps == [0]
 
 
+def test_points_give_every_arm_a_curve_of_the_same_resolution(tmp_path):
+    from prefkit.models.tiny import build_tiny_tokenizer
+
+    loaded = load_compare(TINY, ["budget={epochs: 1}", "evaluation.every_steps=null", "evaluation.points=3",
+                                 "train.save_every=null", f"output_dir={tmp_path}"], registry=REGISTRY)
+    counts = DataCounts(loaded, build_tiny_tokenizer(), REGISTRY)
+    plans = {arm.name: plan_arm(loaded, arm, 0, counts) for arm in loaded.arms}
+    # DPO: 48 pairs in batches of 4, 12 steps: every ceil(12 / 3) = 4th step
+    assert plans["dpo-b0.1"].total_steps == 12 and plans["dpo-b0.1"].eval_steps == [4, 8, 12]
+    assert plans["dpo-b0.1"].loaded.recipe.train.save_every == 4
+    # KTO: its own 96 unpaired rows, 24 steps: every 8th
+    assert plans["kto"].total_steps == 24 and plans["kto"].eval_steps == [8, 16, 24]
+    # PPO: 48 reward calls, 4 per rollout, 12 rollouts: every 4th
+    assert plans["ppo-kl2"].eval_steps == [4, 8, 12]
+    with pytest.raises(RecipeError, match="at most one of evaluation.every_steps and evaluation.points"):
+        load_compare(TINY, ["evaluation.every_steps=2", "evaluation.points=3"], registry=REGISTRY)
+
+
 def test_without_curves_only_the_last_step_is_checkpointed(tmp_path):
     from prefkit.models.tiny import build_tiny_tokenizer
 

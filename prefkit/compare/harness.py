@@ -275,8 +275,9 @@ def plan_arm(loaded: LoadedCompare, arm: LoadedArm, seed: int, counts: DataCount
     """The run recipe of ``arm`` for ``seed`` with everything the harness sets written in:
 
     - the budget (an epochs budget of an online arm needs the pair count of ``data``);
-    - checkpoints at every step evaluation needs (``train.save_every``: ``evaluation.every_steps``,
-      or its greatest common divisor with the arm's own ``save_every``; without ``every_steps``, the
+    - checkpoints at every step evaluation needs (``train.save_every``: ``evaluation.every_steps``
+      (or the spacing ``evaluation.points`` gives this arm), or its greatest common divisor with the
+      arm's own ``save_every``; without either, the
       arm's ``save_every`` or only the last step, whose checkpoint holds the tokens processed), and a
       ``keep_checkpoints`` that keeps them all until they are evaluated."""
     compare = loaded.compare
@@ -297,7 +298,7 @@ def plan_arm(loaded: LoadedCompare, arm: LoadedArm, seed: int, counts: DataCount
     else:
         prompts = 0 if train.max_steps else counts.rows(base.recipe.data, needs.data)
         total = train.max_steps or max(1, math.ceil(train.epochs * math.ceil(prompts / base.params.rollout_batch_size)))
-    every = compare.evaluation.every_steps
+    every = compare.evaluation.every_for(total)
     if every:
         save = math.gcd(train.save_every, every) if train.save_every else every
         keep = max(train.keep_checkpoints, math.ceil(total / save) + 1)

@@ -125,6 +125,10 @@ class EvaluationConfig(Strict):
     every_steps: int | None = Field(
         None, gt=0, description="Also evaluate each trained arm at every N-th training step, from its checkpoints "
         "(a curve over training). Default: only the final policy.")
+    points: int | None = Field(
+        None, gt=0, le=1000, description="Instead of `every_steps`: evaluate each trained arm at about this many "
+        "evenly spaced points of its own training (every ceil(last step / points)-th step and the last), so arms "
+        "of different lengths (offline steps, online rollouts) get curves of the same resolution.")
     paired: list[tuple[str, str]] | None = Field(
         None, description="Pairs of arms (or `reference`) to test against each other. Default: every arm against "
         "`reference`.")
@@ -134,6 +138,18 @@ class EvaluationConfig(Strict):
     bootstrap_resamples: int = Field(1000, ge=100, description="Bootstrap resamples of every interval and test.")
     bootstrap_seed: int = Field(0, description="The seed of the bootstrap draws (the same draws for every arm).")
     confidence: float = Field(0.95, gt=0.0, lt=1.0, description="The coverage of every interval.")
+
+    @model_validator(mode="after")
+    def _one_spacing(self) -> "EvaluationConfig":
+        if self.every_steps is not None and self.points is not None:
+            raise ValueError("set at most one of evaluation.every_steps and evaluation.points")
+        return self
+
+    def every_for(self, total: int) -> int | None:
+        """The evaluation spacing of an arm whose last step is ``total`` (None: the last step only)."""
+        if self.points is not None:
+            return max(1, math.ceil(total / self.points))
+        return self.every_steps
 
     @field_validator("temperatures")
     @classmethod

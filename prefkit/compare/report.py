@@ -193,8 +193,12 @@ def write_report(path: Path | str, loaded: LoadedCompare, result: Any, *, prompt
     seeds = compare.run_seeds
     eval_seeds = "the seed itself" if ev.seed is None else f"{ev.seed} for every seed"
     pct = f"{ev.confidence * 100:g}%"
-    steps = (f"every {ev.every_steps} training steps and the last (from the arm's checkpoints)" if ev.every_steps
-             else "the last training step only")
+    if ev.points:
+        steps = f"about {ev.points} evenly spaced points of its training and the last (from the arm's checkpoints)"
+    elif ev.every_steps:
+        steps = f"every {ev.every_steps} training steps and the last (from the arm's checkpoints)"
+    else:
+        steps = "the last training step only"
 
     lines = [
         "# prefkit compare report",

