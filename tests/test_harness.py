@@ -20,7 +20,7 @@ import prefkit.models.sampling
 import prefkit.loops as engine
 from prefkit.cli import app
 from prefkit.compare.recipe import load_compare
-from prefkit.api.errors import PrefkitError
+from prefkit.api.errors import PrefkitError, RecipeError
 from prefkit.compare.budget import unequal_budgets
 from prefkit.compare.harness import OUTPUTS, run_compare
 
@@ -447,6 +447,24 @@ def test_win_rate_against_the_chosen_answers_with_another_judge(tmp_path):
     assert all(r["baseline_judge"] > 0 for r in records)
     assert row["win_rate"] == pytest.approx(sum(r["win"] for r in records) / len(records)) and row["win_rate"] < 0.5
     assert not (tmp_path / "c" / "reference").exists()  # not needed
+
+
+def test_an_arm_with_its_own_seeds_runs_under_those_only(tmp_path):
+    arms = ("arms=[{name: bon-2, objective: best_of_n, params: {n: 2}}, "
+            "{name: bon-3, objective: best_of_n, params: {n: 3}, seeds: [1]}]")
+    loaded, result = compare(tmp_path / "c", tmp_path / "cache", arms, "seeds=[0, 1]", "evaluation.temperatures=[1.0]",
+                             "evaluation.max_prompts=3", "evaluation.paired=[[bon-3, bon-2], [bon-2, reference]]")
+    assert sorted((r["arm"], r["seed"]) for r in result.rows) == [
+        ("bon-2", 0), ("bon-2", 1), ("bon-3", 1), ("reference", 0), ("reference", 1)]
+    assert not (tmp_path / "c" / "arms" / "bon-3" / "seed-0").exists()
+    seeds = {r["arm"]: r["seeds"] for r in result.aggregate}
+    assert seeds == {"reference": [0, 1], "bon-2": [0, 1], "bon-3": [1]}
+    paired = {(r["a"], r["b"]): r["n_seeds"] for r in result.paired}
+    assert paired == {("bon-3", "bon-2"): 1, ("bon-2", "reference"): 2}  # on the seeds both have
+    assert [b["seed"] for b in result.budget if b["arm"] == "bon-3"] == [1]
+    assert "bon-3 only under 1" in (tmp_path / "c" / "report.md").read_text()
+    with pytest.raises(RecipeError, match=r"arm 'bon-3': seeds \[1\] are not among the compare's seeds \[0\]"):
+        load_compare(TINY, [arms, "seeds=[0]"], registry=REGISTRY)
 
 
 def test_the_compare_command(tmp_path):

@@ -768,6 +768,8 @@ def run_compare(loaded: LoadedCompare, reporter: Reporter | None = None, *, regi
             found, _ = evaluator.evaluate(None, seed, eval_seed, [0])
             measured.append(_measured(None, seed, eval_seed, 0, found[0], {}))
         for arm in loaded.arms:
+            if seed not in compare.arm_seeds(arm.arm):
+                continue
             plan = plan_arm(loaded, arm, seed, counts)
             info = train_arm(plan, reporter=reporter, registry=registry)
             training.setdefault(arm.name, {})[seed] = {k: v for k, v in info.items() if k != "summary"}

@@ -86,6 +86,9 @@ class Arm(Strict):
         description="Overrides of `sampling` keys for this arm's rollouts only (e.g. `num_samples: 4`, GRPO's "
                     "group size).",
     )
+    seeds: list[int] | None = Field(
+        None, min_length=1, description="Run this arm under only these of the compare's `seeds` (e.g. an expensive "
+        "arm once); its rows and intervals then rest on fewer seeds, which the report shows. Default: all of them.")
 
     @field_validator("name")
     @classmethod
@@ -200,6 +203,19 @@ class CompareRecipe(Strict):
         if value is not None and len(set(value)) != len(value):
             raise ValueError("seeds must not repeat")
         return value
+
+    @model_validator(mode="after")
+    def _arm_seeds(self) -> "CompareRecipe":
+        for arm in self.arms:
+            extra = [s for s in arm.seeds or [] if s not in self.run_seeds]
+            if extra:
+                raise ValueError(f"arm {arm.name!r}: seeds {extra} are not among the compare's seeds "
+                                 f"{self.run_seeds}; an arm's `seeds` picks some of them")
+        return self
+
+    def arm_seeds(self, arm: Arm) -> list[int]:
+        """The seeds ``arm`` is trained and evaluated with: its own ``seeds``, else all of them."""
+        return [s for s in self.run_seeds if arm.seeds is None or s in arm.seeds]
 
     @property
     def run_seeds(self) -> list[int]:

@@ -211,8 +211,10 @@ def write_report(path: Path | str, loaded: LoadedCompare, result: Any, *, prompt
         f"- **Model** (the starting policy and π_ref): {model}",
         f"- **Training data**: `{compare.data.label()}` ({compare.data.train_split}), max_length "
         f"{compare.data.max_length}, max_prompt_length {compare.data.max_prompt_length}",
-        f"- **Seeds**: {', '.join(map(str, seeds))} (each arm is trained once per seed); evaluation sampling seed: "
-        f"{eval_seeds}",
+        f"- **Seeds**: {', '.join(map(str, seeds))} (each arm is trained once per seed"
+        + "".join(f"; {a.name} only under {', '.join(map(str, compare.arm_seeds(a.arm)))}" for a in loaded.arms
+                  if compare.arm_seeds(a.arm) != seeds)
+        + f"); evaluation sampling seed: {eval_seeds}",
         f"- **Budget**: {shared}",
         f"- **Reward for arms that need one**: {_reward(compare.reward)}",
         f"- **Evaluation prompts**: {prompts['count']} from `{prompts['source']}` ({prompts['split']})",
