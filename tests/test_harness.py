@@ -491,6 +491,10 @@ def test_the_sentiment_pipeline_end_to_end_on_the_tiny_model(tmp_path):
         assert re.search(rf"== stage {stage}: \d+ s", done.stdout), stage
     runs = tmp_path / "runs" / "sentiment-tiny"
     assert json.loads((runs / "heldout" / "pairs.summary.json").read_text())["pairs"] > 0
+    # the pairs are sampled on IMDb openings the SFT data does not hold (24 of them, 4 samples each)
+    openings = [json.loads(line)["prompt"] for line in (runs / "prompts.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (runs / "samples.jsonl").read_text().splitlines()]
+    assert len(openings) == 24 and {s["prompt"] for s in samples} == set(openings) and len(samples) == 4 * 24
     rm_metrics = [json.loads(line) for line in (runs / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/accuracy" in m for m in rm_metrics)
     out = runs / "compare"
