@@ -269,6 +269,25 @@ def test_the_plots_are_real_pngs_with_content(tiny_run):
         assert (image[..., :3] < 0.5).mean() > 0.005  # dark ink
 
 
+def test_the_frontier_split_into_panels_of_arms(tiny_run, tmp_path):
+    from prefkit.compare.plots import plot_frontier
+
+    loaded, result, _, _ = tiny_run
+    panels = [("DPO, two betas", ["dpo-b0.1", "dpo-b0.5"]), ("PPO and best-of-N", ["ppo-kl2", "bon-4"])]
+    image = _png(plot_frontier(result.aggregate, tmp_path / "f.png", panels=panels))
+    temperatures = len(loaded.compare.evaluation.temperatures)  # a row of panels per temperature
+    assert image.shape[:2] == (round(4.4 * temperatures * 120), round((4.4 * 2 + 2.6) * 120))
+    assert (image[..., :3] < 0.5).mean() > 0.005
+
+
+def test_panels_name_arms_of_the_recipe(tmp_path):
+    with pytest.raises(RecipeError, match=r"evaluation.panels.0.arms.1: 'dpo-b9' is not an arm"):
+        load_compare(TINY, ["evaluation.panels=[{title: DPO, arms: [dpo-b0.1, dpo-b9]}]"], registry=REGISTRY)
+    panels = "evaluation.panels=[{title: DPO, arms: [dpo-b0.1, dpo-b0.5]}, {title: PPO, arms: [ppo-kl2]}]"
+    loaded = load_compare(TINY, [panels], registry=REGISTRY, arms=["dpo-b0.5", "bon-4"])
+    assert [(p.title, p.arms) for p in loaded.compare.evaluation.panels] == [("DPO", ["dpo-b0.5"])]  # --arms
+
+
 def test_the_report_states_the_setup_and_shows_everything(tiny_run):
     loaded, result, out, _ = tiny_run
     report = (out / "report.md").read_text()

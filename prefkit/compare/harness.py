@@ -809,7 +809,8 @@ def run_compare(loaded: LoadedCompare, reporter: Reporter | None = None, *, regi
     paired = paired_rows(measured, aggregate, [tuple(p) for p in pairs], at=ev.paired_at, boot=boot, **common)
     result = CompareResult(rows, aggregate, paired, budget, training, notes)
     write_results(out_dir, result)
-    plot_frontier(aggregate, out_dir / "frontier.png")
+    plot_frontier(aggregate, out_dir / "frontier.png",
+                  panels=[(p.title, p.arms) for p in ev.panels] if ev.panels else None)
     plot_winrate(aggregate, out_dir / "winrate.png")
     write_report(out_dir / "report.md", loaded, result,
                  prompts={"source": prompts.source, "split": prompts.split, "count": len(prompts.prompt_ids)},

@@ -7,7 +7,8 @@ Both read the rows over seeds (``aggregate.jsonl``) and draw every interval as a
   its evaluated checkpoints (small markers) to its final step (a large marker). Best-of-N arms
   that differ only in N are one dashed curve over N (their KL is the analytic bound, so they
   have no horizontal bar). When best-of-N reaches more than three times the trained arms' largest
-  KL, a second row shows the trained arms alone, closer. The DPO paper's Fig. 2.
+  KL, a second row shows the trained arms alone, closer. With ``evaluation.panels`` the arms are
+  split into panels side by side instead, each with one message. The DPO paper's Fig. 2.
 - ``winrate.png``: each arm's win rate at its final step against the baseline, one panel per
   temperature, arms top to bottom; a filled marker when its interval excludes ½, hollow when
   the arm is within noise of a tie.
@@ -135,14 +136,21 @@ def _frontier_panel(ax, at: list[dict[str, Any]], styles: dict[str, dict[str, An
     ax.margins(x=0.06, y=0.08)
 
 
-def plot_frontier(rows: list[dict[str, Any]], path: Path | str) -> Path:
+def plot_frontier(rows: list[dict[str, Any]], path: Path | str,
+                  panels: list[tuple[str, list[str]]] | None = None) -> Path:
     """Gold reward (y) against KL (x) with bootstrap error bars, a curve per arm over its training,
     a panel per temperature (rows over seeds: ``aggregate.jsonl``). When best-of-N's KL reaches
-    far past the trained arms' (more than ``ZOOM`` times), a second row shows the trained arms alone."""
+    far past the trained arms' (more than ``ZOOM`` times), a second row shows the trained arms alone.
+
+    With ``panels`` (``(title, arm names)``, from ``evaluation.panels``) each temperature is a row of
+    panels instead, one per group of arms, each with the starting policy; an arm keeps its colour
+    in every panel."""
     path = Path(path)
     temperatures = _temperatures(rows)
     styles = arm_styles(rows)
     groups = families(rows)
+    if panels:
+        return _paneled_frontier(rows, path, panels, temperatures, styles, groups)
     trained = [r for r in rows if r["arm"] != REFERENCE and not _is_inference(r)]
     widest = max((r["kl_hi"] for r in rows), default=0.0)
     trained_widest = max((r["kl_hi"] for r in trained), default=0.0)
@@ -174,6 +182,11 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path | str) -> Path:
         for ax in row[1:]:
             ax.sharey(row[0])
             ax.tick_params(labelleft=False)
+    _finish_frontier(figure, styles, handles, path)
+    return path
+
+
+def _finish_frontier(figure: Any, styles: dict[str, dict[str, Any]], handles: dict[str, Any], path: Path) -> None:
     order = [REFERENCE] + [name for name in styles if name in handles]
     labels = ["reference (start)" if name == REFERENCE else name for name in order if name in handles]
     figure.legend([handles[name] for name in order if name in handles], labels, loc="outside right center",
@@ -182,6 +195,33 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path | str) -> Path:
                     "bars: bootstrap intervals", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
+
+
+def _paneled_frontier(rows: list[dict[str, Any]], path: Path, panels: list[tuple[str, list[str]]],
+                      temperatures: list[float], styles: dict[str, dict[str, Any]],
+                      groups: dict[str, list[str]]) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    nrows = max(1, len(temperatures))
+    figure = Figure(figsize=(4.4 * len(panels) + 2.6, 4.4 * nrows), dpi=120, layout="constrained")
+    FigureCanvasAgg(figure)
+    grid = figure.subplots(nrows, len(panels), squeeze=False, sharex=True, sharey=True)
+    handles: dict[str, Any] = {}
+    for r, temperature in enumerate(temperatures):
+        for c, (title, arms) in enumerate(panels):
+            keep = set(arms) | {REFERENCE}
+            at = [row for row in rows if float(row["temperature"]) == temperature and row["arm"] in keep]
+            ax = grid[r][c]
+            _frontier_panel(ax, at, styles, groups, handles)
+            ax.set_title(title if len(temperatures) == 1 else f"{title}, temperature {temperature:g}", fontsize=10)
+            if r == nrows - 1:
+                ax.set_xlabel("KL(π‖π_ref), nats per sequence")
+            if c == 0:
+                ax.set_ylabel("mean gold reward")
+            else:
+                ax.tick_params(labelleft=False)
+    _finish_frontier(figure, styles, handles, path)
     return path
 
 

@@ -100,6 +100,13 @@ class Arm(Strict):
         return value
 
 
+class Panel(Strict):
+    """One panel of the frontier plot: a title and the arms it draws (the starting policy is in every panel)."""
+
+    title: str = Field(min_length=1, max_length=80, description="The panel's title: its one message.")
+    arms: list[str] = Field(min_length=1, description="Names of the recipe's arms drawn in this panel.")
+
+
 class EvaluationConfig(Strict):
     """How every policy is sampled and measured, identically for all arms."""
 
@@ -135,6 +142,9 @@ class EvaluationConfig(Strict):
     paired: list[tuple[str, str]] | None = Field(
         None, description="Pairs of arms (or `reference`) to test against each other. Default: every arm against "
         "`reference`.")
+    panels: list[Panel] | None = Field(
+        None, min_length=1, description="Split frontier.png into panels side by side, each a group of arms with "
+        "one message (e.g. DPO against PPO; best-of-N). Default: every arm in one panel per temperature.")
     paired_at: Literal["final", "matched_kl"] = Field(
         "final", description="Where a pair is compared: both arms' final steps, or the steps nearest the largest "
         "KL both reach.")
@@ -437,6 +447,11 @@ def _compare_problems(compare: CompareRecipe) -> list[tuple[str, str]]:
                                  "(evaluation.include_reference is false)"))
         if a == b:
             problems.append((f"evaluation.paired.{i}", f"pairs {a!r} with itself"))
+    for i, panel in enumerate(evaluation.panels or []):
+        for j, name in enumerate(panel.arms):
+            if name not in names - {REFERENCE_ARM}:
+                problems.append((f"evaluation.panels.{i}.arms.{j}", f"{name!r} is not an arm (the starting policy "
+                                                                    "is in every panel by itself)"))
     if compare.seeds is not None and "seed" in compare.model_fields_set:
         problems.append(("seeds", "seed is set too; give the seeds in one place (seeds: [...], or seed: N)"))
     if compare.budget is not None:
@@ -547,4 +562,13 @@ def select_arms(data: dict[str, Any], names: list[str]) -> dict[str, Any]:
         keep = set(names) | {REFERENCE_ARM}
         evaluation["paired"] = [p for p in evaluation["paired"]
                                 if not isinstance(p, list) or all(x in keep for x in p)] or None
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("panels"), list):
+        panels = []
+        for panel in evaluation["panels"]:
+            if isinstance(panel, dict) and isinstance(panel.get("arms"), list):
+                panel = dict(panel, arms=[a for a in panel["arms"] if a in names])
+                if not panel["arms"]:
+                    continue
+            panels.append(panel)
+        evaluation["panels"] = panels or None
     return data
