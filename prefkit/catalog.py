@@ -40,9 +40,7 @@ class ShippedRecipe:
 def recipes_root() -> Path:
     """The folder of the shipped recipes: a checkout's ``recipes/`` beside the ``prefkit`` package,
     else the installed ``prefkit_recipes`` data package."""
-    import prefkit
-
-    checkout = Path(prefkit.__file__).resolve().parent.parent / "recipes"
+    checkout = Path(__file__).resolve().parent.parent / "recipes"  # this file is prefkit/catalog.py
     if any(checkout.glob("*.yaml")):
         return checkout
     spec = importlib.util.find_spec("prefkit_recipes")

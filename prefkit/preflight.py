@@ -28,7 +28,7 @@ from typing import Any
 
 from prefkit.api.errors import PrefkitError, RecipeError
 from prefkit.inputs import InputError, check_writable_dir, is_dir, is_file, path_problem
-from prefkit.models.positions import folder_positions
+from prefkit.data.positions import folder_positions
 from prefkit.recipe import MAX_STEPS, LoadedRecipe, warmup_beyond_run
 
 def preflight(loaded: LoadedRecipe, registry: Any, *, command: str = "run", output: Path | str | None = None,

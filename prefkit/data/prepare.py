@@ -453,7 +453,7 @@ def _prepare_part(part: Part, cfg: DataConfig, tokenizer: Any, kind: DataKind, r
     if chat:
         _check_roles(checked.examples, tokenizer, where)
     if which == "train":
-        from prefkit.models.positions import check_max_length
+        from prefkit.data.positions import check_max_length
 
         check_max_length(cfg.max_length, tokenizer)
     encoded = encode_examples(checked.examples, tokenizer, chat, where)

@@ -1,4 +1,5 @@
-"""How many positions (tokens) a model takes, read from its ``config.json`` without loading it."""
+"""How many positions (tokens) a model takes, the bound of ``data.max_length``, read from its
+``config.json`` without loading it."""
 
 from __future__ import annotations
 
