@@ -207,6 +207,12 @@ def test_unequal_budgets_are_named():
     assert "dpo 32 pairs" in note and "ppo 64 reward calls" in note and "bon" not in note
     rows[1]["labels"] = 32
     assert unequal_budgets(rows) == []
+    # as close as whole steps allow: 479 pairs against 30 rollouts of 16 reward calls
+    rows[0].update(labels=479, train_steps=60)
+    rows[1].update(labels=480, train_steps=30)
+    assert unequal_budgets(rows) == []
+    rows[1].update(labels=496, train_steps=31)  # a rollout more: 17 apart, more than one step's 16
+    assert "dpo 479 pairs" in unequal_budgets(rows)[0]
 
 
 # ----------------------------------------------------------------------------- the budget in a recipe

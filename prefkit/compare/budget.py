@@ -141,12 +141,15 @@ def inference_budget(*, arm: str, seed: int, objective: Any, params: Any, recipe
 
 def unequal_budgets(rows: list[dict[str, Any]]) -> list[str]:
     """A plain sentence naming every trained arm's labels when they are not all equal (one budget
-    row per arm, e.g. the mean over seeds); empty when they are. Best-of-N is left out: its reward
-    calls are made at evaluation, not in training."""
+    row per arm, e.g. the mean over seeds); empty when they are. Labels that differ by less than
+    one step's worth of the coarsest arm count as equal: an arm can only stop at a whole step (PPO
+    after a rollout of 16 reward calls cannot match 479 pairs more closely than 480). Best-of-N is
+    left out: its reward calls are made at evaluation, not in training."""
     trained = [r for r in rows if r["kind"] in ("offline", "online")]
     notes = []
-    labels = {r["arm"]: r["labels"] for r in trained}
-    if len({v for v in labels.values()}) > 1:
+    values = [r["labels"] for r in trained if r["labels"] is not None]
+    step = max((r["labels"] / r["train_steps"] for r in trained if r["labels"] and r.get("train_steps")), default=1)
+    if len(values) != len(trained) or (values and max(values) - min(values) >= max(step, 1)):
         shown = ", ".join(f"{r['arm']} {_number(r['labels'])} {r['label_unit']}" for r in trained)
         notes.append(f"Unequal label budgets: {shown}.")
     return notes
