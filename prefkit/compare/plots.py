@@ -261,8 +261,8 @@ def plot_winrate(rows: list[dict[str, Any]], path: Path | str) -> Path:
     axes[0].set_yticklabels(arms, fontsize=8)
     axes[0].set_ylim(len(arms) - 0.5, -0.5)  # the recipe's order, top to bottom
     baseline = "the reference policy's samples" if against == "reference" else "the chosen answers"
-    figure.suptitle(f"Win rate against {baseline} (ties ½); bars: bootstrap intervals; "
-                    "hollow: within noise of ½", fontsize=9)
+    figure.suptitle(f"Win rate against {baseline} (ties ½)\nbars: bootstrap intervals; "
+                    "hollow: within noise of ½", fontsize=9)  # two lines: one panel is narrow
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     return path
