@@ -275,10 +275,10 @@ def plan_arm(loaded: LoadedCompare, arm: LoadedArm, seed: int, counts: DataCount
     """The run recipe of ``arm`` for ``seed`` with everything the harness sets written in:
 
     - the budget (an epochs budget of an online arm needs the pair count of ``data``);
-    - checkpoints at every step evaluation needs (``train.save_every``: ``evaluation.every_steps``
-      (or the spacing ``evaluation.points`` gives this arm), or its greatest common divisor with the
-      arm's own ``save_every``; without either, the
-      arm's ``save_every`` or only the last step, whose checkpoint holds the tokens processed), and a
+    - checkpoints at every step evaluation needs (``train.save_every``: the arm's evaluation spacing,
+      ``evaluation.every_steps`` or the one ``evaluation.points`` gives it, or its greatest common
+      divisor with the arm's own ``save_every``; without a spacing, the arm's ``save_every`` or
+      only the last step, whose checkpoint holds the tokens processed), and a
       ``keep_checkpoints`` that keeps them all until they are evaluated."""
     compare = loaded.compare
     eval_seed = compare.evaluation.seed if compare.evaluation.seed is not None else seed

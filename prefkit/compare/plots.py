@@ -29,7 +29,9 @@ REFERENCE = "reference"
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*"]
 
 
-def _figure(width: float, height: float, ncols: int = 1, *, sharey: bool = True, sharex: bool = False):
+def _grid(width: float, height: float, nrows: int = 1, ncols: int = 1, *, sharey: bool = False,
+          sharex: bool = False):
+    """A figure on matplotlib's Agg canvas (no display, no global backend) and its nrows x ncols axes."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -37,8 +39,12 @@ def _figure(width: float, height: float, ncols: int = 1, *, sharey: bool = True,
         raise PrefkitError("the compare plots need matplotlib: pip install 'prefkit[plots]'") from None
     figure = Figure(figsize=(width, height), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, ncols, squeeze=False, sharey=sharey, sharex=sharex)[0]
-    return figure, list(axes)
+    return figure, figure.subplots(nrows, ncols, squeeze=False, sharey=sharey, sharex=sharex)
+
+
+def _figure(width: float, height: float, ncols: int = 1, *, sharey: bool = True, sharex: bool = False):
+    figure, grid = _grid(width, height, 1, ncols, sharey=sharey, sharex=sharex)
+    return figure, list(grid[0])
 
 
 def _temperatures(rows: list[dict[str, Any]]) -> list[float]:
@@ -156,14 +162,7 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path | str,
     trained_widest = max((r["kl_hi"] for r in trained), default=0.0)
     zoom = bool(trained) and trained_widest > 0 and widest > ZOOM * trained_widest
     ncols = max(1, len(temperatures))
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:  # pragma: no cover - matplotlib is a dependency of the plots extra
-        raise PrefkitError("the compare plots need matplotlib: pip install 'prefkit[plots]'") from None
-    figure = Figure(figsize=(4.6 * ncols + 2.6, 4.6 * (2 if zoom else 1)), dpi=120, layout="constrained")
-    FigureCanvasAgg(figure)
-    grid = figure.subplots(2 if zoom else 1, ncols, squeeze=False)
+    figure, grid = _grid(4.6 * ncols + 2.6, 4.6 * (2 if zoom else 1), 2 if zoom else 1, ncols)
     handles: dict[str, Any] = {}
     for col, temperature in enumerate(temperatures):
         at = [r for r in rows if float(r["temperature"]) == temperature]
@@ -200,13 +199,8 @@ def _finish_frontier(figure: Any, styles: dict[str, dict[str, Any]], handles: di
 def _paneled_frontier(rows: list[dict[str, Any]], path: Path, panels: list[tuple[str, list[str]]],
                       temperatures: list[float], styles: dict[str, dict[str, Any]],
                       groups: dict[str, list[str]]) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     nrows = max(1, len(temperatures))
-    figure = Figure(figsize=(4.4 * len(panels) + 2.6, 4.4 * nrows), dpi=120, layout="constrained")
-    FigureCanvasAgg(figure)
-    grid = figure.subplots(nrows, len(panels), squeeze=False, sharex=True, sharey=True)
+    figure, grid = _grid(4.4 * len(panels) + 2.6, 4.4 * nrows, nrows, len(panels), sharex=True, sharey=True)
     handles: dict[str, Any] = {}
     for r, temperature in enumerate(temperatures):
         for c, (title, arms) in enumerate(panels):
