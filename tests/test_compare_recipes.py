@@ -162,6 +162,8 @@ def test_seeds_pairs_and_budgets_are_checked(tmp_path):
     assert "seeds: seed is set too" in bad(tmp_path, lambda d: d.update(seed=3))
     message = bad(tmp_path, lambda d: d.update(seeds=[0, 0]))
     assert "seeds:" in message and "seeds must not repeat" in message
+    message = bad(tmp_path, lambda d: d["arms"][0].update(seeds=[d["seeds"][0]] * 2))
+    assert "arms.0.seeds" in message and "seeds must not repeat" in message
     assert "budget: train.epochs is set too" in bad(tmp_path, lambda d: d["train"].update(epochs=2))
     assert "budget.labels" in bad(tmp_path, lambda d: d.update(budget={"labels": 0}))
     assert "budget.bogus: unknown key" in bad(tmp_path, lambda d: d.update(budget={"bogus": 1}))

@@ -90,6 +90,13 @@ class Arm(Strict):
         None, min_length=1, description="Run this arm under only these of the compare's `seeds` (e.g. an expensive "
         "arm once); its rows and intervals then rest on fewer seeds, which the report shows. Default: all of them.")
 
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("seeds must not repeat")
+        return value
+
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
