@@ -106,7 +106,7 @@ def validate(
 ) -> None:
     """Check a recipe, its objective's parameters, its folders and its local data without loading any model."""
     from prefkit.loops import check_recipe
-    from prefkit.preflight import preflight
+    from prefkit.loops.preflight import preflight
     from prefkit.recipe import load_recipe
 
     from prefkit.inputs import InputError, load_yaml, read_text
@@ -118,7 +118,7 @@ def validate(
         raise PrefkitError(str(exc)) from None
     if isinstance(raw, dict) and "arms" in raw:  # a compare recipe: validate it as one
         from prefkit.compare.recipe import load_compare
-        from prefkit.preflight import preflight_compare
+        from prefkit.compare.recipe import preflight_compare
 
         loaded_compare = load_compare(recipe, overrides or [], registry=registry)
         preflight_compare(loaded_compare, registry)
@@ -177,7 +177,7 @@ def sample(
     from pathlib import Path
 
     from prefkit.models.sampling import sample_recipe
-    from prefkit.preflight import preflight
+    from prefkit.loops.preflight import preflight
     from prefkit.recipe import load_recipe
 
     reporter = _reporter(quiet, as_json)
@@ -489,7 +489,7 @@ def compare(
     """Train several objectives on the same data, seed and budget, then evaluate them identically."""
     from prefkit.compare.harness import run_compare
     from prefkit.compare.recipe import load_compare
-    from prefkit.preflight import preflight_compare
+    from prefkit.compare.recipe import preflight_compare
 
     reporter = _reporter(quiet, as_json)
     registry = _report_plugin_problems()
@@ -539,7 +539,7 @@ def label(
 
     from prefkit.compare.labeling import label_samples, reward_from_options
     from prefkit.inputs import InputError, check_readable_file
-    from prefkit.preflight import check_output_file
+    from prefkit.loops.preflight import check_output_file
 
     registry = _report_plugin_problems()
     reward_cfg, params = reward_from_options(reward, reward_params, registry) if reward else (None, None)

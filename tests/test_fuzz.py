@@ -26,7 +26,7 @@ from prefkit.data.rows import check_rows, detect_format
 from prefkit.inputs import load_yaml
 from prefkit.loops import check_recipe
 from prefkit.plugins import load_registry
-from prefkit.preflight import preflight
+from prefkit.loops.preflight import preflight
 from prefkit.recipe import Recipe, apply_overrides, validate_recipe
 
 ROOT = Path(__file__).resolve().parent.parent

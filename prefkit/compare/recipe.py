@@ -35,9 +35,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from prefkit.api.errors import RecipeError
-from prefkit.inputs import did_you_mean
+from prefkit.api.errors import PrefkitError, RecipeError
+from prefkit.inputs import InputError, check_writable_dir, did_you_mean
 from prefkit.loops.online import check_online_recipe
+from prefkit.loops.preflight import local_rows, preflight
 from prefkit.recipe import (
     MAX_BATCH,
     MAX_TOKENS,
@@ -579,3 +580,26 @@ def select_arms(data: dict[str, Any], names: list[str]) -> dict[str, Any]:
             panels.append(panel)
         evaluation["panels"] = panels or None
     return data
+
+
+def preflight_compare(loaded: LoadedCompare, registry: Any) -> None:
+    """:func:`prefkit.loops.preflight.preflight` for a compare recipe: its folder, then every arm's run
+    recipe (problems named by their key paths in the compare recipe), then the evaluation prompts."""
+    compare, where = loaded.compare, loaded.path
+    try:
+        check_writable_dir(compare.output_dir, "output_dir")
+    except InputError as exc:
+        raise PrefkitError(f"{where}: {exc}") from None
+    problems: list[tuple[str, str]] = []
+    for arm in loaded.arms:
+        try:
+            preflight(arm.loaded, registry, command="compare", check_output_dir=False)
+        except RecipeError as exc:
+            problems += [(_arm_path(path, arm.index, arm.arm), f"arm {arm.name!r}: {message}")
+                         for path, message in exc.problems]
+    evaluation = compare.evaluation
+    if evaluation.prompts is not None:
+        local_rows(evaluation.prompts, evaluation.prompts_split or compare.data.eval_split, compare.data, registry,
+                   None)
+    if problems:
+        raise RecipeError(where, list(dict.fromkeys(problems)))

@@ -3,6 +3,9 @@
 - ``offline`` (:mod:`prefkit.loops.offline`): a loss over batches of fixed data;
 - ``online`` (:mod:`prefkit.loops.online`): sample -> score -> update, driven by the objective;
 - ``inference``: trains nothing; ``prefkit sample`` and ``prefkit compare`` sample with it.
+
+:func:`train` runs :mod:`prefkit.loops.preflight` first: the checks of the files, data and budget a
+recipe points to, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def check_recipe(loaded: LoadedRecipe) -> None:
 def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Any = None, registry: Any) -> dict[str, Any]:
     """Run the recipe with the loop of its objective's kind; returns the run summary (``run.json``).
     Everything :func:`prefkit.preflight.preflight` can refuse without a model is refused first."""
-    from prefkit.preflight import preflight
+    from prefkit.loops.preflight import preflight
 
     check_recipe(loaded)
     preflight(loaded, registry, command="run")

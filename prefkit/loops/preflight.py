@@ -17,7 +17,8 @@ then looks at the world the recipe points to, cheaply and without loading a mode
 
 The rows read here are kept (keyed by file, size and modification time), so the run that follows
 does not parse the files again. Every problem raises a :class:`~prefkit.api.PrefkitError` naming
-the recipe file and the key.
+the recipe file and the key. A compare recipe's arms go through the same checks
+(:func:`prefkit.compare.recipe.preflight_compare`).
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def model_positions(loaded: LoadedRecipe, registry: Any) -> tuple[int, str] | No
 # ----------------------------------------------------------------------------- the data and the budget
 
 
-def _local_rows(source: str, split: str, cfg, registry: Any, limit: int | None, kind: Any = None,
+def local_rows(source: str, split: str, cfg, registry: Any, limit: int | None, kind: Any = None,
                 needed_by: str | None = None, subset: str | None = None) -> int | None:
     """How many usable rows a named dataset or a local file holds, reading it (a bad file, or bad
     rows under ``data.bad_rows: error``, fail here as they would when the data is prepared);
@@ -192,7 +193,7 @@ def data_problems(loaded: LoadedRecipe, registry: Any, command: str) -> tuple[li
         for i, part in enumerate(parts):
             if is_mixture and part.weight == 0:
                 continue
-            count = _local_rows(part.source, part.split, data, registry, part.limit, kind, reader, part.subset)
+            count = local_rows(part.source, part.split, data, registry, part.limit, kind, reader, part.subset)
             if count == 0:
                 problems.append((f"{key}.{i}.source" if is_mixture else key, f"{part.source} ({part.split}): the "
                                                                               "split has no rows"))
@@ -259,28 +260,3 @@ def budget_problems(loaded: LoadedRecipe, rows: int | None) -> list[tuple[str, s
                                                f"({train.epochs:g} epoch(s) over {rows} rows), so the learning rate "
                                                "would never reach train.lr; lower it"))
     return problems
-
-
-def preflight_compare(loaded: Any, registry: Any) -> None:
-    """:func:`preflight` for a compare recipe (a ``LoadedCompare``): its folder, then every arm's
-    run recipe (problems named by their key paths in the compare recipe)."""
-    from prefkit.compare.recipe import _arm_path
-
-    compare, where = loaded.compare, loaded.path
-    try:
-        check_writable_dir(compare.output_dir, "output_dir")
-    except InputError as exc:
-        raise PrefkitError(f"{where}: {exc}") from None
-    problems: list[tuple[str, str]] = []
-    for arm in loaded.arms:
-        try:
-            preflight(arm.loaded, registry, command="compare", check_output_dir=False)
-        except RecipeError as exc:
-            problems += [(_arm_path(path, arm.index, arm.arm), f"arm {arm.name!r}: {message}")
-                         for path, message in exc.problems]
-    evaluation = compare.evaluation
-    if evaluation.prompts is not None:
-        _local_rows(evaluation.prompts, evaluation.prompts_split or compare.data.eval_split, compare.data, registry,
-                    None)
-    if problems:
-        raise RecipeError(where, list(dict.fromkeys(problems)))
