@@ -59,8 +59,10 @@ def test_the_sentiment_compare_has_every_arm_of_the_flagship():
     loaded = load_compare(ROOT / "recipes" / "sentiment" / "compare.yaml", registry=REGISTRY)
     objectives = {a.loaded.objective.name for a in loaded.arms}
     assert objectives == {"dpo", "kto", "ppo_kl", "grpo", "unlikelihood", "preferred_ft", "best_of_n"}
-    assert sorted(a.loaded.params.beta for a in loaded.arms if a.loaded.objective.name == "dpo") == [0.05, 0.1, 0.5]
-    assert loaded.compare.budget.epochs == 1  # DPO for a whole epoch of the pairs (issue 12)
+    assert sorted(a.loaded.params.beta for a in loaded.arms if a.loaded.objective.name == "dpo") == [0.05, 0.1, 0.1, 0.5]
+    assert loaded.compare.budget.epochs == 1  # DPO for a whole epoch of the pairs (issue 12) ...
+    epochs = {a.name: a.loaded.recipe.train.epochs for a in loaded.arms if a.loaded.objective.name == "dpo"}
+    assert epochs == {"dpo-b0.1": 1, "dpo-b0.5": 1, "dpo-b0.05": 1, "dpo-b0.1-e3": 3}  # ... and one arm for three
     assert sorted(a.loaded.params.n for a in loaded.arms if a.loaded.objective.name == "best_of_n") == [1, 4, 16, 64]
     ppo_rewards = {a.loaded.recipe.reward.name for a in loaded.arms if a.loaded.objective.name == "ppo_kl"}
     assert ppo_rewards == {"reward_model", "sentiment"}
