@@ -418,6 +418,32 @@ def test_a_damaged_converted_model_is_rebuilt(tmp_path, caplog):
     assert records(tmp_path / "b") == records(tmp_path / "a")
 
 
+def test_a_converted_model_is_hashed_once_a_process_until_a_file_changes(tmp_path, monkeypatch):
+    import os
+
+    from prefkit.models import loading
+
+    def build(folder):
+        (folder / "weights.bin").write_bytes(bytes(range(256)) * 64)
+
+    calls = []
+    real = loading.verify_manifest
+    monkeypatch.setattr(loading, "verify_manifest", lambda folder: calls.append(folder) or real(folder))
+    final = tmp_path / "model"
+    loading.materialize_once(final, build)  # built: nothing to verify
+    loading.materialize_once(final, build)
+    loading.materialize_once(final, build)
+    assert len(calls) == 1  # verified once, then trusted while its files are as they were
+    data = bytearray((final / "weights.bin").read_bytes())
+    data[7] ^= 0x01
+    (final / "weights.bin").write_bytes(bytes(data))
+    stat = (final / "weights.bin").stat()
+    # a rewrite within the filesystem's clock tick could keep the old time; make sure this one differs
+    os.utime(final / "weights.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    loading.materialize_once(final, build)  # the change is seen: hashed again, found damaged, rebuilt
+    assert len(calls) == 2 and (final / "weights.bin").read_bytes() == bytes(range(256)) * 64
+
+
 # ----------------------------------------------------------------------------- random kills
 
 

@@ -73,14 +73,29 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         raise
 
 
+_verified: dict[Path, tuple] = {}  # folders whose manifest this process checked, with their files' state then
+
+
+def _files_state(folder: Path) -> tuple:
+    """Every file's path, size, modification time and inode: what changes when a file is touched."""
+    return tuple((path.as_posix(), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+                 for path in sorted(folder.rglob("*")) if path.is_file() for stat in [path.stat()])
+
+
 def materialize_once(final: Path, build: Callable[[Path], None]) -> Path:
     """Return ``final`` if it exists and is intact; otherwise ``build(tmp_dir)``, write its
     manifest, and rename it into place. A cached folder that fails its manifest (a flipped byte,
-    a truncated file, a folder from before manifests) is moved aside and built again."""
+    a truncated file, a folder from before manifests) is moved aside and built again. A folder
+    this process already verified is not hashed again while none of its files has changed."""
     final = Path(final)
     if final.is_dir():
+        key = final.resolve()
+        state = _files_state(final)
+        if _verified.get(key) == state:
+            return final
         problem = verify_manifest(final)
         if problem is None:
+            _verified[key] = state
             return final
         log.warning("cached model %s is damaged (%s); building it again", final, problem)
         aside = final.with_name(f".{final.name}.damaged-{os.getpid()}")
