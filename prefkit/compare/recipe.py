@@ -65,6 +65,12 @@ ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 REFERENCE_ARM = "reference"  # the name of the starting policy's row in the results
 
 
+def _distinct_seeds(value: list[int] | None) -> list[int] | None:
+    if value is not None and len(set(value)) != len(value):
+        raise ValueError("seeds must not repeat")
+    return value
+
+
 class Arm(Strict):
     """One arm: an objective with its params, trained (or, for inference objectives, sampled) alone."""
 
@@ -94,9 +100,7 @@ class Arm(Strict):
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and len(set(value)) != len(value):
-            raise ValueError("seeds must not repeat")
-        return value
+        return _distinct_seeds(value)
 
     @field_validator("name")
     @classmethod
@@ -218,9 +222,7 @@ class CompareRecipe(Strict):
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and len(set(value)) != len(value):
-            raise ValueError("seeds must not repeat")
-        return value
+        return _distinct_seeds(value)
 
     @model_validator(mode="after")
     def _arm_seeds(self) -> "CompareRecipe":
