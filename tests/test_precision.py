@@ -106,3 +106,33 @@ def test_a_run_with_precision_auto_uses_the_measured_choice(tmp_path, prefkit_ca
     summary = engine.train(load_recipe(TINY, overrides, registry=REGISTRY), registry=REGISTRY)
     assert summary["precision"] == expected
     assert probe.calls == 1  # the run read the entry resolve_precision stored in the same cache ($PREFKIT_CACHE)
+
+
+def test_the_attention_choice_is_measured_once_per_machine_and_settled_by_a_bf16_run(tmp_path, monkeypatch,
+                                                                                     cpu_only):
+    """A resumed run must compute attention as the interrupted one did: the choice comes from the
+    machine's cache entry, not from a new measurement that could land on the other side."""
+    calls = []
+
+    def measure(timings):
+        return lambda: calls.append(timings) or timings
+
+    monkeypatch.setattr(precision, "_cpu_attention_in_fp32", None)
+    monkeypatch.setattr(precision, "measure_cpu_attention", measure((2.0, 1.0)))  # fp32 twice as fast
+    assert resolve_precision("bf16", tmp_path).name == "bf16"
+    assert precision._cpu_attention_in_fp32 is True and len(calls) == 1
+    (entry,) = (tmp_path / "precision").glob("attention-*.json")
+    assert json.loads(entry.read_text())["fp32"] is True
+
+    monkeypatch.setattr(precision, "_cpu_attention_in_fp32", None)  # a new process ...
+    monkeypatch.setattr(precision, "measure_cpu_attention", measure((1.0, 1.0)))  # ... that would measure otherwise
+    resolve_precision("bf16", tmp_path)
+    assert precision._cpu_attention_in_fp32 is True and len(calls) == 1  # read, not measured
+
+    monkeypatch.setattr(precision, "_cpu_attention_in_fp32", None)
+    resolve_precision("fp32", tmp_path)  # fp32 runs have no bf16 attention to decide
+    assert precision._cpu_attention_in_fp32 is None
+    entry.write_text("{not json")
+    resolve_precision("bf16", tmp_path)  # an unreadable entry: measured again and rewritten
+    assert precision._cpu_attention_in_fp32 is False and len(calls) == 2
+    assert json.loads(entry.read_text())["fp32"] is False

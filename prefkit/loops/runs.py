@@ -36,7 +36,7 @@ from prefkit.loops.metrics import Averager, MetricsLog
 from prefkit.loops.optim import replan_schedule
 from prefkit.recipe import LoadedRecipe, Recipe, dump_yaml
 from prefkit.loops.trackers import Trackers, check_trackers, start_trackers
-from prefkit.models.precision import auto_precision
+from prefkit.models.precision import auto_precision, cpu_attention_in_fp32
 
 
 # Keys that may differ between a checkpoint's recipe and the recipe used to resume it.
@@ -59,6 +59,8 @@ def resolve_precision(requested: str, cache_dir: Path | None = None) -> Precisio
         requested = auto_precision(cache_dir)  # on a CPU measured once per machine, cached in cache_dir
     if requested == "fp16" and not cuda:
         raise PrefkitError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU")
+    if requested == "bf16" and not cuda:
+        cpu_attention_in_fp32(cache_dir)  # settled now from the machine's cache entry, not mid-forward
     return Precision(requested, "no" if requested == "fp32" else requested)
 
 

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -110,27 +111,46 @@ def machine() -> dict[str, str | int]:
     }
 
 
+def _cache_file(cache_dir: Path | None, prefix: str = "") -> Path | None:
+    """``<cache_dir>/precision/<prefix><machine hash>.json``: one entry per machine (:func:`machine`)."""
+    if cache_dir is None:
+        return None
+    key = hashlib.sha256(json.dumps(machine(), sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / "precision" / f"{prefix}{key}.json"
+
+
+def _read_cached(path: Path | None, field: str) -> Any:
+    """``field`` of a cache entry, or None when there is none or it cannot be read (measure again)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())[field]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cached(path: Path | None, record: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
 def cpu_precision(cache_dir: Path | None, probe: Callable[[], CpuProbe] | None = None) -> str:
     """The CPU's ``auto`` precision: read from the cache, or measured once (``probe``, by default
     :func:`measure_cpu`) and stored there."""
+    path = _cache_file(cache_dir)
+    cached = _read_cached(path, "choice")
+    if cached in ("fp32", "bf16"):
+        return cached
     info = machine()
-    key = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / "precision" / f"{key}.json" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        try:
-            return json.loads(path.read_text())["choice"]
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable: measure again
     measured = (probe or measure_cpu)()
     choice = choose_cpu_precision(measured)
     log.info("precision auto: %s (bf16 autocast %.2fx the speed of fp32 on %s)", choice, measured.speedup, info["cpu"])
-    if path is not None:
-        record = {"choice": choice, "speedup": round(measured.speedup, 3), **asdict(measured), "machine": info,
-                  "bf16_flags": cpu_bf16_flags(), "min_speedup": BF16_MIN_SPEEDUP}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, path)
+    _write_cached(path, {"choice": choice, "speedup": round(measured.speedup, 3), **asdict(measured), "machine": info,
+                         "bf16_flags": cpu_bf16_flags(), "min_speedup": BF16_MIN_SPEEDUP})
     return choice
 
 
@@ -164,17 +184,27 @@ def measure_cpu_attention(rows: int = 8, heads: int = 9, kv_heads: int = 3, leng
     return min(bf16), min(fp32)
 
 
-def cpu_attention_in_fp32() -> bool:
-    """Whether attention under bf16 autocast on this CPU runs faster in fp32 (measured once per
-    process, in about a tenth of a second). On the development machine (AVX512-BF16, no AMX)
-    torch's bf16 CPU attention took 2.3x as long as fp32's, forward and backward; a CPU with AMX may
-    differ, hence the measurement."""
+def cpu_attention_in_fp32(cache_dir: Path | None = None) -> bool:
+    """Whether attention under bf16 autocast on this CPU runs faster in fp32: decided once per
+    process, from ``cache_dir``'s entry for this machine when there is one, else measured (in about
+    a tenth of a second) and, with a ``cache_dir``, stored there, so that every later run on the
+    machine (a resumed one included) computes attention the same way. A run settles it at its start
+    (:func:`prefkit.loops.runs.resolve_precision`); elsewhere the first attention call measures it.
+    On the development machine (AVX512-BF16, no AMX) torch's bf16 CPU attention took 2.3x as long
+    as fp32's, forward and backward; a CPU with AMX may differ, hence the measurement."""
     global _cpu_attention_in_fp32
     if _cpu_attention_in_fp32 is None:
-        bf16, fp32 = measure_cpu_attention()
-        _cpu_attention_in_fp32 = bf16 >= FP32_ATTENTION_MIN_SPEEDUP * fp32
-        log.info("attention under bf16 autocast on this CPU: %s (bf16 %.4f s, fp32 %.4f s)",
-                 "fp32" if _cpu_attention_in_fp32 else "bf16", bf16, fp32)
+        path = _cache_file(cache_dir, "attention-")
+        cached = _read_cached(path, "fp32")
+        if isinstance(cached, bool):
+            _cpu_attention_in_fp32 = cached
+        else:
+            bf16, fp32 = measure_cpu_attention()
+            _cpu_attention_in_fp32 = bf16 >= FP32_ATTENTION_MIN_SPEEDUP * fp32
+            log.info("attention under bf16 autocast on this CPU: %s (bf16 %.4f s, fp32 %.4f s)",
+                     "fp32" if _cpu_attention_in_fp32 else "bf16", bf16, fp32)
+            _write_cached(path, {"fp32": _cpu_attention_in_fp32, "bf16_seconds": bf16, "fp32_seconds": fp32,
+                                 "min_speedup": FP32_ATTENTION_MIN_SPEEDUP, "machine": machine()})
     return _cpu_attention_in_fp32
 
 
