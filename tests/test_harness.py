@@ -280,6 +280,26 @@ def test_the_frontier_split_into_panels_of_arms(tiny_run, tmp_path):
     assert (image[..., :3] < 0.5).mean() > 0.005
 
 
+def test_panels_share_the_gold_scale_but_each_has_its_own_kl_axis(tiny_run, tmp_path, monkeypatch):
+    """One arm that drifts far (here: ten times the KL) must not squeeze the other panels' curves."""
+    from matplotlib.figure import Figure
+
+    from prefkit.compare.plots import plot_frontier
+
+    _, result, _, _ = tiny_run
+    rows = [dict(r, kl=r["kl"] * 10, kl_lo=r["kl_lo"] * 10, kl_hi=r["kl_hi"] * 10) if r["arm"] == "dpo-b0.1" else r
+            for r in result.aggregate]
+    figures = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self) or real(self, *a, **k))
+    plot_frontier(rows, tmp_path / "f.png", panels=[("DPO", ["dpo-b0.1"]), ("PPO", ["ppo-kl2"])])
+    first, second = figures[0].axes[:2]
+    far = max(r["kl_hi"] for r in rows if r["arm"] == "dpo-b0.1")
+    near = max(r["kl_hi"] for r in rows if r["arm"] in ("ppo-kl2", "reference"))
+    assert first.get_xlim()[1] >= far and second.get_xlim()[1] < far / 2 and near <= second.get_xlim()[1]
+    assert first.get_ylim() == second.get_ylim()
+
+
 def test_panels_name_arms_of_the_recipe(tmp_path):
     with pytest.raises(RecipeError, match=r"evaluation.panels.0.arms.1: 'dpo-b9' is not an arm"):
         load_compare(TINY, ["evaluation.panels=[{title: DPO, arms: [dpo-b0.1, dpo-b9]}]"], registry=REGISTRY)

@@ -29,9 +29,10 @@ REFERENCE = "reference"
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*"]
 
 
-def _grid(width: float, height: float, nrows: int = 1, ncols: int = 1, *, sharey: bool = False,
-          sharex: bool = False):
-    """A figure on matplotlib's Agg canvas (no display, no global backend) and its nrows x ncols axes."""
+def _grid(width: float, height: float, nrows: int = 1, ncols: int = 1, *, sharey: bool | str = False,
+          sharex: bool | str = False):
+    """A figure on matplotlib's Agg canvas (no display, no global backend) and its nrows x ncols axes
+    (``sharex``/``sharey``: as matplotlib's ``subplots``, e.g. ``"col"``)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -200,7 +201,8 @@ def _paneled_frontier(rows: list[dict[str, Any]], path: Path, panels: list[tuple
                       temperatures: list[float], styles: dict[str, dict[str, Any]],
                       groups: dict[str, list[str]]) -> Path:
     nrows = max(1, len(temperatures))
-    figure, grid = _grid(4.4 * len(panels) + 2.6, 4.4 * nrows, nrows, len(panels), sharex=True, sharey=True)
+    # gold reward on one scale; KL per panel, so that one far-reaching arm does not squeeze the others
+    figure, grid = _grid(4.4 * len(panels) + 2.6, 4.4 * nrows, nrows, len(panels), sharex="col", sharey=True)
     handles: dict[str, Any] = {}
     for r, temperature in enumerate(temperatures):
         for c, (title, arms) in enumerate(panels):
