@@ -213,6 +213,16 @@ def test_unequal_budgets_are_named():
     assert unequal_budgets(rows) == []
     rows[1].update(labels=496, train_steps=31)  # a rollout more: 17 apart, more than one step's 16
     assert "dpo 479 pairs" in unequal_budgets(rows)[0]
+    # most arms on one budget: the odd ones out are named against it
+    rows[1].update(labels=480, train_steps=30)
+    rows += [{"arm": "dpo-3ep", "kind": "offline", "labels": 1437, "label_unit": "pairs", "train_steps": 180},
+             {"arm": "kto", "kind": "offline", "labels": 958, "label_unit": "unpaired labels", "train_steps": 120},
+             {"arm": "ipo", "kind": "offline", "labels": 479, "label_unit": "pairs", "train_steps": 60}]
+    [note] = unequal_budgets(rows)
+    assert note == ("Unequal label budgets: dpo-3ep 1,437 pairs, kto 958 unpaired labels, against 479–480 for the "
+                    "other 3 trained arms (dpo, ipo, ppo).")
+    rows[4]["labels"] = None  # a budget that could not be read is never taken as equal
+    assert "kto ? unpaired labels" in unequal_budgets(rows)[0]
 
 
 # ----------------------------------------------------------------------------- the budget in a recipe

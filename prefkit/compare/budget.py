@@ -140,19 +140,35 @@ def inference_budget(*, arm: str, seed: int, objective: Any, params: Any, recipe
 
 
 def unequal_budgets(rows: list[dict[str, Any]]) -> list[str]:
-    """A plain sentence naming every trained arm's labels when they are not all equal (one budget
-    row per arm, e.g. the mean over seeds); empty when they are. Labels that differ by less than
-    one step's worth of the coarsest arm count as equal: an arm can only stop at a whole step (PPO
-    after a rollout of 16 reward calls cannot match 479 pairs more closely than 480). Best-of-N is
-    left out: its reward calls are made at evaluation, not in training."""
+    """A plain sentence naming the trained arms whose labels differ from the rest's (one budget row
+    per arm, e.g. the mean over seeds); empty when they are all equal. Labels that differ by less
+    than one step's worth of the coarsest arm count as equal: an arm can only stop at a whole step
+    (PPO after a rollout of 16 reward calls cannot match 479 pairs more closely than 480). When most
+    arms share one budget, the sentence names the others against it; otherwise it names every arm.
+    Best-of-N is left out: its reward calls are made at evaluation, not in training."""
     trained = [r for r in rows if r["kind"] in ("offline", "online")]
-    notes = []
-    values = [r["labels"] for r in trained if r["labels"] is not None]
     step = max((r["labels"] / r["train_steps"] for r in trained if r["labels"] and r.get("train_steps")), default=1)
-    if len(values) != len(trained) or (values and max(values) - min(values) >= max(step, 1)):
-        shown = ", ".join(f"{r['arm']} {_number(r['labels'])} {r['label_unit']}" for r in trained)
-        notes.append(f"Unequal label budgets: {shown}.")
-    return notes
+    groups: list[list[dict[str, Any]]] = []  # arms whose labels lie within one step of the group's smallest
+    for row in sorted((r for r in trained if r["labels"] is not None), key=lambda r: r["labels"]):
+        if groups and row["labels"] - groups[-1][0]["labels"] < max(step, 1):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    unknown = [r for r in trained if r["labels"] is None]
+    if len(groups) + len(unknown) <= 1:
+        return []
+
+    def shown(arms: list[dict[str, Any]]) -> str:
+        return ", ".join(f"{r['arm']} {_number(r['labels'])} {r['label_unit']}" for r in arms)
+
+    common = max(groups, key=len) if groups else []
+    others = [r for r in trained if r not in common]
+    if len(common) <= len(others):  # no budget most arms share: name them all
+        return [f"Unequal label budgets: {shown(trained)}."]
+    low, high = common[0]["labels"], common[-1]["labels"]
+    span = _number(low) if low == high else f"{_number(low)}–{_number(high)}"
+    return [f"Unequal label budgets: {shown(others)}, against {span} for the other {len(common)} trained arms "
+            f"({', '.join(r['arm'] for r in common)})."]
 
 
 def _number(value: Any) -> str:
