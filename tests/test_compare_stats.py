@@ -114,18 +114,30 @@ def _two_arms(shift: float, noise: float = 0.0):
 def test_paired_rows_say_within_noise_for_identical_arms_and_find_a_planted_difference():
     common = {"temperatures": [1.0], "n_prompts": 40}
     same = _two_arms(0.0)
-    aggregate = aggregate_rows(same, win_against="reference", boot=BOOT, **common)
-    [row] = paired_rows(same, aggregate, [("a", "b")], at="final", boot=BOOT, **common)
+    [row] = paired_rows(same, [("a", "b")], at="final", boot=BOOT, **common)
     assert row["verdict"] == "within noise" and row["diff"] == 0.0 and row["p_value"] == 1.0
     assert row["n_seeds"] == 2 and row["a_step"] == row["b_step"] == 8
 
     planted = _two_arms(0.5, noise=0.5)
-    aggregate = aggregate_rows(planted, win_against="reference", boot=BOOT, **common)
-    [row] = paired_rows(planted, aggregate, [("a", "b")], at="matched_kl", boot=BOOT, **common)
+    [row] = paired_rows(planted, [("a", "b")], at="matched_kl", boot=BOOT, **common)
     assert row["verdict"] == "a higher" and 0 < row["diff_lo"] < row["diff"] < row["diff_hi"]
     assert row["diff"] == pytest.approx(row["a_gold_reward"] - row["b_gold_reward"]) and row["p_value"] < 0.01
-    [back] = paired_rows(planted, aggregate, [("b", "a")], at="final", boot=BOOT, **common)
+    [back] = paired_rows(planted, [("b", "a")], at="final", boot=BOOT, **common)
     assert back["verdict"] == "a higher" and back["diff"] == pytest.approx(-row["diff"])
+
+
+def test_an_arm_under_fewer_seeds_is_matched_on_the_curves_of_its_seeds():
+    """b ran under seed 0 only; a's seed 1 drifted far. Steps, KL and gold of the test are seed 0's."""
+    gold = [0.1, 0.2, 0.3, 0.4]
+    group = [measured("a", 0, 4, gold, kl=0.5, final=False), measured("a", 0, 8, gold, kl=1.0),
+             measured("a", 1, 4, gold, kl=3.0, final=False), measured("a", 1, 8, [0.9] * 4, kl=5.0),
+             measured("b", 0, 4, gold, kl=0.4, final=False), measured("b", 0, 8, gold, kl=0.8)]
+    [row] = paired_rows(group, [("a", "b")], at="matched_kl", boot=BOOT, temperatures=[1.0], n_prompts=4)
+    # over seed 0 the largest KL both reach is 0.8: a's nearest step is 8 (KL 1.0), not 4; over both
+    # of a's seeds (KL 1.75 and 3.0) it would have been step 4
+    assert (row["a_step"], row["b_step"]) == (8, 8) and row["n_seeds"] == 1
+    assert row["a_kl"] == pytest.approx(1.0) and row["a_gold_reward"] == pytest.approx(0.25)
+    assert row["diff"] == 0.0 and row["verdict"] == "within noise"
 
 
 # ----------------------------------------------------------------------------- budgets

@@ -806,7 +806,7 @@ def run_compare(loaded: LoadedCompare, reporter: Reporter | None = None, *, regi
                                **common)
     pairs = ev.paired if ev.paired is not None else (
         [(a.name, REFERENCE_ARM) for a in loaded.arms] if ev.include_reference else [])
-    paired = paired_rows(measured, aggregate, [tuple(p) for p in pairs], at=ev.paired_at, boot=boot, **common)
+    paired = paired_rows(measured, [tuple(p) for p in pairs], at=ev.paired_at, boot=boot, **common)
     result = CompareResult(rows, aggregate, paired, budget, training, notes)
     write_results(out_dir, result)
     plot_frontier(aggregate, out_dir / "frontier.png",

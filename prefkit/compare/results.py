@@ -161,47 +161,63 @@ def aggregate_rows(measured: list[Measured], *, temperatures: list[float], n_pro
     return rows
 
 
-def _pick_steps(aggregate: list[dict[str, Any]], a: str, b: str, temperature: float, at: str,
+def _pick_steps(curves: list[dict[str, Any]], a: str, b: str, temperature: float, at: str,
                 reference: str) -> tuple[int, int] | None:
     """The steps of ``a`` and ``b`` to compare: their final steps, or (``matched_kl``) for each the
     step whose KL is nearest the largest KL both reach (the smaller of their largest KLs); a pair
-    with the reference is always compared at the other arm's final step."""
-    curves = {name: [r for r in aggregate if r["arm"] == name and r["temperature"] == temperature]
-              for name in (a, b)}
-    if not curves[a] or not curves[b]:
+    with the reference is always compared at the other arm's final step. ``curves``: rows with
+    ``arm``, ``step``, ``temperature``, ``kl`` and ``final`` (``aggregate.jsonl``'s, or :func:`_curves`)."""
+    by_arm = {name: [r for r in curves if r["arm"] == name and r["temperature"] == temperature] for name in (a, b)}
+    if not by_arm[a] or not by_arm[b]:
         return None
     if at == "final" or reference in (a, b):
-        finals = {name: [r for r in curve if r["final"]] or curve for name, curve in curves.items()}
+        finals = {name: [r for r in curve if r["final"]] or curve for name, curve in by_arm.items()}
         return max(r["step"] for r in finals[a]), max(r["step"] for r in finals[b])
-    kappa = min(max(r["kl"] for r in curves[a]), max(r["kl"] for r in curves[b]))
+    kappa = min(max(r["kl"] for r in by_arm[a]), max(r["kl"] for r in by_arm[b]))
 
     def nearest(curve: list[dict[str, Any]]) -> int:
         return min(curve, key=lambda r: (abs(r["kl"] - kappa), -r["step"]))["step"]
 
-    return nearest(curves[a]), nearest(curves[b])
+    return nearest(by_arm[a]), nearest(by_arm[b])
 
 
-def paired_rows(measured: list[Measured], aggregate: list[dict[str, Any]], pairs: list[tuple[str, str]], *,
-                temperatures: list[float], n_prompts: int, at: str, boot: Bootstrap,
-                reference: str = "reference") -> list[dict[str, Any]]:
+def _curves(groups: dict[tuple[str, int], list[Measured]], arms: tuple[str, ...], seeds: list[int],
+            temperature: float, n_prompts: int) -> list[dict[str, Any]]:
+    """Each arm's mean KL and gold reward at each evaluated step, over ``seeds`` only (rows shaped
+    like ``aggregate.jsonl``'s, for :func:`_pick_steps`)."""
+    rows = []
+    for (arm, step), group in groups.items():
+        kept = [m for m in group if m.seed in seeds]
+        if arm in arms and kept:
+            rows.append({"arm": arm, "step": step, "temperature": temperature, "final": kept[0].final,
+                         "kl": float(matrix(kept, "kl", temperature, n_prompts).mean()),
+                         "gold_reward": float(matrix(kept, "gold", temperature, n_prompts).mean())})
+    return rows
+
+
+def paired_rows(measured: list[Measured], pairs: list[tuple[str, str]], *, temperatures: list[float],
+                n_prompts: int, at: str, boot: Bootstrap, reference: str = "reference") -> list[dict[str, Any]]:
     """For each pair and temperature, the paired bootstrap of the difference in gold reward
-    (a − b) over the same prompts and the seeds both have, at the steps :func:`_pick_steps` picks."""
+    (a − b) over the same prompts and the seeds both have, at the steps :func:`_pick_steps` picks
+    on the two arms' curves over those seeds (the KL and gold reward it reports are theirs too)."""
     groups = _groups(measured)
     rows = []
     for a, b in pairs:
         for temperature in temperatures:
-            steps = _pick_steps(aggregate, a, b, temperature, at, reference)
-            if steps is None:
-                continue
-            ga, gb = groups[(a, steps[0])], groups[(b, steps[1])]
-            seeds = sorted({m.seed for m in ga} & {m.seed for m in gb})
+            # the seeds both arms have (an arm may run under fewer); curves and points over those alone
+            seeds = sorted({m.seed for (arm, _), g in groups.items() if arm == a for m in g}
+                           & {m.seed for (arm, _), g in groups.items() if arm == b for m in g})
             if not seeds:
                 continue
-            ga = [m for m in ga if m.seed in seeds]
-            gb = [m for m in gb if m.seed in seeds]
+            curves = _curves(groups, (a, b), seeds, temperature, n_prompts)
+            steps = _pick_steps(curves, a, b, temperature, at, reference)
+            if steps is None:
+                continue
+            ga = [m for m in groups[(a, steps[0])] if m.seed in seeds]
+            gb = [m for m in groups[(b, steps[1])] if m.seed in seeds]
             test = boot.paired(matrix(ga, "gold", temperature, n_prompts), matrix(gb, "gold", temperature, n_prompts))
-            point = {name: next(r for r in aggregate if r["arm"] == name and r["step"] == step
-                                and r["temperature"] == temperature) for name, step in ((a, steps[0]), (b, steps[1]))}
+            point = {name: next(r for r in curves if r["arm"] == name and r["step"] == step)
+                     for name, step in ((a, steps[0]), (b, steps[1]))}
             verdict = "within noise" if test["within_noise"] else (f"{a} higher" if test["diff"] > 0 else f"{b} higher")
             rows.append({"a": a, "b": b, "temperature": temperature,
                          "at": "final" if (at == "final" or reference in (a, b)) else "matched_kl",
