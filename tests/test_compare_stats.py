@@ -307,3 +307,12 @@ def test_without_curves_only_the_last_step_is_checkpointed(tmp_path):
                           registry=REGISTRY)
     plan = plan_arm(loaded, _arm(loaded, "dpo-b0.1"), 0, counts)
     assert plan.loaded.recipe.train.save_every == 2  # gcd(6, 4): both the arm's and evaluation's steps
+
+
+def test_a_step_one_seed_lacks_is_tested_on_the_seeds_measured_there():
+    gold = [0.1, 0.2, 0.3, 0.4]
+    group = [measured("a", 0, 4, gold, kl=0.5, final=False), measured("a", 0, 8, gold, kl=2.0),
+             measured("a", 1, 8, gold, kl=2.0),  # seed 1 was not evaluated at step 4
+             measured("b", 0, 8, gold, kl=0.6), measured("b", 1, 8, gold, kl=0.6)]
+    [row] = paired_rows(group, [("a", "b")], at="matched_kl", boot=BOOT, temperatures=[1.0], n_prompts=4)
+    assert (row["a_step"], row["b_step"]) == (4, 8) and row["n_seeds"] == 1 and row["diff"] == 0.0

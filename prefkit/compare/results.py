@@ -213,6 +213,10 @@ def paired_rows(measured: list[Measured], pairs: list[tuple[str, str]], *, tempe
             steps = _pick_steps(curves, a, b, temperature, at, reference)
             if steps is None:
                 continue
+            at_steps = {m.seed for m in groups[(a, steps[0])]} & {m.seed for m in groups[(b, steps[1])]}
+            seeds = [seed for seed in seeds if seed in at_steps]  # both measured at these very steps
+            if not seeds:
+                continue
             ga = [m for m in groups[(a, steps[0])] if m.seed in seeds]
             gb = [m for m in groups[(b, steps[1])] if m.seed in seeds]
             test = boot.paired(matrix(ga, "gold", temperature, n_prompts), matrix(gb, "gold", temperature, n_prompts))
