@@ -162,7 +162,8 @@ def unequal_budgets(rows: list[dict[str, Any]]) -> list[str]:
         return ", ".join(f"{r['arm']} {_number(r['labels'])} {r['label_unit']}" for r in arms)
 
     common = max(groups, key=len) if groups else []
-    others = [r for r in trained if r not in common]
+    in_common = {id(r) for r in common}
+    others = [r for r in trained if id(r) not in in_common]
     if len(common) <= len(others):  # no budget most arms share: name them all
         return [f"Unequal label budgets: {shown(trained)}."]
     low, high = common[0]["labels"], common[-1]["labels"]

@@ -201,12 +201,14 @@ def paired_rows(measured: list[Measured], pairs: list[tuple[str, str]], *, tempe
     (a − b) over the same prompts and the seeds both have, at the steps :func:`_pick_steps` picks
     on the two arms' curves over those seeds (the KL and gold reward it reports are theirs too)."""
     groups = _groups(measured)
+    seeds_of: dict[str, set[int]] = {}
+    for m in measured:
+        seeds_of.setdefault(m.arm, set()).add(m.seed)
     rows = []
     for a, b in pairs:
         for temperature in temperatures:
             # the seeds both arms have (an arm may run under fewer); curves and points over those alone
-            seeds = sorted({m.seed for (arm, _), g in groups.items() if arm == a for m in g}
-                           & {m.seed for (arm, _), g in groups.items() if arm == b for m in g})
+            seeds = sorted(seeds_of.get(a, set()) & seeds_of.get(b, set()))
             if not seeds:
                 continue
             curves = _curves(groups, (a, b), seeds, temperature, n_prompts)

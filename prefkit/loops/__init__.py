@@ -44,7 +44,7 @@ def check_recipe(loaded: LoadedRecipe) -> None:
 
 def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Any = None, registry: Any) -> dict[str, Any]:
     """Run the recipe with the loop of its objective's kind; returns the run summary (``run.json``).
-    Everything :func:`prefkit.preflight.preflight` can refuse without a model is refused first."""
+    Everything :func:`prefkit.loops.preflight.preflight` can refuse without a model is refused first."""
     from prefkit.loops.preflight import preflight
 
     check_recipe(loaded)
