@@ -29,6 +29,19 @@ def _batch(lengths_and_prompts, width=None, seed=0):
     return Batch(ids, attention, completion, torch.arange(rows // 2), ("chosen", "rejected"))
 
 
+def _share_prompts(batch, lengths_and_prompts):
+    """Row r + B begins with row r's prompt (as far as both prompts go), as a pair's rejected row
+    begins with its chosen row's prompt; returns how many tokens are then shared."""
+    half = len(lengths_and_prompts) // 2
+    shared = 0
+    for r in range(half):
+        p = min(lengths_and_prompts[r][1], lengths_and_prompts[r + half][1])
+        batch.input_ids[r + half, :p] = batch.input_ids[r, :p]
+        batch.input_ids[r + half, p] = (batch.input_ids[r, p] + 1) % VOCAB  # and no further
+        shared += p
+    return shared
+
+
 @pytest.fixture
 def model():
     return build_tiny_model(vocab_size=VOCAB, seed=3).train()
@@ -62,26 +75,55 @@ def test_plan_positions_and_gather_indices():
     assert plan.input_ids.tolist() == [[5, 6, 7, 8, 9, 3, 4]]
     # positions restart at every row, a left-padded row included
     assert plan.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1]]
-    assert plan.starts.tolist() == [0, 3, 5]
     assert plan.longest == 3
+    assert plan.shared == 0
     assert plan.gather.tolist() == [0, 1, 2, 3, 4, 0, 5, 6, 0]
     assert plan.scatter.tolist() == [0, 1, 2, 3, 4, 6, 7]
-    assert plan.take(torch.arange(12).view(3, 4)).tolist() == [[0, 1, 2, 4, 5, 9, 10]]
+    assert plan.slots.tolist() == [[0, 1, 2, 0], [3, 4, 0, 0], [0, 5, 6, 0]]
+    assert plan.positions(mask.bool()).tolist() == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_rows_that_begin_alike_share_those_slots():
+    # rows 1 and 2 begin with row 0's first two tokens; row 3 (left-padded) with row 1's first three
+    ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 8, 9, 0], [5, 6, 0, 0, 0], [0, 0, 5, 6, 8]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 0, 1, 1, 1]])
+    plan = packing.plan(ids, mask)
+    # packed once: row 0's 3 tokens, then row 1's own 2 (8, 9); rows 2 and 3 hold nothing of their own
+    assert plan.input_ids.tolist() == [[5, 6, 7, 8, 9]]
+    assert plan.position_ids.tolist() == [[0, 1, 2, 2, 3]]
+    assert plan.shared == 7
+    assert plan.slots.tolist() == [[0, 1, 2, 0, 0], [0, 1, 3, 4, 0], [0, 1, 0, 0, 0], [0, 0, 0, 1, 3]]
+    assert plan.longest == 4
+    # each row's attention reads its own tokens, shared or not: row r's j-th at r * 4 + j
+    assert plan.gather.tolist() == [0, 1, 2, 0, 0, 1, 3, 4, 0, 1, 0, 0, 0, 1, 3, 0]
+    # each packed slot's output is taken from the row that owns it
+    assert plan.scatter.tolist() == [0, 1, 2, 6, 7]
+    assert packing.plan(ids, mask, share_prefixes=False).input_ids.tolist() == [[5, 6, 7, 5, 6, 8, 9, 5, 6, 5, 6, 8]]
 
 
 def test_plan_declines_when_it_cannot_gain_or_rows_have_holes():
     full = torch.ones((4, 10), dtype=torch.long)
-    assert packing.plan(full, full) is None  # no padding
+    distinct = torch.arange(40).view(4, 10)  # no row begins like another
+    assert packing.plan(distinct, full) is None  # no padding
     one_pad = full.clone()
     one_pad[0, -1] = 0  # 1 of 40 positions: 2.5% < MIN_PADDING_SHARE
-    assert packing.plan(full, one_pad) is None
-    assert packing.plan(full[:1], one_pad[:1]) is None  # a single row
+    assert packing.plan(distinct, one_pad) is None
+    assert packing.plan(distinct[:1], one_pad[:1]) is None  # a single row
+    alike = distinct.clone()
+    alike[1, 0] = alike[0, 0]  # one shared token of 40 is not enough either
+    assert packing.plan(alike, full) is None
+    alike[1:, :2] = alike[0, :2]  # but 6 of 40 are (15%), with no padding at all
+    assert packing.plan(alike, full).shared == 6
     holes = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 0]])
     assert packing.plan(holes, holes) is None  # a row's tokens must be contiguous
 
 
-def test_packed_log_probs_and_gradients_equal_the_padded_forward(model, monkeypatch):
-    batch = _batch([(14, 3), (6, 2), (9, 8), (3, 1)])
+@pytest.mark.parametrize("share", [False, True])
+def test_packed_log_probs_and_gradients_equal_the_padded_forward(model, monkeypatch, share):
+    rows = [(14, 3), (6, 2), (9, 8), (3, 1)]
+    batch = _batch(rows)
+    shared = _share_prompts(batch, rows) if share else 0
+    assert packing.plan(batch.input_ids, batch.attention_mask).shared == shared == (4 if share else 0)
     calls = _packed_calls(monkeypatch)
 
     packed, packed_grads = _values_and_grads(model, lambda: token_logps(model, batch))
@@ -211,8 +253,9 @@ def test_packing_and_gradient_checkpointing_leave_a_run_unchanged(tmp_path, monk
     assert packed[-1]["loss"] != packed[0]["loss"]  # the runs did train
 
 
+@pytest.mark.parametrize("share", [False, True])
 @pytest.mark.parametrize("pad_is_eos", [False, True])
-def test_packed_reward_scores_equal_the_sequence_classifier(monkeypatch, pad_is_eos):
+def test_packed_reward_scores_equal_the_sequence_classifier(monkeypatch, pad_is_eos, share):
     """A reward model's scores and their gradients, packed, equal transformers' own
     ``LlamaForSequenceClassification`` forward on the padded rows (pooling at the last non-pad token,
     which with pad = end token is the token before the final end token)."""
@@ -226,7 +269,10 @@ def test_packed_reward_scores_equal_the_sequence_classifier(monkeypatch, pad_is_
     lm.config.num_labels = 1
     scorer = AutoModelForSequenceClassification.from_config(lm.config)
     scorer.config.pad_token_id = pad
-    batch = _batch([(12, 4), (5, 2), (9, 3), (3, 1)], seed=7)
+    rows = [(12, 4), (5, 2), (9, 3), (3, 1)]
+    batch = _batch(rows, seed=7)
+    if share:
+        _share_prompts(batch, rows)
     batch.input_ids[batch.attention_mask == 0] = pad
     batch.input_ids[batch.input_ids == pad] = 1  # no pad token inside the text...
     for r, n in enumerate(batch.attention_mask.sum(-1).tolist()):
@@ -235,6 +281,7 @@ def test_packed_reward_scores_equal_the_sequence_classifier(monkeypatch, pad_is_
     calls = _packed_calls(monkeypatch)
     packed, grads = _values_and_grads(scorer, lambda: sequence_rewards(scorer, batch))
     assert calls
+    assert (packing.plan(batch.input_ids, batch.attention_mask).shared > 0) == share
     want, want_grads = _values_and_grads(
         scorer, lambda: scorer(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1))
     assert packed.shape == (4,)

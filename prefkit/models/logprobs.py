@@ -3,7 +3,7 @@
 The LM head over a large vocabulary dominates small models, so the policy is asked for
 logits only at the positions that predict an answer token (transformers' boolean
 ``logits_to_keep``). Where the model allows it, the batch's rows are packed into one sequence
-without padding (:mod:`prefkit.models.packing`). Log-softmax runs in fp32 whatever the autocast
+without padding, each prompt shared by the rows that begin with it (:mod:`prefkit.models.packing`). Log-softmax runs in fp32 whatever the autocast
 precision.
 """
 
@@ -30,14 +30,20 @@ def answer_outputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     head. The rows are packed into one sequence without padding where the model allows it."""
     packed = packing.plan(input_ids, attention_mask) if packing.can_pack(model) else None
     if packed is not None:
-        keep = packed.take(keep)  # [1, N]: the same positions, in packed order
+        # The packed sequence's slots for those positions (one slot where rows share a prefix).
+        at = packed.positions(keep)
+        out = packing.forward(model, packed, logits_to_keep=at.unsqueeze(0), output_hidden_states=hidden_states)
+        logits = out.logits
+        if logits.dim() == 3 and logits.shape[:2] == (1, at.numel()):
+            logits = logits[0]
+        else:  # a model without tensor logits_to_keep support: select here
+            logits = packing.forward(model, packed).logits[0, at]
+        hidden = out.hidden_states[-1][0, at] if hidden_states else None
+        return logits, hidden
 
-        def run(**kwargs):
-            return packing.forward(model, packed, **kwargs)
-    else:
-        def run(**kwargs):
-            with packing.attention(model):
-                return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    def run(**kwargs):
+        with packing.attention(model):
+            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
 
     out = run(logits_to_keep=keep, output_hidden_states=hidden_states)
     logits = out.logits
@@ -115,4 +121,4 @@ def _packed_scores(model: torch.nn.Module, inner: torch.nn.Module, batch: Batch)
     positions = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
     last = (positions * (batch.input_ids != pad_id)).argmax(-1)
     hidden = packing.forward(backbone, packed).last_hidden_state[0]  # [N, H]
-    return inner.score(hidden[packed.starts + last - packed.first]).squeeze(-1).float()
+    return inner.score(hidden[packed.slots.gather(1, last[:, None]).squeeze(1)]).squeeze(-1).float()
