@@ -24,6 +24,7 @@ from prefkit.compare.results import (
     Bootstrap,
     Measured,
     _pick_steps,
+    kl_matched,
     aggregate_rows,
     paired_rows,
     seed_rows,
@@ -84,7 +85,7 @@ def test_the_mean_over_seeds_by_hand():
     assert last["n_samples"] == 4
 
 
-def test_matched_kl_picks_the_steps_nearest_the_largest_kl_both_reach():
+def test_matched_kl_picks_the_highest_kl_at_which_both_arms_have_a_point():
     aggregate = [
         {"arm": "a", "step": 4, "temperature": 1.0, "kl": 0.5, "final": False},
         {"arm": "a", "step": 8, "temperature": 1.0, "kl": 1.0, "final": True},
@@ -92,11 +93,27 @@ def test_matched_kl_picks_the_steps_nearest_the_largest_kl_both_reach():
         {"arm": "b", "step": 8, "temperature": 1.0, "kl": 0.6, "final": True},
         {"arm": "reference", "step": 0, "temperature": 1.0, "kl": 0.0, "final": True},
     ]
-    # the largest KL both reach is min(1.0, 0.6) = 0.6: a's nearest step is 4 (0.5), b's is 8 (0.6)
+    # matched (within 0.25 nat, or 20% of the larger): a4-b8 (0.5, 0.6) and a4-b4 (0.5, 0.3); not
+    # a8-b8 (1.0, 0.6): a4-b8 is the higher
     assert _pick_steps(aggregate, "a", "b", 1.0, "matched_kl", "reference") == (4, 8)
     assert _pick_steps(aggregate, "a", "b", 1.0, "final", "reference") == (8, 8)
     assert _pick_steps(aggregate, "a", "reference", 1.0, "matched_kl", "reference") == (8, 0)
     assert _pick_steps(aggregate, "a", "nope", 1.0, "final", "reference") is None
+
+
+def test_matched_kl_pairs_points_that_are_close_not_the_nearest_to_a_common_bound():
+    """The sentiment compare's case: a's points jump past b's largest KL. The old rule took each arm's
+    point nearest min(largest KLs) = 3.6, i.e. a at 2.2 against b at 3.6, more than a nat apart."""
+    def curve(arm, kls):
+        return [{"arm": arm, "step": 10 * (i + 1), "temperature": 1.0, "kl": kl, "final": i == len(kls) - 1}
+                for i, kl in enumerate(kls)]
+    aggregate = curve("a", [0.3, 2.2, 6.8, 11.3]) + curve("b", [0.9, 2.0, 2.9, 3.6])
+    assert _pick_steps(aggregate, "a", "b", 1.0, "matched_kl", "reference") == (20, 20)  # 2.2 vs 2.0
+    assert kl_matched(2.2, 2.0) and not kl_matched(2.2, 3.6) and kl_matched(10.0, 8.0) and kl_matched(0.1, 0.35)
+    # no two points close: the nearest pair, and the row says the KLs are not matched
+    far = curve("a", [0.3, 6.8]) + curve("b", [2.0, 3.6])
+    assert _pick_steps(far, "a", "b", 1.0, "matched_kl", "reference") == (10, 10)  # 0.3 vs 2.0 (gap 1.7 < 3.2)
+    assert not kl_matched(0.3, 2.0)
 
 
 def _two_arms(shift: float, noise: float = 0.0):
@@ -135,7 +152,7 @@ def test_an_arm_under_fewer_seeds_is_matched_on_the_curves_of_its_seeds():
     [row] = paired_rows(group, [("a", "b")], at="matched_kl", boot=BOOT, temperatures=[1.0], n_prompts=4)
     # over seed 0 the largest KL both reach is 0.8: a's nearest step is 8 (KL 1.0), not 4; over both
     # of a's seeds (KL 1.75 and 3.0) it would have been step 4
-    assert (row["a_step"], row["b_step"]) == (8, 8) and row["n_seeds"] == 1
+    assert (row["a_step"], row["b_step"]) == (8, 8) and row["n_seeds"] == 1 and row["kl_matched"] is True
     assert row["a_kl"] == pytest.approx(1.0) and row["a_gold_reward"] == pytest.approx(0.25)
     assert row["diff"] == 0.0 and row["verdict"] == "within noise"
 
@@ -316,3 +333,16 @@ def test_a_step_one_seed_lacks_is_tested_on_the_seeds_measured_there():
              measured("b", 0, 8, gold, kl=0.6), measured("b", 1, 8, gold, kl=0.6)]
     [row] = paired_rows(group, [("a", "b")], at="matched_kl", boot=BOOT, temperatures=[1.0], n_prompts=4)
     assert (row["a_step"], row["b_step"]) == (4, 8) and row["n_seeds"] == 1 and row["diff"] == 0.0
+
+
+def test_the_report_marks_pairs_whose_kls_are_not_matched():
+    from prefkit.compare.report import paired_sentences, paired_table
+
+    base = {"temperature": 1.0, "at": "matched_kl", "a_gold_reward": 0.7, "b_gold_reward": 0.6, "diff": 0.1,
+            "diff_lo": 0.05, "diff_hi": 0.15, "p_value": 0.002, "verdict": "a higher", "n_seeds": 2, "n_prompts": 20}
+    rows = [{**base, "a": "a", "b": "b", "a_step": 20, "b_step": 20, "a_kl": 2.2, "b_kl": 2.0, "kl_matched": True},
+            {**base, "a": "a", "b": "c", "a_step": 10, "b_step": 10, "a_kl": 0.3, "b_kl": 2.0, "kl_matched": False}]
+    table = paired_table(rows, 1000).splitlines()
+    assert "KL not matched" not in table[2] and "step 10 (KL 0.3) vs step 10 (KL 2): **KL not matched**" in table[3]
+    text = "\n".join(paired_sentences(rows, 0.95))
+    assert "1 of 2 pairs have no evaluated points at matched KL (a − c)" in text

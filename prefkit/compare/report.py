@@ -17,6 +17,7 @@ from typing import Any
 
 from prefkit.compare.budget import unequal_budgets
 from prefkit.compare.recipe import LoadedCompare
+from prefkit.compare.results import KL_MATCH_NATS, KL_MATCH_SHARE
 
 FLAG = "⚠"
 
@@ -143,7 +144,8 @@ def paired_table(paired: list[dict[str, Any]], resamples: int) -> str:
     header = ["a − b", "T", "compared at", "Δ gold reward [interval]", "p", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in paired:
-        where = (f"step {row['a_step']} (KL {row['a_kl']:.3g}) vs step {row['b_step']} (KL {row['b_kl']:.3g})")
+        where = (f"step {row['a_step']} (KL {row['a_kl']:.3g}) vs step {row['b_step']} (KL {row['b_kl']:.3g})"
+                 + (": **KL not matched**" if row.get("kl_matched") is False else ""))
         lines.append("| " + " | ".join([
             f"{row['a']} − {row['b']}", _cell(row["temperature"]), where,
             f"{row['diff']:+.3g} [{row['diff_lo']:+.3g}, {row['diff_hi']:+.3g}]", _p(row["p_value"], resamples),
@@ -158,6 +160,11 @@ def paired_sentences(paired: list[dict[str, Any]], confidence: float) -> list[st
     pct = f"{confidence * 100:g}%"
     lines = [f"{len(within)} of {len(paired)} differences are **within noise**: their {pct} interval covers 0, "
              "so these data cannot tell the two apart."]
+    unmatched = [f"{r['a']} − {r['b']}" for r in paired if r.get("kl_matched") is False]
+    if unmatched:
+        lines.append(f"{len(unmatched)} of {len(paired)} pairs have no evaluated points at matched KL "
+                     f"({', '.join(unmatched)}): they are compared at the nearest KLs they have, which differ, so they "
+                     "say nothing about gold reward at the same KL.")
     for row in paired:
         if row["verdict"] != "within noise":
             better, worse = (row["a"], row["b"]) if row["diff"] > 0 else (row["b"], row["a"])
@@ -288,8 +295,10 @@ def write_report(path: Path | str, loaded: LoadedCompare, result: Any, *, prompt
         "The difference in gold reward between two policies on the same prompts, with the same sampling seeds "
         f"(paired bootstrap; {pct} interval; two-sided p). "
         + ("Pairs are compared at their final steps." if ev.paired_at == "final" else
-           "Pairs are compared at matched KL: for each arm, the evaluated step whose KL is nearest the largest KL "
-           "both reach (a pair with `reference` at the arm's final step)."),
+           "Pairs are compared at matched KL: the evaluated steps, one of each arm, at the highest KL where the two "
+           f"arms' KLs differ by at most {KL_MATCH_NATS:g} nat or {KL_MATCH_SHARE:.0%} of the larger, whichever is "
+           "more (where no two points are that close, the nearest pair, marked *KL not matched*; a pair with "
+           "`reference` at the arm's final step)."),
         "",
         paired_table(result.paired, ev.bootstrap_resamples) if result.paired else "",
         "",

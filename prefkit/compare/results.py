@@ -29,7 +29,7 @@ AGGREGATE_COLUMNS = ["arm", "objective", "params", "reward", "train_overrides", 
                      "gold_reward_seed_std", "kl", "kl_lo", "kl_hi", "kl_method", "win_rate", "win_rate_lo",
                      "win_rate_hi", "win_against", "length", "n_prompts", "n_samples", "train_steps",
                      "samples_per_output", "std_ge_mean"]
-PAIRED_COLUMNS = ["a", "b", "temperature", "at", "a_step", "b_step", "a_kl", "b_kl", "a_gold_reward",
+PAIRED_COLUMNS = ["a", "b", "temperature", "at", "a_step", "b_step", "a_kl", "b_kl", "kl_matched", "a_gold_reward",
                   "b_gold_reward", "diff", "diff_lo", "diff_hi", "p_value", "verdict", "n_seeds", "n_prompts"]
 
 
@@ -161,24 +161,40 @@ def aggregate_rows(measured: list[Measured], *, temperatures: list[float], n_pro
     return rows
 
 
+# Two evaluated points count as at matched KL when their KLs differ by at most this many nats, or by
+# at most this share of the larger KL, whichever is more.
+KL_MATCH_NATS = 0.25
+KL_MATCH_SHARE = 0.2
+
+
+def kl_matched(kl_a: float, kl_b: float) -> bool:
+    """Whether two points' KLs are close enough to compare their gold rewards as at the same KL."""
+    return abs(kl_a - kl_b) <= max(KL_MATCH_NATS, KL_MATCH_SHARE * max(kl_a, kl_b))
+
+
 def _pick_steps(curves: list[dict[str, Any]], a: str, b: str, temperature: float, at: str,
                 reference: str) -> tuple[int, int] | None:
-    """The steps of ``a`` and ``b`` to compare: their final steps, or (``matched_kl``) for each the
-    step whose KL is nearest the largest KL both reach (the smaller of their largest KLs); a pair
-    with the reference is always compared at the other arm's final step. ``curves``: rows with
-    ``arm``, ``step``, ``temperature``, ``kl`` and ``final`` (``aggregate.jsonl``'s, or :func:`_curves`)."""
+    """The steps of ``a`` and ``b`` to compare: their final steps, or (``matched_kl``) the pair of
+    evaluated steps, one of each arm, at the highest KL where the two are matched (:func:`kl_matched`;
+    the smaller of the two KLs is what counts); where no pair is matched, the pair whose KLs are
+    nearest (the paired row then says so). A pair with the reference is always compared at the other
+    arm's final step. ``curves``: rows with ``arm``, ``step``, ``temperature``, ``kl`` and ``final``
+    (``aggregate.jsonl``'s, or :func:`_curves`)."""
     by_arm = {name: [r for r in curves if r["arm"] == name and r["temperature"] == temperature] for name in (a, b)}
     if not by_arm[a] or not by_arm[b]:
         return None
     if at == "final" or reference in (a, b):
         finals = {name: [r for r in curve if r["final"]] or curve for name, curve in by_arm.items()}
         return max(r["step"] for r in finals[a]), max(r["step"] for r in finals[b])
-    kappa = min(max(r["kl"] for r in by_arm[a]), max(r["kl"] for r in by_arm[b]))
-
-    def nearest(curve: list[dict[str, Any]]) -> int:
-        return min(curve, key=lambda r: (abs(r["kl"] - kappa), -r["step"]))["step"]
-
-    return nearest(by_arm[a]), nearest(by_arm[b])
+    candidates = [(ra, rb) for ra in by_arm[a] for rb in by_arm[b]]
+    matched = [(ra, rb) for ra, rb in candidates if kl_matched(ra["kl"], rb["kl"])]
+    if matched:
+        ra, rb = max(matched, key=lambda p: (min(p[0]["kl"], p[1]["kl"]), -abs(p[0]["kl"] - p[1]["kl"]),
+                                              p[0]["step"], p[1]["step"]))
+    else:
+        ra, rb = min(candidates, key=lambda p: (abs(p[0]["kl"] - p[1]["kl"]), -min(p[0]["kl"], p[1]["kl"]),
+                                               -p[0]["step"], -p[1]["step"]))
+    return ra["step"], rb["step"]
 
 
 def _curves(groups: dict[tuple[str, int], list[Measured]], arms: tuple[str, ...], seeds: list[int],
@@ -225,9 +241,10 @@ def paired_rows(measured: list[Measured], pairs: list[tuple[str, str]], *, tempe
             point = {name: next(r for r in curves if r["arm"] == name and r["step"] == step)
                      for name, step in ((a, steps[0]), (b, steps[1]))}
             verdict = "within noise" if test["within_noise"] else (f"{a} higher" if test["diff"] > 0 else f"{b} higher")
-            rows.append({"a": a, "b": b, "temperature": temperature,
-                         "at": "final" if (at == "final" or reference in (a, b)) else "matched_kl",
+            where = "final" if (at == "final" or reference in (a, b)) else "matched_kl"
+            rows.append({"a": a, "b": b, "temperature": temperature, "at": where,
                          "a_step": steps[0], "b_step": steps[1], "a_kl": point[a]["kl"], "b_kl": point[b]["kl"],
+                         "kl_matched": kl_matched(point[a]["kl"], point[b]["kl"]) if where == "matched_kl" else None,
                          "a_gold_reward": point[a]["gold_reward"], "b_gold_reward": point[b]["gold_reward"],
                          "diff": test["diff"], "diff_lo": test["lo"], "diff_hi": test["hi"],
                          "p_value": test["p_value"], "verdict": verdict, "n_seeds": len(seeds),
