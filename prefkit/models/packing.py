@@ -127,8 +127,8 @@ def plan(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, share_prefixe
     )
 
 
-# Above this many token comparisons (rows x rows x longest row) prefixes are not looked for.
-MAX_PREFIX_COMPARISONS = 32 * 1024 * 1024
+# Above this many token comparisons (rows x rows x longest row, a byte each) prefixes are not looked for.
+MAX_PREFIX_COMPARISONS = 16 * 1024 * 1024
 
 
 def _shared_prefixes(aligned: torch.Tensor, in_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
@@ -138,7 +138,7 @@ def _shared_prefixes(aligned: torch.Tensor, in_row: torch.Tensor) -> tuple[torch
     if rows_count * rows_count * longest > MAX_PREFIX_COMPARISONS:
         return None, None
     same = (aligned[:, None, :] == aligned[None, :, :]) & in_row[:, None, :] & in_row[None, :, :]  # [R, R, L]
-    common = same.long().cumprod(-1).sum(-1).tril(-1)  # [r, r'] for the earlier rows r' < r only
+    common = same.to(torch.uint8).cumprod(-1).sum(-1).tril(-1)  # [r, r'] for the earlier rows r' < r only
     length, leader = common.max(-1)  # the first such row on a tie
     return leader, length
 
