@@ -163,8 +163,8 @@ def paired_sentences(paired: list[dict[str, Any]], confidence: float) -> list[st
     unmatched = [f"{r['a']} − {r['b']}" for r in paired if r.get("kl_matched") is False]
     if unmatched:
         lines.append(f"{len(unmatched)} of {len(paired)} pairs have no evaluated points at matched KL "
-                     f"({', '.join(unmatched)}): they are compared at the nearest KLs they have, which differ, so they "
-                     "say nothing about gold reward at the same KL.")
+                     f"({', '.join(unmatched)}): they are compared at the nearest KLs they have, which differ, so a "
+                     "difference there is not a difference at the same KL.")
     for row in paired:
         if row["verdict"] != "within noise":
             better, worse = (row["a"], row["b"]) if row["diff"] > 0 else (row["b"], row["a"])
