@@ -106,7 +106,7 @@ def test_plan_declines_when_it_cannot_gain_or_rows_have_holes():
     distinct = torch.arange(40).view(4, 10)  # no row begins like another
     assert packing.plan(distinct, full) is None  # no padding
     one_pad = full.clone()
-    one_pad[0, -1] = 0  # 1 of 40 positions: 2.5% < MIN_PADDING_SHARE
+    one_pad[0, -1] = 0  # 1 of 40 positions: 2.5% < MIN_SAVED_SHARE
     assert packing.plan(distinct, one_pad) is None
     assert packing.plan(distinct[:1], one_pad[:1]) is None  # a single row
     alike = distinct.clone()

@@ -47,7 +47,7 @@ PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3
 
 # Pack only when at least this share of a batch's positions is saved (padding, and prefixes shared
 # with an earlier row): below it the gather and scatter around attention cost about what packing saves.
-MIN_PADDING_SHARE = 0.05
+MIN_SAVED_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Packing:
 
 def plan(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, share_prefixes: bool = True) -> Packing | None:
     """The packing of a batch whose rows each hold their tokens in one contiguous run; None when
-    there is too little to gain from it (padding and shared prefixes under MIN_PADDING_SHARE of the
+    there is too little to gain from it (padding and shared prefixes under MIN_SAVED_SHARE of the
     positions), or a row's tokens are not contiguous.
 
     With ``share_prefixes`` each row takes the longest run of leading tokens it has in common with an
@@ -107,7 +107,7 @@ def plan(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, share_prefixe
         index[r, p:n] = torch.arange(total, total + n - p, device=real.device)
         owner.append(torch.arange(r * longest + p, r * longest + n, device=real.device))
         total += n - p
-    if 1 - total / (rows_count * width) < MIN_PADDING_SHARE:
+    if 1 - total / (rows_count * width) < MIN_SAVED_SHARE:
         return None
     scatter = torch.cat(owner)
     packed_ids = torch.empty(total, dtype=input_ids.dtype, device=input_ids.device)
