@@ -96,20 +96,22 @@ def plan(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, share_prefixe
     in_row = j[None, :] < lengths[:, None]  # [R, L]
     aligned = input_ids.gather(1, (first[:, None] + j[None, :]).clamp(max=width - 1))  # each row from its first token
     leader, common = _shared_prefixes(aligned, in_row) if share_prefixes else (None, None)
-    lengths_list = lengths.tolist()
-    index = torch.zeros((rows_count, longest), dtype=torch.long, device=real.device)  # packed slot of (r, j)
+    leader, common = (leader.tolist(), common.tolist()) if common is not None else ([0] * rows_count, [0] * rows_count)
+    # Built on the CPU (one small loop over the rows), then moved to the batch's device.
+    index = torch.zeros((rows_count, longest), dtype=torch.long)  # packed slot of (r, j)
     owner = []  # for each packed slot in order: its own row's (r, j) in the [R * L] layout
     total = 0
-    for r, n in enumerate(lengths_list):
-        p = int(common[r]) if common is not None else 0
+    for r, n in enumerate(lengths.tolist()):
+        p = common[r]
         if p:
-            index[r, :p] = index[int(leader[r]), :p]
-        index[r, p:n] = torch.arange(total, total + n - p, device=real.device)
-        owner.append(torch.arange(r * longest + p, r * longest + n, device=real.device))
+            index[r, :p] = index[leader[r], :p]
+        index[r, p:n] = torch.arange(total, total + n - p)
+        owner.append(torch.arange(r * longest + p, r * longest + n))
         total += n - p
     if 1 - total / (rows_count * width) < MIN_SAVED_SHARE:
         return None
-    scatter = torch.cat(owner)
+    index = index.to(real.device)
+    scatter = torch.cat(owner).to(real.device)
     packed_ids = torch.empty(total, dtype=input_ids.dtype, device=input_ids.device)
     packed_ids[index[in_row]] = aligned[in_row]
     positions = torch.empty(total, dtype=torch.long, device=real.device)
