@@ -3,8 +3,8 @@
 The LM head over a large vocabulary dominates small models, so the policy is asked for
 logits only at the positions that predict an answer token (transformers' boolean
 ``logits_to_keep``). Where the model allows it, the batch's rows are packed into one sequence
-without padding, each prompt shared by the rows that begin with it (:mod:`prefkit.models.packing`). Log-softmax runs in fp32 whatever the autocast
-precision.
+without padding, each prompt shared by the rows that begin with it (:mod:`prefkit.models.packing`).
+Log-softmax runs in fp32 whatever the autocast precision.
 """
 
 from __future__ import annotations
