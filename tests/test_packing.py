@@ -315,3 +315,23 @@ def test_attention_under_bf16_runs_in_the_precision_measured_faster(model, monke
     with torch.no_grad():
         exact = token_logps(model, batch)  # fp32 throughout
     assert (values.detach() - exact).abs().max() < 5e-2
+
+
+def test_a_model_that_ignores_logits_to_keep_gets_the_same_packed_logits(model, monkeypatch):
+    rows = [(12, 4), (5, 2), (8, 3), (12, 6)]
+    batch = _batch(rows, width=12)
+    _share_prompts(batch, rows)
+    keep = torch.zeros_like(batch.completion_mask)
+    keep[:, :-1] = batch.completion_mask[:, 1:]
+    want, _ = answer_outputs(model, batch.input_ids, batch.attention_mask, keep)
+    original = type(model).forward
+
+    def every_position(self, *args, logits_to_keep=0, **kwargs):  # as a model without the argument would
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", every_position)
+    calls = _packed_calls(monkeypatch)
+    got, _ = answer_outputs(model, batch.input_ids, batch.attention_mask, keep)
+    assert len(calls) == 1  # selected from the one pass, not run again
+    assert got.shape == want.shape == (int(keep.sum()), VOCAB)
+    assert (got - want).abs().max() < 1e-5

@@ -36,6 +36,8 @@ def answer_outputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
         logits = out.logits
         if logits.dim() == 3 and logits.shape[:2] == (1, at.numel()):
             logits = logits[0]
+        elif logits.dim() == 3 and logits.shape[:2] == packed.input_ids.shape:  # it ignored logits_to_keep
+            logits = logits[0, at]
         else:  # a model without tensor logits_to_keep support: select here
             logits = packing.forward(model, packed).logits[0, at]
         hidden = out.hidden_states[-1][0, at] if hidden_states else None
