@@ -95,8 +95,7 @@ def plan(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, share_prefixe
     j = torch.arange(longest, device=real.device)
     in_row = j[None, :] < lengths[:, None]  # [R, L]
     aligned = input_ids.gather(1, (first[:, None] + j[None, :]).clamp(max=width - 1))  # each row from its first token
-    leader, common = _shared_prefixes(aligned, in_row) if share_prefixes else (None, None)
-    leader, common = (leader.tolist(), common.tolist()) if common is not None else ([0] * rows_count, [0] * rows_count)
+    leader, common = _shared_prefixes(aligned, in_row) if share_prefixes else ([0] * rows_count, [0] * rows_count)
     # Built on the CPU (one small loop over the rows), then moved to the batch's device.
     index = torch.zeros((rows_count, longest), dtype=torch.long)  # packed slot of (r, j)
     owner = []  # for each packed slot in order: its own row's (r, j) in the [R * L] layout
@@ -112,17 +111,18 @@ def plan(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, share_prefixe
         return None
     index = index.to(real.device)
     scatter = torch.cat(owner).to(real.device)
+    slot_of_token = index[in_row]  # every row's tokens in row-major order, each at its packed slot
     packed_ids = torch.empty(total, dtype=input_ids.dtype, device=input_ids.device)
-    packed_ids[index[in_row]] = aligned[in_row]
+    packed_ids[slot_of_token] = aligned[in_row]
     positions = torch.empty(total, dtype=torch.long, device=real.device)
-    positions[index[in_row]] = j.expand(rows_count, -1)[in_row]
+    positions[slot_of_token] = j.expand(rows_count, -1)[in_row]
     slots = torch.zeros((rows_count, width), dtype=torch.long, device=real.device)
-    slots[real] = index[in_row]
+    slots[real] = slot_of_token
     return Packing(
         input_ids=packed_ids.unsqueeze(0),
         position_ids=positions.unsqueeze(0),
         slots=slots,
-        gather=torch.where(in_row, index, torch.zeros_like(index)).flatten(),
+        gather=index.flatten(),  # 0 beyond each row, as index was made
         scatter=scatter,
         longest=longest,
         shared=int(lengths.sum()) - total,
@@ -133,16 +133,16 @@ def plan(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, share_prefixe
 MAX_PREFIX_COMPARISONS = 16 * 1024 * 1024
 
 
-def _shared_prefixes(aligned: torch.Tensor, in_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+def _shared_prefixes(aligned: torch.Tensor, in_row: torch.Tensor) -> tuple[list[int], list[int]]:
     """For each row, the earlier row it shares the longest run of leading tokens with, and that
-    length (0: none); ``(None, None)`` for a batch too large to compare."""
+    length (0: none; all 0 for a batch too large to compare)."""
     rows_count, longest = aligned.shape
     if rows_count * rows_count * longest > MAX_PREFIX_COMPARISONS:
-        return None, None
+        return [0] * rows_count, [0] * rows_count
     same = (aligned[:, None, :] == aligned[None, :, :]) & in_row[:, None, :] & in_row[None, :, :]  # [R, R, L]
     common = same.to(torch.uint8).cumprod(-1).sum(-1).tril(-1)  # [r, r'] for the earlier rows r' < r only
     length, leader = common.max(-1)  # the first such row on a tie
-    return leader, length
+    return leader.tolist(), length.tolist()
 
 
 def _attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, prefkit_packing=None, **kwargs):
