@@ -262,7 +262,7 @@ def main() -> None:
         with autocast:
             if packed is not None:  # as the engine runs it: the rows packed, no padding
                 states = packing.forward(model.model, packed).last_hidden_state[0]
-                kept = packed.take(keep)[0]
+                kept = packed.positions(keep)
             else:
                 states = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                      use_cache=False).last_hidden_state

@@ -47,3 +47,11 @@ def test_dpo_step_script_runs_on_the_tiny_model():
     proc = run_script("benchmarks/dpo_step.py", "--model", "tiny-llama", "--pairs", "2", "--repeats", "1", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "DPO train step" in proc.stdout and "fp32" in proc.stdout
+
+
+def test_profile_step_script_profiles_a_packed_dpo_step_on_the_tiny_model():
+    proc = run_script("benchmarks/profile_step.py", "--model", "tiny-llama", "--steps", "1", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "forward packed (no padding)" in proc.stdout
+    for phase in ("backbone forward", "LM head + log-softmax", "DPO loss", "backward", "optimizer (AdamW)"):
+        assert phase in proc.stdout
