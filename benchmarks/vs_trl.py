@@ -364,6 +364,10 @@ def run_trl(spec: dict) -> dict:
 
 def worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    from prefkit.models import allocator
+
+    if spec["library"] == "trl" and spec["trl_allocator"] == "tuned":
+        allocator.tune_cpu_allocator()  # before TRL builds any tensor, as prefkit's engine does
     if spec["job"] == "grpo":
         result = (run_prefkit_grpo if spec["library"] == "prefkit" else run_trl_grpo)(spec)
     else:
@@ -371,6 +375,7 @@ def worker(spec_path: str) -> None:
     import torch
 
     result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    result["cpu_allocator"] = allocator.applied().mode if allocator.applied() else "system"
     Path(spec["result"]).write_text(json.dumps(result))
 
 
@@ -678,6 +683,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny random model and tiny data: seconds, for CI")
     parser.add_argument("--workdir", default=None, help="where runs go (default: a new temporary folder)")
     parser.add_argument("--json", default=None, help="also write every run's numbers to this file")
+    parser.add_argument("--trl-allocator", choices=["system", "tuned"], default="system",
+                        help="TRL's CPU allocator: as installed (default), or tuned as prefkit's engine tunes its own "
+                             "(prefkit.models.allocator), to see how much of the gap that is")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -718,6 +726,10 @@ def main() -> None:
     print(f"job: {pairs} pairs of {source.name} (no chat template), batch {args.batch_size}, {steps} steps, "
           f"lr {lr:g} constant, max_length {args.max_length}, model {folders['lm']}; work dir {work}")
 
+    print(f"CPU allocator: prefkit's engine sets its own up (prefkit.models.allocator; "
+          f"PREFKIT_CPU_ALLOCATOR={os.environ.get('PREFKIT_CPU_ALLOCATOR', 'tuned')}); TRL's is "
+          + ("tuned the same way (--trl-allocator tuned)" if args.trl_allocator == "tuned" else "as installed"))
+
     failures: list[str] = []
     report: dict = {"machine": machine_lines(), "jobs": {}}
     finals: dict[tuple[str, str, str], float] = {}
@@ -736,7 +748,8 @@ def main() -> None:
     for job in jobs:
         if job == "grpo":
             for prec in precisions:
-                spec = dict(job=job, precision=prec, model=folders["lm"], rows=str(prompts_path), steps=grpo_steps,
+                spec = dict(job=job, precision=prec, model=folders["lm"], trl_allocator=args.trl_allocator,
+                            rows=str(prompts_path), steps=grpo_steps,
                             lr=lr, seed=args.seed, max_length=args.max_length, new_tokens=new_tokens)
                 runs = run_alternated(spec, repeats, work)
                 summaries = [summarize(variant, variant_runs, generated) for variant, variant_runs in runs.items()]
@@ -749,7 +762,8 @@ def main() -> None:
             continue
         for prec in precisions:
             spec = dict(job=job, precision=prec, model=folders["reward" if job == "reward" else "lm"],
-                        rows=str(rows_path), order=order, batch_size=args.batch_size, max_length=args.max_length,
+                        trl_allocator=args.trl_allocator, rows=str(rows_path), order=order,
+                        batch_size=args.batch_size, max_length=args.max_length,
                         steps=steps, lr=lr, beta=args.beta, seed=args.seed)
             runs = run_alternated(spec, repeats, work)
             reference = runs[next(iter(runs))][0]["sequences"]  # prefkit's token ids

@@ -14,6 +14,7 @@ import torch
 import prefkit.loops as engine
 import prefkit.loops.offline as offline
 from prefkit.api.errors import PrefkitError
+from prefkit.models.allocator import tune_cpu_allocator
 from prefkit.recipe import load_recipe
 
 from prefkit.plugins import load_registry
@@ -70,6 +71,7 @@ def test_run_directory_layout_and_learning(tmp_path):
     assert saved["reference_cache"] == "miss" and saved["steps"] == 24 and saved["objective"] == "dpo"
     assert saved["tokens_per_s"] > 0 and saved["final_metrics"]["step"] == 24
     assert "dpo" in saved["plugins"] and saved["prefkit_version"]
+    assert saved["cpu_allocator"] == tune_cpu_allocator().mode  # "tuned" on Linux with glibc
     assert summary["data"]["train_fingerprint"] == saved["data"]["train_fingerprint"]
 
 

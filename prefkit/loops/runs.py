@@ -36,6 +36,7 @@ from prefkit.loops.metrics import Averager, MetricsLog
 from prefkit.loops.optim import replan_schedule
 from prefkit.recipe import LoadedRecipe, Recipe, dump_yaml
 from prefkit.loops.trackers import Trackers, check_trackers, start_trackers
+from prefkit.models.allocator import tune_cpu_allocator
 from prefkit.models.precision import auto_precision, cpu_attention_in_fp32
 
 
@@ -176,9 +177,11 @@ class RunSetup:
 
 
 def begin_run(loaded: LoadedRecipe, resume: bool, registry: Any) -> RunSetup:
-    """Checks that need no model: the run directory, the precision, and the tokenizer (for the data)."""
+    """Checks that need no model: the run directory, the precision, and the tokenizer (for the data).
+    The CPU allocator is set up first, before any tensor exists (prefkit.models.allocator)."""
     from prefkit.models.loading import load_tokenizer, resolve_model_dir
 
+    tune_cpu_allocator()
     recipe = loaded.recipe
     resolved = loaded.resolved_dict()
     run_dir = Path(recipe.output_dir)
@@ -542,6 +545,7 @@ def summary_head(setup: RunSetup, handle, objective, registry) -> dict[str, Any]
         "model": {"source": recipe.model.source, "path": handle.path, "lora": recipe.model.lora is not None,
                   "weights_fingerprint": handle.weights_fingerprint},
         "precision": setup.precision.name,
+        "cpu_allocator": tune_cpu_allocator().mode,
     }
 
 

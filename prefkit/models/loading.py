@@ -39,6 +39,7 @@ from transformers import (
 
 from prefkit.api import PrefkitError
 from prefkit.manifest import verify_manifest, write_manifest
+from prefkit.models.allocator import tune_cpu_allocator
 from prefkit.models.packing import unwrap
 from prefkit.recipe import LoraConfig, ModelConfig
 
@@ -425,7 +426,9 @@ def load_model(
 ) -> LoadedModel:
     """Resolve ``cfg.source``, load tokenizer and fp32 weights (causal LM, or a one-label
     sequence classifier on the same backbone for ``head="scalar"``), fingerprint the base
-    weights, then add LoRA adapters if ``cfg.lora`` is set."""
+    weights, then add LoRA adapters if ``cfg.lora`` is set. The CPU allocator is set up first
+    (:mod:`prefkit.models.allocator`; once per process)."""
+    tune_cpu_allocator()
     model_dir = resolve_model_dir(cfg, options, cache_dir, registry)
     gguf_file = cfg.gguf_file
     _check_gguf(model_dir, gguf_file)
