@@ -312,6 +312,31 @@ def test_points_give_every_arm_a_curve_of_the_same_resolution(tmp_path):
         load_compare(TINY, ["evaluation.every_steps=2", "evaluation.points=3"], registry=REGISTRY)
 
 
+def test_an_arm_can_be_evaluated_at_more_points_than_the_others(tmp_path):
+    from prefkit.models.tiny import build_tiny_tokenizer
+
+    loaded = load_compare(TINY, ["budget={epochs: 1}", "evaluation.every_steps=null", "evaluation.points=3",
+                                 "arms.dpo-b0.1.evaluation_points=6", "train.save_every=null",
+                                 f"output_dir={tmp_path}"], registry=REGISTRY)
+    counts = DataCounts(loaded, build_tiny_tokenizer(), REGISTRY)
+    plans = {arm.name: plan_arm(loaded, arm, 0, counts) for arm in loaded.arms}
+    # its 12 steps at every ceil(12 / 6) = 2nd step, checkpointed there; the other arms keep 3 points
+    assert plans["dpo-b0.1"].eval_steps == [2, 4, 6, 8, 10, 12]
+    assert plans["dpo-b0.1"].loaded.recipe.train.save_every == 2
+    assert plans["dpo-b0.5"].eval_steps == [4, 8, 12] and plans["kto"].eval_steps == [8, 16, 24]
+    # without a global spacing, only that arm gets a curve
+    loaded = load_compare(TINY, ["budget={epochs: 1}", "evaluation.every_steps=null", "train.save_every=null",
+                                 "arms.kto.evaluation_points=4", f"output_dir={tmp_path}"], registry=REGISTRY)
+    plans = {arm.name: plan_arm(loaded, arm, 0, counts) for arm in loaded.arms}
+    assert plans["kto"].eval_steps == [6, 12, 18, 24] and plans["dpo-b0.1"].eval_steps == [12]
+    from prefkit.compare.report import evaluated_at
+
+    assert evaluated_at(loaded) == ("the last training step only; by their own `evaluation_points`: kto at about 4 "
+                                    "evenly spaced points")
+    with pytest.raises(RecipeError, match="evaluation_points"):
+        load_compare(TINY, ["arms.kto.evaluation_points=0"], registry=REGISTRY)
+
+
 def test_without_curves_only_the_last_step_is_checkpointed(tmp_path):
     from prefkit.models.tiny import build_tiny_tokenizer
 

@@ -276,7 +276,8 @@ def plan_arm(loaded: LoadedCompare, arm: LoadedArm, seed: int, counts: DataCount
 
     - the budget (an epochs budget of an online arm needs the pair count of ``data``);
     - checkpoints at every step evaluation needs (``train.save_every``: the arm's evaluation spacing,
-      ``evaluation.every_steps`` or the one ``evaluation.points`` gives it, or its greatest common
+      ``evaluation.every_steps`` or the one ``evaluation.points`` (or the arm's own
+      ``evaluation_points``) gives it, or its greatest common
       divisor with the arm's own ``save_every``; without a spacing, the arm's ``save_every`` or
       only the last step, whose checkpoint holds the tokens processed), and a
       ``keep_checkpoints`` that keeps them all until they are evaluated."""
@@ -298,7 +299,7 @@ def plan_arm(loaded: LoadedCompare, arm: LoadedArm, seed: int, counts: DataCount
     else:
         prompts = 0 if train.max_steps else counts.rows(base.recipe.data, needs.data)
         total = train.max_steps or max(1, math.ceil(train.epochs * math.ceil(prompts / base.params.rollout_batch_size)))
-    every = compare.evaluation.every_for(total)
+    every = compare.evaluation.every_for(total, arm.arm.evaluation_points)
     if every:
         save = math.gcd(train.save_every, every) if train.save_every else every
         keep = max(train.keep_checkpoints, math.ceil(total / save) + 1)

@@ -96,6 +96,10 @@ class Arm(Strict):
     seeds: list[int] | None = Field(
         None, min_length=1, description="Run this arm under only these of the compare's `seeds` (e.g. an expensive "
         "arm once); its rows and intervals then rest on fewer seeds, which the report shows. Default: all of them.")
+    evaluation_points: int | None = Field(
+        None, gt=0, le=1000, description="Evaluate this arm at about this many evenly spaced points of its training "
+        "(as `evaluation.points`, for this arm only), e.g. a finer curve for a long arm whose KL grows fast early. "
+        "Default: the compare's `evaluation.points` or `evaluation.every_steps`.")
 
     @field_validator("seeds")
     @classmethod
@@ -170,10 +174,12 @@ class EvaluationConfig(Strict):
             raise ValueError("set at most one of evaluation.every_steps and evaluation.points")
         return self
 
-    def every_for(self, total: int) -> int | None:
-        """The evaluation spacing of an arm whose last step is ``total`` (None: the last step only)."""
-        if self.points is not None:
-            return max(1, math.ceil(total / self.points))
+    def every_for(self, total: int, points: int | None = None) -> int | None:
+        """The evaluation spacing of an arm whose last step is ``total`` (None: the last step only);
+        ``points``: the arm's own ``evaluation_points``, which takes precedence."""
+        points = points if points is not None else self.points
+        if points is not None:
+            return max(1, math.ceil(total / points))
         return self.every_steps
 
     @field_validator("temperatures")

@@ -173,6 +173,21 @@ def paired_sentences(paired: list[dict[str, Any]], confidence: float) -> list[st
     return lines
 
 
+def evaluated_at(loaded: LoadedCompare) -> str:
+    """Which training steps of each arm are evaluated, in words (the report's setup)."""
+    ev = loaded.compare.evaluation
+    if ev.points:
+        steps = f"about {ev.points} evenly spaced points of its training and the last (from the arm's checkpoints)"
+    elif ev.every_steps:
+        steps = f"every {ev.every_steps} training steps and the last (from the arm's checkpoints)"
+    else:
+        steps = "the last training step only"
+    own = [f"{a.name} at about {a.arm.evaluation_points}" for a in loaded.arms if a.arm.evaluation_points]
+    if own:
+        steps += "; by their own `evaluation_points`: " + ", ".join(own) + " evenly spaced points"
+    return steps
+
+
 def write_report(path: Path | str, loaded: LoadedCompare, result: Any, *, prompts: dict[str, Any], device: str,
                  seconds: float) -> Path:
     path = Path(path)
@@ -200,12 +215,7 @@ def write_report(path: Path | str, loaded: LoadedCompare, result: Any, *, prompt
     seeds = compare.run_seeds
     eval_seeds = "the seed itself" if ev.seed is None else f"{ev.seed} for every seed"
     pct = f"{ev.confidence * 100:g}%"
-    if ev.points:
-        steps = f"about {ev.points} evenly spaced points of its training and the last (from the arm's checkpoints)"
-    elif ev.every_steps:
-        steps = f"every {ev.every_steps} training steps and the last (from the arm's checkpoints)"
-    else:
-        steps = "the last training step only"
+    steps = evaluated_at(loaded)
 
     lines = [
         "# prefkit compare report",
