@@ -44,8 +44,9 @@ def probe(mode: str, **env: str) -> dict:
 def test_tuned_allocator_reuses_big_buffers_instead_of_faulting_them_in_again():
     tuned = probe("tune")
     assert tuned["mode"] == "tuned" and tuned["thp"] == "1"
-    # 5 x 64 MiB are 81,920 pages of 4 KiB; reused from malloc's heap they fault in almost none
-    assert tuned["faults"] < 2000, tuned
+    # 5 x 64 MiB are 81,920 pages of 4 KiB, each faulted in when mapped afresh; reused from malloc's heap
+    # almost none are (544 to 2,720 measured, with other processes about): under a tenth of them
+    assert tuned["faults"] < 8192, tuned
     default = probe("none")
     if default["faults"] > 20000:  # the kernel maps each fresh mmap page by page (no THP for it)
         assert tuned["faults"] * 10 < default["faults"], (tuned, default)
