@@ -72,6 +72,11 @@ twice), each in a fresh Python process. The columns:
   (the same work was done), in bf16 to 2e-2; prefkit's bf16 loss must be within 2e-2 of its fp32 loss.
   Otherwise the script says so and exits with status 1.
 
+The CPU allocator: prefkit's engine sets glibc's malloc and torch's huge-page switch for training in
+its own process (``prefkit.models.allocator``); TRL runs with the allocator as installed, unless
+``--trl-allocator tuned`` applies the same function in TRL's worker first, which shows how much of a
+ratio is that setting and how much the engine's own work. The header says which was used.
+
 The ratio rows give TRL's time over prefkit's (above 1: prefkit is faster), prefkit's tokens/s over
 TRL's, and prefkit's memory over TRL's (below 1: prefkit uses less).
 """

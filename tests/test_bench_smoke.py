@@ -5,7 +5,9 @@
 for GRPO (sampled, so losses are not compared) unless both generated exactly the same number of tokens.
 """
 
+import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +35,20 @@ def test_vs_trl_smoke_trains_both_libraries_to_the_same_losses(tmp_path):
     assert "GRPO: prefkit grpo vs TRL GRPOTrainer" in out
     assert "generated tokens: the same (every completion 8 tokens on both sides)" in out
     assert "all checks passed" in out
+
+
+def test_vs_trl_can_give_trl_the_allocator_prefkit_sets_for_itself(tmp_path):
+    pytest.importorskip("trl")
+    out = tmp_path / "numbers.json"
+    proc = run_script("benchmarks/vs_trl.py", "--smoke", "--job", "dpo", "--trl-allocator", "tuned",
+                      "--workdir", str(tmp_path / "work"), "--json", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "TRL's is tuned the same way (--trl-allocator tuned)" in proc.stdout
+    runs = json.loads(out.read_text())["jobs"]["dpo-fp32"]["runs"]
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert {run["cpu_allocator"] for run in runs["TRL"]} == {"tuned" if glibc else "system"}
+    assert {run["cpu_allocator"] for variant in ("prefkit cold", "prefkit warm") for run in runs[variant]} == \
+        {run["cpu_allocator"] for run in runs["TRL"]}
 
 
 def test_profile_step_script_profiles_an_online_iteration_on_the_tiny_model():

@@ -90,7 +90,8 @@ def tune_cpu_allocator(cuda: bool | None = None) -> AllocatorSetup:
         _applied = AllocatorSetup("system", "a CUDA GPU runs the model (its own caching allocator)")
         return _applied
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        _applied = AllocatorSetup("system", f"not Linux with glibc ({sys.platform}, {platform.libc_ver()[0] or 'no libc'})")
+        libc_name = platform.libc_ver()[0] or "another C library"
+        _applied = AllocatorSetup("system", f"not Linux with glibc ({sys.platform}, {libc_name})")
         return _applied
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     if not (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
