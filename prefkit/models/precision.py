@@ -11,7 +11,7 @@
   count, the torch version and torch's CPU capability, and later runs read it.
 
 bf16 autocast changes the numbers a little (log-softmax and losses stay fp32): a DPO loss after
-12 SmolLM2 steps differs from the fp32 run by 0.6e-2 to 2.4e-2 (three data orders, docs/benchmarks.md).
+12 SmolLM2 steps differs from the fp32 run by 0.6e-2 to 2.4e-2 (five data orders, docs/benchmarks.md).
 """
 
 from __future__ import annotations
