@@ -71,7 +71,6 @@ def evaluate(run_or_recipe: Any, overrides: Iterable[str] = (), *, model: str | 
     from prefkit.loops.offline import reference_for
     from prefkit.api.reporting import SilentReporter
     from prefkit.loops.runs import resolve_precision
-    from prefkit.models.allocator import tune_cpu_allocator
     from prefkit.data.prepare import prepare_dataset
     from prefkit.models.loading import load_model
     from prefkit.recipe import ModelConfig
@@ -107,7 +106,6 @@ def evaluate(run_or_recipe: Any, overrides: Iterable[str] = (), *, model: str | 
                            "evaluate its samples with `prefkit compare` (gold reward, KL, win rate)")
     needs = objective.needs(params)
     cache_dir = recipe.resolved_cache_dir()
-    tune_cpu_allocator()
     precision = resolve_precision(recipe.train.precision, cache_dir)
     accelerator = _single_process(precision)
 

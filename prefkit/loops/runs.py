@@ -36,7 +36,7 @@ from prefkit.loops.metrics import Averager, MetricsLog
 from prefkit.loops.optim import replan_schedule
 from prefkit.recipe import LoadedRecipe, Recipe, dump_yaml
 from prefkit.loops.trackers import Trackers, check_trackers, start_trackers
-from prefkit.models.allocator import tune_cpu_allocator
+from prefkit.models import allocator
 from prefkit.models.precision import auto_precision, cpu_attention_in_fp32
 
 
@@ -55,7 +55,10 @@ class Precision:
 
 
 def resolve_precision(requested: str, cache_dir: Path | None = None) -> Precision:
+    """The run's precision; first the CPU allocator is set up, before the precision probe or any
+    other tensor (prefkit.models.allocator, once per process)."""
     cuda = torch.cuda.is_available()
+    allocator.tune_cpu_allocator(cuda)
     if requested == "auto":
         requested = auto_precision(cache_dir)  # on a CPU measured once per machine, cached in cache_dir
     if requested == "fp16" and not cuda:
@@ -177,11 +180,9 @@ class RunSetup:
 
 
 def begin_run(loaded: LoadedRecipe, resume: bool, registry: Any) -> RunSetup:
-    """Checks that need no model: the run directory, the precision, and the tokenizer (for the data).
-    The CPU allocator is set up first, before any tensor exists (prefkit.models.allocator)."""
+    """Checks that need no model: the run directory, the precision, and the tokenizer (for the data)."""
     from prefkit.models.loading import load_tokenizer, resolve_model_dir
 
-    tune_cpu_allocator()
     recipe = loaded.recipe
     resolved = loaded.resolved_dict()
     run_dir = Path(recipe.output_dir)
@@ -545,7 +546,7 @@ def summary_head(setup: RunSetup, handle, objective, registry) -> dict[str, Any]
         "model": {"source": recipe.model.source, "path": handle.path, "lora": recipe.model.lora is not None,
                   "weights_fingerprint": handle.weights_fingerprint},
         "precision": setup.precision.name,
-        "cpu_allocator": tune_cpu_allocator().mode,
+        "cpu_allocator": allocator.applied().mode,  # set up by resolve_precision
     }
 
 

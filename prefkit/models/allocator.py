@@ -16,7 +16,8 @@ SmolLM2 DPO job took about 2.2 million minor page faults that way.
   2 MiB and asks the kernel for transparent huge pages for them, where the kernel allows it
   (``/sys/kernel/mm/transparent_hugepage/enabled`` at ``madvise`` or ``always``). torch reads the
   variable at its first CPU allocation, so it only counts when set before that: the engine calls
-  this first thing in a run (``begin_run``), in ``prefkit.evaluate`` and in ``load_model``.
+  this when it resolves a run's precision (before the precision probe's tensors; training and
+  ``prefkit.evaluate``) and in ``load_model`` (every other path that loads a model).
 
 Measured on a 2-core AMD EPYC (docs/benchmarks.md, "The CPU allocator"): the SmolLM2 DPO step of
 issue 13 ran about 1.2 s instead of 1.7 s in bf16 and 1.9 s instead of 2.3 s in fp32, with a
