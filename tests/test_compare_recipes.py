@@ -58,7 +58,7 @@ def test_sentiment_run_recipe_validates(path):
 def test_the_sentiment_compare_has_every_arm_of_the_flagship():
     loaded = load_compare(ROOT / "recipes" / "sentiment" / "compare.yaml", registry=REGISTRY)
     objectives = {a.loaded.objective.name for a in loaded.arms}
-    assert objectives == {"dpo", "kto", "ppo_kl", "grpo", "unlikelihood", "preferred_ft", "best_of_n"}
+    assert objectives == {"dpo", "kto", "ppo_kl", "grpo", "rloo", "unlikelihood", "preferred_ft", "best_of_n"}
     assert sorted(a.loaded.params.beta for a in loaded.arms if a.loaded.objective.name == "dpo") == [0.05, 0.1, 0.1, 0.5]
     assert loaded.compare.budget.epochs == 1  # DPO for a whole epoch of the pairs (issue 12) ...
     epochs = {a.name: a.loaded.recipe.train.epochs for a in loaded.arms if a.loaded.objective.name == "dpo"}
@@ -69,6 +69,8 @@ def test_the_sentiment_compare_has_every_arm_of_the_flagship():
     assert loaded.compare.evaluation.gold.name == "sentiment"
     grpo = next(a for a in loaded.arms if a.loaded.objective.name == "grpo")
     assert grpo.loaded.recipe.sampling.num_samples == 4  # the arm's own group size
+    rloo = next(a for a in loaded.arms if a.loaded.objective.name == "rloo")
+    assert rloo.loaded.recipe.sampling.num_samples == 4 and rloo.loaded.params.rollout_batch_size == 4  # GRPO's rollouts
     assert all(a.loaded.recipe.model.source == "runs/sentiment/sft/final" for a in loaded.arms)  # from the SFT model
 
 

@@ -538,7 +538,7 @@ def test_the_sentiment_pipeline_end_to_end_on_the_tiny_model(tmp_path):
     assert any("eval/accuracy" in m for m in rm_metrics)
     out = runs / "compare"
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {r["arm"] for r in rows} >= {"dpo-b0.1", "ppo-rm-kl2", "ppo-gold-kl2", "bon-4", "kto", "grpo-rm"}
+    assert {r["arm"] for r in rows} >= {"dpo-b0.1", "ppo-rm-kl2", "ppo-gold-kl2", "bon-4", "kto", "grpo-rm", "rloo-rm"}
     sft = [json.loads(line) for line in (runs / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert sft[-1]["loss"] < sft[0]["loss"]  # the SFT stage learned the review text
     assert by(rows, "ppo-rm-kl2", 1.0)["reward"] == "reward_model"
