@@ -196,7 +196,14 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path, override,
 def test_ppo_numbers_are_unchanged_by_the_move_into_its_plugin(tiny_run):
     """tests/data/ppo_kl_tiny_metrics.jsonl was logged by the tiny recipe when PPO's loop still lived
     in the core (commit f3cc89f); the generic online loop driving the ppo_kl plugin gives the same
-    numbers (tokens_per_s, a timing, left out)."""
+    numbers (tokens_per_s, a timing, left out).
+
+    To 1e-4 (relative; 1e-6 absolute for numbers near 0): CPUs round differently (the same torch
+    picks other kernels on an Intel Xeon without AVX512-BF16 than on an AMD EPYC with it), and the
+    30 rollouts stay on the same samples but not on the same last bits. ``value/clipfrac`` was logged
+    by a value loss that counted rounding as clipping (``old + clip(v - old)`` is not ``v`` in the
+    last bit; tests/test_ppo_math.py); the fixed one counts only real clipping, so it may only be
+    lower (in this run the value head is never clipped: 0 at every rollout, against up to 0.075)."""
     _, out = tiny_run
     golden = [json.loads(line) for line in (ROOT / "tests" / "data" / "ppo_kl_tiny_metrics.jsonl").read_text().splitlines()]
     logged = records(out)
@@ -205,7 +212,10 @@ def test_ppo_numbers_are_unchanged_by_the_move_into_its_plugin(tiny_run):
         now = {k: v for k, v in now.items() if k != "tokens_per_s"}
         assert set(now) == set(before)
         for key, value in before.items():
-            assert now[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (before["step"], key)
+            if key == "value/clipfrac":
+                assert now[key] <= value + 1e-9, (before["step"], key)
+            else:
+                assert now[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (before["step"], key)
 
 
 @pytest.mark.parametrize("recipe", [TINY, ROOT / "recipes" / "grpo_tiny.yaml"])

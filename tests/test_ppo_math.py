@@ -208,6 +208,25 @@ def test_value_loss_clipped():
     close(values.grad, [[0.0, 0.5 / 3, -0.3, 0.0]])
 
 
+def test_value_loss_counts_no_clipping_inside_the_range():
+    # v 0.03 is within 0.2 of old −0.04, so v_clip is v and nothing is clipped. In fp32
+    # −0.04 + (0.03 − (−0.04)) is 0.030000001, not 0.03, so the form old + clip(v − old, −c, c)
+    # made the "clipped" error (0.030000001 − 0.01)² larger than (0.03 − 0.01)² and counted the token
+    values = t([0.03, 0.5, 0.5]).requires_grad_()
+    old = t([-0.04, 0.0, 0.0])
+    returns = t([0.01, 1.0, 0.0])
+    mask = m([1, 1, 1])
+    loss, stats = value_loss(values, old, returns, mask, clip_range_value=0.2)
+    # token 1: within the range, (0.03 − 0.01)² = 0.0004, not clipped
+    # token 2: v 0.5 → 0.2, R 1: 0.25 vs 0.64 → 0.64, clipped error larger: counted
+    # token 3: v 0.5 → 0.2, R 0: 0.25 vs 0.04 → 0.25, not counted
+    # loss = ½·(0.0004 + 0.64 + 0.25)/3 = 0.1484
+    close(loss, 0.1484)
+    close(stats["clipfrac"], 1 / 3)
+    old_form = old + torch.clamp(values.detach() - old, -0.2, 0.2)
+    assert (old_form[0, 0] - 0.01) ** 2 > (values[0, 0].detach() - 0.01) ** 2  # the rounding the test guards
+
+
 # ----------------------------------------------------------------------------- entropy
 
 
