@@ -276,10 +276,9 @@ def plan_arm(loaded: LoadedCompare, arm: LoadedArm, seed: int, counts: DataCount
 
     - the budget (an epochs budget of an online arm needs the pair count of ``data``);
     - checkpoints at every step evaluation needs (``train.save_every``: the arm's evaluation spacing,
-      ``evaluation.every_steps`` or the one ``evaluation.points`` (or the arm's own
-      ``evaluation_points``) gives it, or its greatest common
-      divisor with the arm's own ``save_every``; without a spacing, the arm's ``save_every`` or
-      only the last step, whose checkpoint holds the tokens processed), and a
+      which its own ``evaluation_points``, ``evaluation.points`` or ``evaluation.every_steps`` gives,
+      or its greatest common divisor with the arm's own ``save_every``; without a spacing, the arm's
+      ``save_every`` or only the last step, whose checkpoint holds the tokens processed), and a
       ``keep_checkpoints`` that keeps them all until they are evaluated."""
     compare = loaded.compare
     eval_seed = compare.evaluation.seed if compare.evaluation.seed is not None else seed
