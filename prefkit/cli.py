@@ -168,6 +168,7 @@ def sample(
     recipe: str = typer.Argument(..., help="The recipe YAML file (model, prompts, sampling, optional reward)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. model.source=runs/x/final"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL file (default: OUTPUT_DIR/samples.jsonl)."),
+    force: bool = typer.Option(False, "--force", help="Replace the output file if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -184,7 +185,7 @@ def sample(
     registry = _report_plugin_problems()
     loaded = load_recipe(recipe, overrides or [], registry=registry)
     target = Path(output) if output else Path(loaded.recipe.output_dir) / "samples.jsonl"
-    preflight(loaded, registry, command="sample", output=target)
+    preflight(loaded, registry, command="sample", output=target, force=force)
     started = []
 
     def progress(done: int, total: int) -> None:
@@ -231,6 +232,10 @@ def chat(
     session = open_chat(source, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         top_k=top_k, seed=seed, step=step, registry=registry)
     interactive = sys.stdin.isatty()
+    try:  # bytes that are not UTF-8 come through as lone surrogates, and the line is refused below
+        sys.stdin.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError, OSError):
+        pass
     how = "chat template" if session.templated else \
         "no chat template: the conversation is continued as plain text"
     ui.note(f"chatting with {session.label} ({how}; seed {session.seed}); {CHAT_COMMANDS}")
@@ -260,6 +265,10 @@ def chat(
             if command.startswith("/") and " " not in command:
                 ui.note(f"unknown command {command}; {CHAT_COMMANDS}")
                 continue
+            bad = _not_text(text)
+            if bad:
+                ui.warning(f"that message was not sent: {bad}")
+                continue
             reply = session.send(text)
             for note in session.notes:
                 ui.warning(note)
@@ -269,6 +278,18 @@ def chat(
             ui.console.print()
     if interactive:
         ui.note("bye")
+
+
+def _not_text(text: str) -> str | None:
+    """Why a line read from the terminal or stdin is not text a tokenizer can take (bytes that are
+    not UTF-8 arrive as lone surrogates), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raw = text[exc.start]
+        byte = f"byte 0x{ord(raw) - 0xDC00:02x}" if 0xDC80 <= ord(raw) <= 0xDCFF else f"character U+{ord(raw):04X}"
+        return f"it is not valid UTF-8 text ({byte} at column {exc.start + 1})"
+    return None
 
 
 recipes_app = typer.Typer(help="List the shipped recipes, or copy one to edit (like torchtune's `tune ls` / `tune cp`).",
@@ -533,14 +554,17 @@ def label(
                              "unpaired (KTO rows: above the prompt's mean score desirable)."),
     rescore: bool = typer.Option(False, "--rescore", help="Score with --reward even when the file has scores."),
     margin: bool = typer.Option(True, "--margin/--no-margin", help="Write the score difference as `margin`."),
+    force: bool = typer.Option(False, "--force", help="Replace the output file if it exists."),
 ) -> None:
     """Label preference pairs from sampled completions with a gold reward (ties dropped)."""
     from pathlib import Path
 
-    from prefkit.compare.labeling import label_samples, reward_from_options
+    from prefkit.compare.labeling import MODES, label_samples, reward_from_options
     from prefkit.inputs import InputError, check_readable_file
     from prefkit.loops.preflight import check_output_file
 
+    if mode not in MODES:
+        raise PrefkitError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
     registry = _report_plugin_problems()
     reward_cfg, params = reward_from_options(reward, reward_params, registry) if reward else (None, None)
     if reward is None and reward_params:
@@ -548,7 +572,7 @@ def label(
     target = Path(output) if output else Path(samples).with_name("pairs.jsonl")
     try:
         check_readable_file(samples)
-        check_output_file(target)
+        check_output_file(target, inputs={"the samples file": samples}, force=force)
     except InputError as exc:
         raise PrefkitError(str(exc)) from None
     report = label_samples(samples, target, reward=reward_cfg, reward_params=params, mode=mode,

@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from prefkit.api.errors import RecipeError
+from prefkit.api.params import NumbersAreNumbers
 from prefkit.inputs import (
     InputError,
     check_readable_file,
@@ -58,7 +59,7 @@ SEED_LIMIT = 2**32  # numpy's generators take seeds in [0, 2**32)
 MAX_RECIPE_BYTES = 16 * 1024 * 1024
 
 
-class Strict(BaseModel):
+class Strict(NumbersAreNumbers):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
@@ -254,6 +255,13 @@ class SamplingConfig(Strict):
     num_samples: int = Field(1, gt=0, le=MAX_BATCH, description="Completions per prompt.")
     batch_size: int = Field(16, gt=0, le=MAX_BATCH, description="Sequences generated together.")
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="Default: the recipe's seed.")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "SamplingConfig":
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens {self.min_new_tokens} is more than max_new_tokens "
+                             f"{self.max_new_tokens}")
+        return self
 
 
 class TrainConfig(Strict):

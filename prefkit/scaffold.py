@@ -216,12 +216,24 @@ def new_objective(name: str, directory: Path | str = ".", *, registry: Any = Non
         if name in registry.objectives:
             owner = registry.owner("objectives", name)
             raise PrefkitError(f"an objective named {name!r} is already registered by {owner.label}; pick another name")
+    from prefkit.inputs import InputError, check_writable_dir
+
+    try:
+        check_writable_dir(directory, "--directory")
+    except InputError as exc:
+        raise PrefkitError(f"{exc} (nothing was written)") from None
     target = Path(directory) / package_names(name)["__DIST__"]
     if target.exists():
         raise PrefkitError(f"{target} already exists; remove it or choose another --directory (nothing was written)")
     files = render(name)
-    for relative, text in files.items():
-        path = target / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+    try:
+        for relative, text in files.items():
+            path = target / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    except OSError as exc:  # the disk filled, or the folder changed under us: leave nothing half-written
+        import shutil
+
+        shutil.rmtree(target, ignore_errors=True)
+        raise PrefkitError(f"cannot write {target}: {exc.strerror or exc} (nothing was written)") from exc
     return target

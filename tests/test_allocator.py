@@ -79,3 +79,13 @@ def test_a_bad_setting_is_one_clear_message_before_any_work(tmp_path):
     assert proc.returncode == 2, text[-3000:]
     assert "PREFKIT_CPU_ALLOCATOR='jemalloc'" in text and "tuned, system" in text
     assert "Traceback" not in text and not out.exists()
+
+
+def test_validate_refuses_a_bad_setting_as_run_does(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from prefkit.cli import app
+
+    monkeypatch.setenv("PREFKIT_CPU_ALLOCATOR", "jemalloc")
+    result = CliRunner().invoke(app, ["validate", str(ROOT / "recipes" / "dpo_tiny.yaml"), f"output_dir={tmp_path}/r"])
+    assert result.exit_code == 2 and "PREFKIT_CPU_ALLOCATOR='jemalloc'" in result.output, result.output

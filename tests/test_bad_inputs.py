@@ -266,9 +266,22 @@ def test_unwritable_output_and_cache_folders(tmp_path, monkeypatch, immutable_cl
     locked = unwritable_dir(tmp_path / "locked")
     refused(cli("run", recipe(tmp_path, output_dir=str(locked / "run"))), "output_dir", "cannot write in")
     refused(cli("validate", recipe(tmp_path, cache_dir=str(locked / "cache"))), "cache_dir", "cannot write in")
+    monkeypatch.setenv("PREFKIT_CACHE", str(locked / "cache"))  # chat builds a named model in the cache too
+    refused(runner.invoke(app, ["chat", "tiny-llama"], input="/exit\n"), "model source 'tiny-llama'",
+            "the cache folder", "cannot write in")
     monkeypatch.setenv("PREFKIT_CACHE", str(write(tmp_path / "cachefile", "x")))
     refused(cli("run", recipe(tmp_path)), "$PREFKIT_CACHE", "is a file")
     assert not (tmp_path / "out-r").exists()
+
+
+def test_new_objective_into_a_file_or_an_unwritable_folder(tmp_path, immutable_cleanup):
+    mine = write(tmp_path / "mine.yaml", "precious\n")
+    refused(cli("new-objective", "ok_name", "-d", mine), "--directory", "mine.yaml' is a file", "nothing was written")
+    assert mine.read_text() == "precious\n"
+    locked = unwritable_dir(tmp_path / "locked")
+    refused(cli("new-objective", "ok_name", "-d", locked), "--directory", "cannot write in")
+    refused(cli("new-objective", "ok_name", "-d", locked / "sub"), "--directory", "cannot write in")
+    assert not (locked / "prefkit-ok-name").exists()
 
 
 def test_sample_and_label_outputs(tmp_path):
@@ -283,7 +296,35 @@ def test_sample_and_label_outputs(tmp_path):
             "deep.jsonl", "line 1", "nested")
     refused(cli("label", write(tmp_path / "nan.jsonl", '{"prompt": "p", "completion": "c", "score": NaN}\n')),
             "nan.jsonl", "line 1", "not a finite number")
+    refused(cli("label", write(tmp_path / "huge.jsonl", '{"prompt": "p", "completion": "c", "score": 1' + "0" * 400 + '}\n')),
+            "huge.jsonl", "line 1", "not a finite number", "(401 digits)")
     refused(cli("label", tmp_path / "adir"), "adir", "is a directory")
+
+
+def test_an_output_never_replaces_its_input_or_an_existing_file(tmp_path):
+    """`sample -o` onto the recipe's data file and `label -o` onto its samples file are refused
+    even with --force; an existing output is replaced only with --force."""
+    samples = write(tmp_path / "samples.jsonl", "".join(
+        json.dumps({"prompt": "p", "completion": c, "score": s}) + "\n" for c, s in (("a", 1), ("b", 0))))
+    before = samples.read_bytes()
+    for extra in ([], ["--force"]):
+        refused(cli("label", samples, "-o", samples, *extra), "samples.jsonl", "the samples file itself")
+        refused(cli("label", samples, "-o", tmp_path / "." / "samples.jsonl", *extra), "the samples file itself")
+    assert samples.read_bytes() == before
+    kept = write(tmp_path / "pairs.jsonl", "precious\n")
+    refused(cli("label", samples), "pairs.jsonl", "already exists", "--force")
+    assert kept.read_text() == "precious\n"
+    assert cli("label", samples, "--force").exit_code == 0
+    assert json.loads(kept.read_text().splitlines()[0])["chosen"] == "a"
+
+    data = write(tmp_path / "prompts.jsonl", rows(2))
+    sampling = recipe(tmp_path, "s", data__train=str(data), data__max_rows=2, sampling__max_new_tokens=2)
+    for extra in ([], ["--force"]):
+        refused(cli("sample", sampling, "-o", data, *extra), "prompts.jsonl", "the recipe's data.train itself")
+    assert data.read_text() == rows(2)
+    taken = write(tmp_path / "taken.jsonl", "precious\n")
+    refused(cli("sample", sampling, "-o", taken), "taken.jsonl", "already exists", "--force")
+    assert taken.read_text() == "precious\n"
 
 
 # ----------------------------------------------------------------------------- 3. numbers
@@ -319,6 +360,13 @@ NUMBERS = [
     ("train.max_steps=1000000000", ["train.max_steps"]),
     ("train.batch_size=1000", ["train.batch_size", "48 training rows of tiny-prefs"]),
     ("train.max_steps=null", []),  # valid: one epoch
+    # true/false are not numbers (pydantic would read them as 1 and 0), in the recipe and in plugins' params
+    ("train.batch_size=true", ["train.batch_size", "true is not a number"]),
+    ("train.max_grad_norm=false", ["train.max_grad_norm", "false is not a number"]),
+    ("objective.params.beta=yes", ["objective.params.beta", "true is not a number"]),
+    ("model.options.hidden_size=true", ["model.options.hidden_size", "true is not a number"]),
+    ("sampling.min_new_tokens=10 ;; sampling.max_new_tokens=2", ["sampling", "min_new_tokens 10 is more than "
+                                                                             "max_new_tokens 2"]),
 ]
 
 
@@ -329,6 +377,16 @@ def test_numbers_out_of_range_are_refused_at_validation(tmp_path, override, need
         assert result.exit_code == 0, result.output
         return
     refused(result, "r.yaml", *needles)
+
+
+def test_a_group_objective_refuses_samples_that_cannot_differ(tmp_path):
+    """GRPO and RLOO compare the completions of a prompt: one completion, or greedy decoding, gives
+    them nothing to compare (every advantage 0)."""
+    for name in ("grpo_tiny", "rloo_tiny"):
+        path = ROOT / "recipes" / f"{name}.yaml"
+        refused(cli("validate", path, "sampling.temperature=0"), "sampling.temperature", "greedy decoding")
+        refused(cli("validate", path, "sampling.num_samples=1"), "sampling.num_samples", "at least 2")
+    assert cli("validate", ROOT / "recipes" / "ppo_kl_tiny.yaml", "sampling.temperature=0").exit_code == 0
 
 
 def test_settings_this_machine_cannot_honour_and_impossible_paths(tmp_path):
@@ -397,6 +455,52 @@ def test_max_length_is_checked_against_a_built_source_before_training(tmp_path):
     with pytest.raises(PrefkitError, match="data.max_length 128 is more than the model's 64 positions"):
         prepare_dataset(DataConfig(train="tiny-prefs", max_length=128), loaded, registry.data_kinds["pairs"],
                         registry=registry)
+
+
+def test_a_damaged_model_folder_is_one_message_and_the_fixed_run_reuses_its_folder(tmp_path):
+    """Truncated weights, an unknown architecture, weights that do not fit the config: one message
+    naming the folder (a JSON error event under --json), and the corrected command may start in
+    the output_dir the failed start left (its recipe only), with no --resume and nothing deleted."""
+    import shutil
+
+    from prefkit.models.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    good = tmp_path / "good"
+    build_tiny_model(len(tokenizer)).save_pretrained(good)
+    tokenizer.save_pretrained(good)
+
+    def damaged(name: str, change) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        change(folder)
+        return folder
+
+    def config(folder: Path, **changes) -> None:
+        data = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**data, **changes}))
+
+    weights = "model.safetensors"
+    truncated = damaged("truncated", lambda f: (f / weights).write_bytes((f / weights).read_bytes()[:1000]))
+    unknown = damaged("unknown", lambda f: config(f, model_type="nonsense_arch"))
+    vocab = damaged("vocab", lambda f: config(f, vocab_size=10))
+    out = tmp_path / "run"
+    for folder, reason in ((truncated, "header"), (unknown, "nonsense_arch"), (vocab, "do not match its config.json")):
+        refused(cli("run", recipe(tmp_path, output_dir=str(out)), f"model.source={folder}", "model.options={}"),
+                f"directory '{folder}'", reason)
+        refused(cli("sample", recipe(tmp_path, output_dir=str(tmp_path / "s")), f"model.source={folder}",
+                    "model.options={}", "data.max_rows=2"), f"directory '{folder}'", reason)
+    result = cli("run", recipe(tmp_path, output_dir=str(out)), f"model.source={truncated}", "model.options={}", "--json")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    error = json.loads(result.stdout.splitlines()[-1])
+    assert error["event"] == "error" and str(truncated) in error["text"]
+    assert sorted(p.name for p in out.iterdir()) == ["recipe.resolved.yaml"]
+    refused(cli("run", recipe(tmp_path, output_dir=str(out)), f"model.source={good}", "model.options={}",
+                "--resume"), "stopped before its first step", "leave out --resume")
+    result = cli("run", recipe(tmp_path, output_dir=str(out)), f"model.source={good}", "model.options={}")
+    assert result.exit_code == 0, result.output
+    assert "starting it afresh" in result.output and (out / "final" / weights).is_file()
+    assert yaml.safe_load((out / "recipe.resolved.yaml").read_text())["model"]["source"] == str(good)
 
 
 # ----------------------------------------------------------------------------- 4. plugins
@@ -577,6 +681,9 @@ def test_compare_validate_refuses_nonsense(tmp_path):
             "evaluation.prompts", "did you mean 'tiny-prefs'?")
     refused(cli("compare", "--validate", compare("out", lambda d: d.update(output_dir=str(write(tmp_path / "f", "x"))))),
             "output_dir", "is a file")
+    prompts = write(tmp_path / "prompts.jsonl", '{"prompt": ""}\n{"prompt": 5}\n{"text": "no prompt"}\n')
+    refused(cli("compare", "--validate", compare("prompts", lambda d: d["evaluation"].update(prompts=str(prompts)))),
+            "prompts.jsonl", "row 1: field 'prompt' is empty", "row 2")
 
 
 def test_every_command_exits_2_on_a_user_error(tmp_path):

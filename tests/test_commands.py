@@ -142,6 +142,13 @@ def test_chat_reset_and_exit(sent):
     assert "forgotten" in flat(result) and "unknown command /bogus" in flat(result)
 
 
+def test_a_chat_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(sent):
+    result = cli("chat", "tiny-llama", "--max-new-tokens", "4", input=b"\xff\xfe hi\nhello\n")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert [text for text, _, _ in sent] == ["hello"]
+    assert "not sent: it is not valid UTF-8 text (byte 0xff at column 1)" in flat(result)
+
+
 def test_chat_ends_cleanly_on_ctrl_c(monkeypatch):
     def interrupted(self, text):
         raise KeyboardInterrupt

@@ -275,12 +275,34 @@ def test_an_extended_resume_follows_the_longer_plan(tmp_path):
     (lambda out: type(out)(out.losses.detach(), out.metrics), "no gradient"),
     (lambda out: type(out)(out.losses.long(), out.metrics), "dtype torch.int64"),
     (lambda out: out.losses, "returned Tensor"),
+    (lambda out: type(out)(out.losses, {**out.metrics, "note": "text"}), "metric 'note' = 'text' \\(str\\)"),
+    (lambda out: type(out)(out.losses, {**out.metrics, "none": None}), "metric 'none' = None"),
+    (lambda out: type(out)(out.losses, {"empty": out.losses[:0]}), "metric 'empty' as a torch.float32 tensor of shape \\[0\\]"),
+    (lambda out: type(out)(out.losses, [1.0]), "metrics of type list"),
 ])
 def test_a_loss_of_the_wrong_shape_dtype_or_without_gradient_is_refused_at_the_first_step(tmp_path, bad, match):
     with pytest.raises(PrefkitError, match=f"objective 'dpo': loss\\(\\).*{match}"):
         train(tmp_path / "run", *SHORT, "train.max_steps=3", "train.save_every=1",
               objective_loss=fail_at_call(1, bad))
     assert not (tmp_path / "run" / "checkpoints").exists() or not checkpoint_steps(tmp_path / "run")
+
+
+def test_an_online_objectives_metrics_must_be_numbers_or_one_element_tensors():
+    """prepare() and the online loss() log one number per metric (checked before logging)."""
+    from types import SimpleNamespace
+
+    from prefkit.loops.runs import check_metrics
+
+    grpo = SimpleNamespace(name="grpo")
+    fine = {"a": 1, "b": 0.5, "c": True, "d": torch.tensor(2.0), "e": torch.ones(1)}
+    assert check_metrics(grpo, "prepare()", fine, scalars=True) is fine
+    for bad, match in (({"a": torch.ones(2)}, r"metric 'a' as a torch.float32 tensor of shape \[2\]; it must be a "
+                                              r"number or a one-element tensor"),
+                       ({"a": "x"}, r"metric 'a' = 'x' \(str\)"), ({1: 2.0}, "a metric named 1"),
+                       (None, "metrics of type NoneType; it must be a dict")):
+        with pytest.raises(PrefkitError, match=r"objective 'grpo': prepare\(\) returned " + match):
+            check_metrics(grpo, "prepare()", bad, scalars=True)
+    check_metrics(grpo, "loss()", {"a": torch.ones(3)}, scalars=False)  # offline: averaged over its elements
 
 
 # ----------------------------------------------------------------------------- a full disk

@@ -21,15 +21,18 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from prefkit.api.params import NumbersAreNumbers
 
 ObjectiveKind = Literal["offline", "online", "inference"]
 ModelHead = Literal["lm", "scalar"]
 LossUnit = Literal["token", "sequence"]
 
 
-class ObjectiveParams(BaseModel):
-    """Base for every objective's ``Params``: unknown keys are refused."""
+class ObjectiveParams(NumbersAreNumbers):
+    """Base for every objective's ``Params``: unknown keys are refused, and a number field takes no
+    ``true``/``false``."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -6,11 +6,14 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
+
+from prefkit.api.params import NumbersAreNumbers
 
 
-class ModelSourceParams(BaseModel):
-    """Base for a named source's ``Params``: unknown keys are refused."""
+class ModelSourceParams(NumbersAreNumbers):
+    """Base for a named source's ``Params``: unknown keys are refused, and a number field takes no
+    ``true``/``false``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -32,8 +35,9 @@ class ModelSource(ABC):
         ``prefkit.models.loading.materialize_once``) and reuse it."""
 
 
-class RewardParams(BaseModel):
-    """Base for every reward function's ``Params``: unknown keys are refused."""
+class RewardParams(NumbersAreNumbers):
+    """Base for every reward function's ``Params``: unknown keys are refused, and a number field
+    takes no ``true``/``false``."""
 
     model_config = ConfigDict(extra="forbid")
 

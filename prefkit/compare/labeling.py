@@ -94,8 +94,13 @@ def read_samples(path: Path | str) -> list[Completion]:
         if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
             problems.append(f"line {line_no}: field 'score' is not a number")
             continue
-        if score is not None and not math.isfinite(score):
-            problems.append(f"line {line_no}: field 'score' is not a finite number ({score})")
+        try:
+            finite = score is None or math.isfinite(score)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
+            shown = str(score) if len(str(score)) <= 40 else f"{str(score)[:20]}... ({len(str(score))} digits)"
+            problems.append(f"line {line_no}: field 'score' is not a finite number ({shown})")
             continue
         index = row.get("prompt_index")
         key = f"i:{index}" if isinstance(index, int) else "p:" + json.dumps(prompt, sort_keys=True)

@@ -608,6 +608,6 @@ def preflight_compare(loaded: LoadedCompare, registry: Any) -> None:
     evaluation = compare.evaluation
     if evaluation.prompts is not None:
         local_rows(evaluation.prompts, evaluation.prompts_split or compare.data.eval_split, compare.data, registry,
-                   None)
+                   None, kind=registry.data_kinds.get("prompts"), needed_by="the evaluation (evaluation.prompts)")
     if problems:
         raise RecipeError(where, list(dict.fromkeys(problems)))

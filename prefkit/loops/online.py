@@ -47,6 +47,7 @@ from prefkit.api.reporting import Reporter, SilentReporter
 from prefkit.loops.runs import (
     begin_run,
     check_loss_output,
+    check_metrics,
     check_resumable,
     check_step,
     describe_data,
@@ -228,6 +229,10 @@ def check_online_recipe(loaded: LoadedRecipe) -> list[tuple[str, str]]:
         problems.append(("sampling.num_samples", f"objective {objective.name!r} compares the completions of one "
                                                  f"prompt; it needs at least {least} per prompt, got "
                                                  f"{recipe.sampling.num_samples}"))
+    if least > 1 and recipe.sampling.temperature == 0:
+        problems.append(("sampling.temperature", f"objective {objective.name!r} compares the completions of one "
+                                                 "prompt, and temperature 0 (greedy decoding) makes them all the "
+                                                 "same, so nothing would be learnt; use a temperature above 0"))
     return problems
 
 
@@ -411,7 +416,8 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
             clock.lap("gather_rollout")
         # 5. The objective's advantages (and its controllers).
         with torch.no_grad():
-            rollout_metrics = plugin_call(objective, "prepare()", lambda: objective.prepare(params, rollout, state))
+            rollout_metrics = check_metrics(objective, "prepare()", plugin_call(
+                objective, "prepare()", lambda: objective.prepare(params, rollout, state)), scalars=True)
         clock.lap("prepare")
 
         # 6. Update epochs over shuffled minibatches; one optimizer step per minibatch.

@@ -24,6 +24,7 @@ the recipe file and the key. A compare recipe's arms go through the same checks
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +34,23 @@ from prefkit.data.positions import folder_positions
 from prefkit.recipe import MAX_STEPS, LoadedRecipe, warmup_beyond_run
 
 def preflight(loaded: LoadedRecipe, registry: Any, *, command: str = "run", output: Path | str | None = None,
-              check_output_dir: bool = True) -> None:
+              force: bool = False, check_output_dir: bool = True) -> None:
     """Refuse, before a model loads, what ``command`` ("validate", "run", "sample", "compare") would
-    fail on later: unwritable folders, unreadable data, a budget the data cannot fill, a
-    ``max_length`` beyond the model. Raises PrefkitError (RecipeError for key problems)."""
+    fail on later: a bad ``PREFKIT_CPU_ALLOCATOR``, unwritable folders, an ``output`` file that is
+    one of the recipe's data files or (without ``force``) already exists, unreadable data, a budget
+    the data cannot fill, a ``max_length`` beyond the model. Raises PrefkitError (RecipeError for
+    key problems)."""
+    from prefkit.models.allocator import requested_mode
+
+    requested_mode()
     recipe, where = loaded.recipe, loaded.path
     try:
         if check_output_dir and command in ("run", "validate", "compare"):
             check_writable_dir(recipe.output_dir, "output_dir")
         check_writable_dir(recipe.resolved_cache_dir(), recipe.cache_dir_origin())
         if output is not None:
-            check_output_file(output)
+            inputs = {f"the recipe's {key}": source for key, source in recipe.data.source_names()}
+            check_output_file(output, inputs=inputs, force=force)
     except InputError as exc:
         raise PrefkitError(f"{where}: {exc}") from None
 
@@ -70,18 +77,38 @@ def preflight(loaded: LoadedRecipe, registry: Any, *, command: str = "run", outp
         raise RecipeError(where, problems)
 
 
-def check_output_file(output: Path | str) -> None:
-    """An output file: not a directory, and its folder can be made and written."""
+def check_output_file(output: Path | str, *, inputs: dict[str, Any] | None = None, force: bool = False) -> None:
+    """An output file: not a directory, its folder can be made and written, not one of the command's
+    ``inputs`` (``{what: path}``; never, whatever ``force``), and not an existing file unless ``force``.
+    Nothing that is already on disk is replaced without being asked for."""
     path = Path(output).expanduser()
     problem = path_problem(str(output))
     if problem:
         raise InputError(None, f"the output {str(output)!r} {problem}")
     if is_dir(path):
         raise InputError(None, f"the output {str(output)!r} is a directory; name a file")
+    for what, source in (inputs or {}).items():
+        if source is not None and _same_file(path, source):
+            raise InputError(None, f"the output {str(output)!r} is {what} itself; writing it would destroy its "
+                                   "input. Choose another --output (nothing was written)")
+    if is_file(path) and not force:
+        raise InputError(None, f"the output {str(output)!r} already exists; pass --force to replace it, or "
+                               "choose another --output (nothing was written)")
     try:
         check_writable_dir(path.parent if str(path.parent) else Path("."), "its folder")
     except InputError as exc:
         raise InputError(None, f"the output {str(output)!r} cannot be written: {exc}") from None
+
+
+def _same_file(a: Path, b: Any) -> bool:
+    """Whether two paths name one file (a link or another spelling of the same path included)."""
+    try:
+        b = Path(b).expanduser()
+        if not b.exists():  # a dataset's name, or a file not there: nothing to destroy
+            return False
+        return a.resolve() == b.resolve() or (a.exists() and os.path.samefile(a, b))
+    except (OSError, ValueError, TypeError, RuntimeError):
+        return False
 
 
 # ----------------------------------------------------------------------------- the model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,11 @@ def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> tuple[Path |
     if run_dir.exists() and not run_dir.is_dir():
         raise PrefkitError(f"output_dir {run_dir} is a file, not a folder; set output_dir=... to a folder")
     started = run_dir.is_dir() and any(run_dir.iterdir())
+    stub = started and never_trained(run_dir)
     if not resume:
+        if stub:  # a start that failed (a model that would not load, ...): the fixed command may reuse it
+            return None, [f"output_dir {run_dir} held only the recipe of a run that stopped before its first "
+                          "step; starting it afresh"]
         if started:
             raise PrefkitError(
                 f"output_dir {run_dir} already holds a run; pass --resume to continue it, "
@@ -112,6 +117,9 @@ def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> tuple[Path |
         return None, []
     if not started:
         raise PrefkitError(f"--resume: {run_dir} holds no run to resume; leave out --resume to start one")
+    if stub:
+        raise PrefkitError(f"--resume: the run in {run_dir} stopped before its first step, so there is nothing to "
+                           "continue; leave out --resume to start it again (nothing was changed)")
     checkpoint, notes = newest_intact_checkpoint(run_dir)
     if checkpoint is None:
         found = "only damaged checkpoints" if notes else "no checkpoint"
@@ -133,6 +141,20 @@ def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> tuple[Path |
             + ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in changed[:5])
         )
     return checkpoint, notes
+
+
+STUB_FILES = {"recipe.resolved.yaml", "metrics.jsonl"}  # what a run writes before its first step
+
+
+def never_trained(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds only what a run writes before its first step (its recipe, an empty
+    metrics log): the trace of a start that failed, which a new run may replace. Anything else in
+    the folder (a checkpoint, a logged step, a file of the user's) makes it a run to keep."""
+    entries = list(run_dir.iterdir())
+    if not entries or any(e.name not in STUB_FILES or not e.is_file() or e.is_symlink() for e in entries):
+        return False
+    metrics = run_dir / "metrics.jsonl"
+    return not metrics.exists() or metrics.stat().st_size == 0
 
 
 def checkpoint_state(checkpoint: Path | None) -> dict[str, Any]:
@@ -381,9 +403,31 @@ def check_loss_output(objective, out, *, rows: int | None, needs_grad: bool):
     if needs_grad and not losses.requires_grad:
         raise PrefkitError(f"{where} returned losses with no gradient (detached, or computed without the "
                            "model's outputs); nothing could be trained")
-    if not isinstance(out.metrics, dict):
-        raise PrefkitError(f"{where} returned metrics of type {type(out.metrics).__name__}; it must be a dict")
+    check_metrics(objective, "loss()", out.metrics, scalars=rows is None)
     return out
+
+
+def check_metrics(objective, what: str, metrics: Any, *, scalars: bool) -> dict:
+    """The metrics a plugin's ``what`` returned, checked before they are logged: a dict of names to
+    real numbers or real tensors (one-element ones where ``scalars``, else any non-empty shape, which
+    the log averages). Returns ``metrics``."""
+    where = f"objective {objective.name!r}: {what}"
+    if not isinstance(metrics, dict):
+        raise PrefkitError(f"{where} returned metrics of type {type(metrics).__name__}; it must be a dict")
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            raise PrefkitError(f"{where} returned a metric named {name!r}; metric names must be strings")
+        if isinstance(value, torch.Tensor):
+            wrong = value.is_complex() or value.numel() == 0 or (scalars and value.numel() != 1)
+            if wrong:
+                shape = "a one-element tensor" if scalars else "a non-empty real tensor"
+                raise PrefkitError(f"{where} returned metric {name!r} as a {value.dtype} tensor of shape "
+                                   f"{list(value.shape)}; it must be a number or {shape}")
+        elif not isinstance(value, numbers.Real):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "..."
+            raise PrefkitError(f"{where} returned metric {name!r} = {shown} ({type(value).__name__}); metrics "
+                               "must be numbers or tensors")
+    return metrics
 
 
 def check_step(objective, step: int, *, loss_finite: bool, grad_norm: float | None, precision: str) -> None:

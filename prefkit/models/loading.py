@@ -226,8 +226,12 @@ def resolve_model_dir(cfg: ModelConfig, options: Any, cache_dir: Path, registry:
                 options = source.Params.model_validate(cfg.options)
             except ValidationError as exc:
                 raise PrefkitError(f"model.options for {cfg.source!r}: {_first_line(exc)}") from None
-        with plugin_errors(registry, "model_sources", cfg.source, "building the model (materialize)"):
-            folder = source.materialize(options, Path(cache_dir))
+        try:
+            with plugin_errors(registry, "model_sources", cfg.source, "building the model (materialize)"):
+                folder = source.materialize(options, Path(cache_dir))
+        except PluginError:
+            _check_cache_for(cfg.source, cache_dir)  # an unwritable cache is the user's to fix, not the plugin's
+            raise
         if not isinstance(folder, (str, os.PathLike)) or not Path(folder).is_dir():
             raise PluginError(f"{plugin_label(registry, 'model_sources', cfg.source)}: materialize returned "
                               f"{folder!r}, not an existing folder; report it to the plugin's authors")
@@ -252,6 +256,17 @@ def resolve_model_dir(cfg: ModelConfig, options: Any, cache_dir: Path, registry:
         raise PrefkitError(f"model.source {cfg.source!r} is not a named model source, a local folder or a hub id "
                            f"(org/name); did you mean {meant!r}? (`prefkit models` lists them)")
     return cfg.source
+
+
+def _check_cache_for(source: str, cache_dir: Path) -> None:
+    """Refuse, naming the cache folder, a cache that a named model source cannot build in."""
+    from prefkit.inputs import InputError, check_writable_dir
+
+    try:
+        check_writable_dir(cache_dir, "the cache folder")
+    except InputError as exc:
+        raise PrefkitError(f"model source {source!r} is built in the cache folder, which cannot be used: {exc} "
+                           "($PREFKIT_CACHE, or the recipe's cache_dir)") from None
 
 
 def _closest_source(source: str, registry: Any) -> str | None:
@@ -280,13 +295,34 @@ def _user_errors(what: str, source: str) -> Iterator[None]:
             f"(`prefkit models` lists those), and as a hub id: {_first_line(exc)} "
             "(a hub id needs network access or a copy in the Hugging Face cache)"
         ) from exc
-    except ValueError as exc:
-        if "trust_remote_code" not in str(exc):
+    except PrefkitError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, ValueError) and "trust_remote_code" in str(exc):
+            raise PrefkitError(
+                f"the {what} at {source!r} needs its own Python code to load; read that code, then set "
+                "model.trust_remote_code: true if you trust it"
+            ) from exc
+        if not _is_local(source) or isinstance(exc, MemoryError):
             raise
+        # A local folder that transformers cannot read: damaged or truncated weights, a config.json
+        # naming an unknown architecture, weights that do not fit the config.
         raise PrefkitError(
-            f"the {what} at {source!r} needs its own Python code to load; read that code, then set "
-            "model.trust_remote_code: true if you trust it"
+            f"cannot load the {what} from the directory {source!r}: {type(exc).__name__}: {_load_reason(exc)}; "
+            "its files may be damaged, incomplete or from another model (nothing was changed)"
         ) from exc
+
+
+def _load_reason(exc: BaseException) -> str:
+    """The line of a loading error that says what is wrong (a state dict's size mismatch may sit
+    below a generic first line)."""
+    if "ignore_mismatched_sizes" in str(exc):  # transformers logs the shapes and raises this line
+        return "the weights' shapes do not match its config.json (vocab_size, hidden_size, ...)"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "size mismatch" in line:
+            return line[:300]
+    return lines[0][:300] if lines else "no message"
 
 
 def _check_gguf(model_dir: str, gguf_file: str | None) -> None:
