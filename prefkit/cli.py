@@ -559,12 +559,11 @@ def label(
     """Label preference pairs from sampled completions with a gold reward (ties dropped)."""
     from pathlib import Path
 
-    from prefkit.compare.labeling import MODES, label_samples, reward_from_options
+    from prefkit.compare.labeling import check_mode, label_samples, reward_from_options
     from prefkit.inputs import InputError, check_readable_file
     from prefkit.loops.preflight import check_output_file
 
-    if mode not in MODES:
-        raise PrefkitError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    check_mode(mode)
     registry = _report_plugin_problems()
     reward_cfg, params = reward_from_options(reward, reward_params, registry) if reward else (None, None)
     if reward is None and reward_params:

@@ -34,6 +34,12 @@ Mode = Literal["best-worst", "all-pairs", "unpaired"]
 MODES = ("best-worst", "all-pairs", "unpaired")
 
 
+def check_mode(mode: str) -> None:
+    """Refuse a labelling mode that is not one of :data:`MODES`."""
+    if mode not in MODES:
+        raise PrefkitError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+
+
 @dataclass
 class Completion:
     line: int  # 1-based line in the samples file
@@ -117,8 +123,7 @@ def read_samples(path: Path | str) -> list[Completion]:
 
 def make_pairs(completions: list[Completion], mode: Mode) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Pairs from scored completions, grouped by prompt; ties and empty completions are dropped."""
-    if mode not in MODES:
-        raise PrefkitError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    check_mode(mode)
     groups: dict[str, list[Completion]] = {}
     counts = {"empty_dropped": 0, "ties_dropped": 0, "prompts_without_pair": 0}
     for c in completions:
@@ -241,8 +246,7 @@ def label_samples(samples: Path | str, output: Path | str, *, reward: Any, rewar
     from prefkit.models.sampling import _write_atomic, summary_path
 
     started = time.perf_counter()
-    if mode not in MODES:
-        raise PrefkitError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    check_mode(mode)
     completions = read_samples(samples)
     scored = all(c.score is not None for c in completions)
     scored_by = _scored_by(Path(samples)) if scored else None
