@@ -307,9 +307,11 @@ def _user_errors(what: str, source: str) -> Iterator[None]:
             raise
         # A local folder that transformers cannot read: damaged or truncated weights, a config.json
         # naming an unknown architecture, weights that do not fit the config.
+        hint = ("a package it needs is missing" if isinstance(exc, ImportError)
+                else "its files may be damaged, incomplete or from another model")
         raise PrefkitError(
             f"cannot load the {what} from the directory {source!r}: {type(exc).__name__}: {_load_reason(exc)}; "
-            "its files may be damaged, incomplete or from another model (nothing was changed)"
+            f"{hint} (nothing was changed)"
         ) from exc
 
 
