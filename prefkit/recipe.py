@@ -198,6 +198,14 @@ class DataConfig(Strict):
         return _check_mixture(value)
 
     @model_validator(mode="after")
+    def _prompt_room(self) -> "DataConfig":
+        explicit = "max_prompt_length" in self.model_fields_set and self.max_prompt_length is not None
+        if explicit and self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length {self.max_prompt_length} leaves no room for the completion within "
+                             f"max_length {self.max_length}; make it smaller than max_length")
+        return self
+
+    @model_validator(mode="after")
     def _mix_rows(self) -> "DataConfig":
         if self.mix_rows is not None and not (isinstance(self.train, list) and self.train[0].weight is not None):
             raise ValueError("data.mix_rows sets the size of a weighted mixture, but data.train is not one "

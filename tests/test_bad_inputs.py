@@ -367,6 +367,8 @@ NUMBERS = [
     ("model.options.hidden_size=true", ["model.options.hidden_size", "true is not a number"]),
     ("sampling.min_new_tokens=10 ;; sampling.max_new_tokens=2", ["sampling", "min_new_tokens 10 is more than "
                                                                              "max_new_tokens 2"]),
+    ("data.max_prompt_length=200 ;; data.max_length=128", ["data", "max_prompt_length 200 leaves no room"]),
+    ("data.max_length=128", []),  # the default max_prompt_length (256) is not the user's: prompts are cut to fit
 ]
 
 
