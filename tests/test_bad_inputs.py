@@ -683,6 +683,8 @@ def test_compare_validate_refuses_nonsense(tmp_path):
             "evaluation.prompts", "did you mean 'tiny-prefs'?")
     refused(cli("compare", "--validate", compare("out", lambda d: d.update(output_dir=str(write(tmp_path / "f", "x"))))),
             "output_dir", "is a file")
+    refused(cli("compare", "--validate", compare("seeds", lambda d: d["arms"][0].update(seeds=[5]))),
+            "arms.0.seeds", "seeds [5] are not among the compare's seeds")
     prompts = write(tmp_path / "prompts.jsonl", '{"prompt": ""}\n{"prompt": 5}\n{"text": "no prompt"}\n')
     refused(cli("compare", "--validate", compare("prompts", lambda d: d["evaluation"].update(prompts=str(prompts)))),
             "prompts.jsonl", "row 1: field 'prompt' is empty", "row 2")

@@ -230,15 +230,6 @@ class CompareRecipe(Strict):
     def _seeds(cls, value: list[int] | None) -> list[int] | None:
         return _distinct_seeds(value)
 
-    @model_validator(mode="after")
-    def _arm_seeds(self) -> "CompareRecipe":
-        for arm in self.arms:
-            extra = [s for s in arm.seeds or [] if s not in self.run_seeds]
-            if extra:
-                raise ValueError(f"arm {arm.name!r}: seeds {extra} are not among the compare's seeds "
-                                 f"{self.run_seeds}; an arm's `seeds` picks some of them")
-        return self
-
     def arm_seeds(self, arm: Arm) -> list[int]:
         """The seeds ``arm`` is trained and evaluated with: its own ``seeds``, else all of them."""
         return [s for s in self.run_seeds if arm.seeds is None or s in arm.seeds]
@@ -493,6 +484,10 @@ def validate_compare(data: dict[str, Any], where: str, *, registry: Any) -> Load
         if arm.name in first_use:
             problems.append((f"arms.{i}.name", f"{arm.name!r} is already the name of arms.{first_use[arm.name]}"))
         first_use.setdefault(arm.name, i)
+        extra = [s for s in arm.seeds or [] if s not in compare.run_seeds]
+        if extra:
+            problems.append((f"arms.{i}.seeds", f"arm {arm.name!r}: seeds {extra} are not among the compare's seeds "
+                                                f"{compare.run_seeds}; an arm's `seeds` picks some of them"))
     evaluation = compare.evaluation
     gold_params, found = _reward_params(evaluation.gold, registry, "evaluation.gold")
     problems += found
