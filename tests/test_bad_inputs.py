@@ -208,6 +208,14 @@ def test_bad_data_is_named_by_validate_and_run_before_any_model(tmp_path, name, 
     assert not (prefkit_cache / "models").exists()  # no model built
 
 
+def test_a_dataset_folder_datasets_cannot_read_is_one_message(tmp_path, capfd):
+    folder = tmp_path / "hub"
+    write(folder / "data" / "train-00000-of-00001.parquet", b"not parquet at all" * 10)
+    output = refused(cli("validate", recipe(tmp_path, data__train=str(folder))), "hub (train)", "cannot read")
+    printed = output + "".join(capfd.readouterr())
+    assert "Failed to read schema" not in printed  # datasets' own log line, which repeated the message
+
+
 def test_a_directory_or_a_missing_file_as_data(tmp_path):
     (tmp_path / "folder.jsonl").mkdir()
     refused(cli("validate", recipe(tmp_path, data__train=str(tmp_path / "folder.jsonl"))),

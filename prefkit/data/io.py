@@ -4,10 +4,12 @@ hub dataset, read into plain dicts. Nothing here checks what the rows mean."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
+import logging
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
@@ -96,6 +98,18 @@ def has_one_split(source: str) -> bool:
     return is_file(path) or (is_dir(path) and folder_layout(path) == "dataset")
 
 
+@contextlib.contextmanager
+def _datasets_silent() -> Iterator[None]:
+    """``datasets``' logger held at CRITICAL: a failure is reported once, by the DataError raised."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def read_folder(path: Path, split: str, subset: str | None = None, *, shown_as: str | None = None) -> list[dict]:
     """Rows of a local dataset folder: one written by ``Dataset.save_to_disk`` (one split, which
     ``split`` only labels) or ``DatasetDict.save_to_disk`` (its ``split``), read with
@@ -107,10 +121,11 @@ def read_folder(path: Path, split: str, subset: str | None = None, *, shown_as: 
     where = f"{shown_as or path} ({split})"
     layout = folder_layout(path)
     try:
-        if layout == "files":
-            dataset = datasets.load_dataset(str(path), subset, split=split)
-        else:
-            dataset = datasets.load_from_disk(str(path))
+        with _datasets_silent():  # its own log line would repeat the one message below
+            if layout == "files":
+                dataset = datasets.load_dataset(str(path), subset, split=split)
+            else:
+                dataset = datasets.load_from_disk(str(path))
     except Exception as exc:  # corrupt arrow files, no data files, an unknown split or subset, ...
         what = "a folder written by save_to_disk" if layout != "files" else "a dataset folder"
         raise DataError(f"{where}: {what} that `datasets` cannot read: {_first_line(exc)}") from None
