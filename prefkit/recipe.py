@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from pydantic import (
 )
 
 from prefkit.api.errors import RecipeError
-from prefkit.api.params import NumbersAreNumbers
+from prefkit.api.params import NumbersAreNumbers, annotation_members
 from prefkit.inputs import (
     InputError,
     check_readable_file,
@@ -422,18 +421,8 @@ def _suggest_key(key: Any, known: list[str]) -> str:
     return f"; did you mean {aliases[alias]!r}?" if alias else ""
 
 
-def _members(annotation: Any) -> list[Any]:
-    """The types an annotation allows: inside ``Annotated[...]``, ``X | Y`` and ``Optional[X]``."""
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        return _members(typing.get_args(annotation)[0])
-    if origin is typing.Union or origin is types.UnionType:
-        return [member for arg in typing.get_args(annotation) for member in _members(arg)]
-    return [annotation]
-
-
 def _models(annotation: Any) -> list[type[BaseModel]]:
-    return [m for m in _members(annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
+    return [m for m in annotation_members(annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
 
 
 def keys_at(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -441,7 +430,8 @@ def keys_at(model: type[BaseModel], loc: tuple) -> list[str]:
     node: Any = model
     for part in loc:
         if isinstance(part, int):
-            items = [typing.get_args(m)[0] for m in _members(node) if typing.get_origin(m) is list and typing.get_args(m)]
+            items = [typing.get_args(m)[0] for m in annotation_members(node)
+                     if typing.get_origin(m) is list and typing.get_args(m)]
             if not items:
                 return []
             node = items[0]

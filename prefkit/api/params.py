@@ -14,16 +14,25 @@ from typing import Any
 from pydantic import BaseModel, ValidationInfo, field_validator
 
 
-def _leaves(annotation: Any) -> set[Any]:
-    """The plain types a field annotation allows (through Optional, unions, Annotated and Literal)."""
+def annotation_members(annotation: Any) -> list[Any]:
+    """The types an annotation allows: inside ``Annotated[...]``, ``X | Y`` and ``Optional[X]``."""
     origin = typing.get_origin(annotation)
     if origin is typing.Annotated:
-        return _leaves(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
-        return set().union(*(_leaves(arg) for arg in typing.get_args(annotation)))
-    if origin is typing.Literal:
-        return {type(value) for value in typing.get_args(annotation)}
-    return {annotation}
+        return annotation_members(typing.get_args(annotation)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return [member for arg in typing.get_args(annotation) for member in annotation_members(arg)]
+    return [annotation]
+
+
+def _leaves(annotation: Any) -> set[Any]:
+    """The plain types an annotation allows, a ``Literal`` counted as the types of its values."""
+    leaves: set[Any] = set()
+    for member in annotation_members(annotation):
+        if typing.get_origin(member) is typing.Literal:
+            leaves.update(type(value) for value in typing.get_args(member))
+        else:
+            leaves.add(member)
+    return leaves
 
 
 def numbers_only(annotation: Any) -> bool:
