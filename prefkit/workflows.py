@@ -68,7 +68,7 @@ def evaluate(run_or_recipe: Any, overrides: Iterable[str] = (), *, model: str | 
     ``data.eval``, else its training data.
     """
     from prefkit.loops.offline import evaluate as evaluate_loop
-    from prefkit.loops.offline import reference_for
+    from prefkit.loops.offline import evaluation_batches, reference_for
     from prefkit.api.reporting import SilentReporter
     from prefkit.loops.runs import resolve_precision
     from prefkit.data.prepare import prepare_dataset
@@ -114,7 +114,8 @@ def evaluate(run_or_recipe: Any, overrides: Iterable[str] = (), *, model: str | 
                            registry=registry, mismatched=needs.mismatched)
     ref = None
     if needs.reference:
-        ref, _ = reference_for(data, model_handle=reference, recipe=recipe, precision=precision,
+        batches = [evaluation_batches(len(data.examples), recipe.train.batch_size, 0, 1)]  # evaluate_loop's
+        ref, _ = reference_for(data, batches=batches, model_handle=reference, recipe=recipe, precision=precision,
                                tokens=needs.reference_tokens, accelerator=accelerator,
                                pad_id=reference.tokenizer.pad_token_id, reporter=reporter)
     if model is None:

@@ -130,6 +130,49 @@ def test_cached_reference_equals_the_initial_policy(tmp_path):
     torch.testing.assert_close(cached.sums["rejected"][:3], sums[3:], rtol=0, atol=1e-4)
 
 
+def test_the_reference_pass_forwards_the_loops_own_batches(tmp_path, monkeypatch):
+    """In bf16 a row's log-probs depend a little on the rows batched with it (about 0.1 nats a
+    sequence on SmolLM2: kernels round differently for other shapes). Here a forward whose numbers
+    depend on its batch mates stands in for that: since the reference pass forwards the loop's own
+    batches, the first step's log-ratios are still exactly 0 (a DPO loss of exactly log 2), and so
+    are the margins of an evaluation of the reference itself."""
+    import math
+
+    import prefkit
+
+    real = offline.token_logps
+
+    def batch_dependent(model, batch):  # shifts every answer token by an amount set by the batch's rows
+        values = real(model, batch)
+        return values + 1e-3 * float(batch.indices.sum()) * batch.completion_mask
+
+    monkeypatch.setattr(offline, "token_logps", batch_dependent)
+    summary, out = run(tmp_path, "a", "train.max_steps=1", "train.save_every=null", "data.eval=null", "seed=3",
+                       "train.reference_cache=false", "train.precision=bf16")
+    assert summary["precision"] == "bf16"
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    metrics = prefkit.evaluate(str(TINY), ["train.reference_cache=false", "train.precision=bf16",
+                                           f"output_dir={tmp_path / 'e'}"], registry=REGISTRY)
+    assert metrics["eval/rewards/margins"] == 0.0 and metrics["eval/loss"] == pytest.approx(math.log(2), abs=1e-7)
+
+
+def test_a_reduced_precision_reference_is_keyed_on_its_batches():
+    from prefkit.data.batching import BatchOrder
+
+    common = dict(weights="w", tokenizer="t", data="d", names=("chosen", "rejected"), tokens=False)
+    plans = [[offline.training_batches(BatchOrder(10, 4, seed), 0, 1)] for seed in (0, 1)]
+    assert plans[0] != plans[1]
+    assert sorted(i for batch in plans[0][0] for i in batch) == list(range(10))  # each example once
+    assert len({offline.reference_fingerprint(precision="bf16", batches=plan, **common) for plan in plans}) == 2
+    # two processes: each takes every other row of every micro-batch, as the loop does
+    order = BatchOrder(10, 4, 0)
+    shares = [offline.training_batches(order, rank, 2) for rank in (0, 1)]
+    assert [a + b for a, b in zip(*shares)] == [order.indices(k)[0::2] + order.indices(k)[1::2] for k in range(3)]
+    assert offline.evaluation_batches(10, 4, 1, 2) == [[4, 5, 6, 7]]
+
+
 def test_existing_run_is_never_overwritten(tmp_path):
     short = ["train.max_steps=2", "data.eval=null"]
     _, out = run(tmp_path, "a", *short)

@@ -67,20 +67,36 @@ def loss_inputs(model: torch.nn.Module, batch: Batch, needs: Needs) -> LossInput
     return inputs
 
 
-def compute_reference(model_handle, dataset, *, batch_size: int, pad_id: int, tokens: bool,
+def training_batches(order: BatchOrder, rank: int, world: int) -> list[list[int]]:
+    """This process's rows of every micro-batch of the first epoch, as the loop forwards them."""
+    return [share for k in range(order.batches_per_epoch) if (share := order.indices(k)[rank::world])]
+
+
+def evaluation_batches(num_examples: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """This process's batches of an evaluation: consecutive examples, every ``world``-th batch."""
+    return [list(range(start, min(start + batch_size, num_examples)))
+            for start in range(0, num_examples, batch_size)[rank::world]]
+
+
+def length_batches(dataset, batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """This process's batches of the examples sorted by length (least padding): every ``world``-th."""
+    examples, first = dataset.examples, dataset.names[0]
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids) + len(examples[i].completions[first]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)[rank::world]]
+
+
+def compute_reference(model_handle, dataset, *, batches: list[list[int]], pad_id: int, tokens: bool,
                       accelerator: Accelerator, reporter: Reporter) -> ReferenceLogps:
-    """Reference log-probs of every example and completion, in batches sorted by length."""
+    """Reference log-probs of every example and completion, computed in ``batches`` (this process's
+    share; every example in one batch of one process)."""
     model, examples, names = model_handle.model, dataset.examples, dataset.names
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids) + len(examples[i].completions[names[0]]))
     sums = {name: torch.zeros(len(examples), dtype=torch.float32) for name in names}
     runs: dict[str, list] = {name: [None] * len(examples) for name in names}
     was_training = model.training
     model.eval()
-    starts = range(0, len(order), batch_size)[accelerator.process_index::accelerator.num_processes]
-    reporter.start(len(starts), 0, "reference log-probs")
+    reporter.start(len(batches), 0, "reference log-probs")
     with torch.no_grad(), model_handle.reference(), accelerator.autocast():
-        for done, start in enumerate(starts, start=1):
-            idx = order[start : start + batch_size]
+        for done, idx in enumerate(batches, start=1):
             batch = collate([examples[i] for i in idx], idx, pad_id, names).to(accelerator.device)
             values = token_logps(model, batch).float()
             batch_sums = sequence_logps(values, batch.completion_mask).cpu()
@@ -112,8 +128,23 @@ def compute_reference(model_handle, dataset, *, batch_size: int, pad_id: int, to
     return found
 
 
-def reference_for(dataset, *, model_handle, recipe, precision: Precision, tokens: bool,
-                  accelerator: Accelerator, pad_id: int, reporter: Reporter) -> tuple[ReferenceLogps, str]:
+def reference_for(dataset, *, batches: list[list[list[int]]], model_handle, recipe, precision: Precision,
+                  tokens: bool, accelerator: Accelerator, pad_id: int, reporter: Reporter) -> tuple[ReferenceLogps, str]:
+    """The reference log-probs of ``dataset``, from the cache or computed once.
+
+    A row's log-probs depend a little on the rows batched with it: matrix kernels round differently
+    for other shapes. In bf16 or fp16 that is about 0.1 nats a sequence (SmolLM2), so there the
+    rows are computed in ``batches[rank]``, the very batches each process's loop will forward
+    (:func:`training_batches`, :func:`evaluation_batches`), and the entry is keyed on them: the
+    initial policy's log-probs then equal the reference's bit for bit, and a DPO run starts at
+    exactly log 2. In fp32 it is below 1e-4 nats, so there the rows are batched by length (least
+    padding) into one entry that every seed, batch order and process count shares."""
+    world = accelerator.num_processes
+    if precision.name == "fp32":
+        batches = [length_batches(dataset, recipe.train.batch_size, rank, world) for rank in range(world)]
+        keyed_on = None
+    else:
+        keyed_on = batches
     key = reference_fingerprint(
         weights=model_handle.weights_fingerprint,
         tokenizer=model_handle.tokenizer_fingerprint,
@@ -121,6 +152,7 @@ def reference_for(dataset, *, model_handle, recipe, precision: Precision, tokens
         precision=precision.name,
         names=dataset.names,
         tokens=tokens,
+        batches=keyed_on,
     )
     cache = ReferenceCache(recipe.resolved_cache_dir() / "reference") if recipe.train.reference_cache else None
     meta = {"model": model_handle.path, "data": dataset.report.source, "split": dataset.report.split,
@@ -128,7 +160,7 @@ def reference_for(dataset, *, model_handle, recipe, precision: Precision, tokens
             "precision": precision.name, "prefkit": prefkit.__version__}
     return get_or_compute(
         cache, key, len(dataset.examples), dataset.names, tokens,
-        lambda: compute_reference(model_handle, dataset, batch_size=recipe.train.batch_size, pad_id=pad_id,
+        lambda: compute_reference(model_handle, dataset, batches=batches[accelerator.process_index], pad_id=pad_id,
                                   tokens=tokens, accelerator=accelerator, reporter=reporter),
         meta, warn=reporter.message, store=accelerator.is_main_process,
     )
@@ -150,10 +182,9 @@ def evaluate(model, objective, params, needs: Needs, dataset, ref: ReferenceLogp
     averager = Averager()
     was_training = model.training
     model.eval()
-    starts = range(0, len(dataset.examples), batch_size)[accelerator.process_index::accelerator.num_processes]
     with torch.no_grad():
-        for start in starts:
-            idx = list(range(start, min(start + batch_size, len(dataset.examples))))
+        for idx in evaluation_batches(len(dataset.examples), batch_size, accelerator.process_index,
+                                      accelerator.num_processes):
             batch = collate([dataset.examples[i] for i in idx], idx, pad_id, dataset.names).to(accelerator.device)
             with accelerator.autocast():
                 inputs = loss_inputs(model, batch, needs)
@@ -217,9 +248,13 @@ def train(loaded: LoadedRecipe, *, resume: bool = False, reporter: Reporter | No
     if needs.reference:
         common = dict(model_handle=handle, recipe=recipe, precision=setup.precision, tokens=needs.reference_tokens,
                       accelerator=accelerator, pad_id=pad_id, reporter=reporter)
-        ref_train, cache_status = reference_for(train_data, **common)
+        world = accelerator.num_processes
+        ref_train, cache_status = reference_for(
+            train_data, batches=[training_batches(order, rank, world) for rank in range(world)], **common)
         if eval_data is not None:
-            ref_eval, _ = reference_for(eval_data, **common)
+            ref_eval, _ = reference_for(eval_data, batches=[
+                evaluation_batches(len(eval_data.examples), cfg.batch_size, rank, world) for rank in range(world)],
+                **common)
         reporter.message(f"reference log-probs: cache {cache_status}")
     reference_seconds = time.perf_counter() - reference_started
 

@@ -2,9 +2,10 @@
 
 An entry is keyed by a fingerprint of everything that changes the numbers: the reference
 weights, the tokenizer and chat template, the tokenized data (which already reflects the
-data, template and truncation), and the precision. The weights fingerprint covers the whole
-model config as well (an edited ``rms_norm_eps`` is another key). Any change is a different key,
-so a stale entry can never be used.
+data, template and truncation), the precision, and in bf16 or fp16 the batches the rows are
+computed in (there the rows batched together change the rounding visibly). The weights fingerprint
+covers the whole model config as well (an edited ``rms_norm_eps`` is another key). Any change
+is a different key, so a stale entry can never be used.
 
 Entries are written atomically and carry a sha256 of their tensors' bytes, verified on every
 read: an entry that is unreadable, does not match its data, or fails its checksum (a flipped
@@ -29,22 +30,24 @@ CACHE_FORMAT = 2
 
 
 def reference_fingerprint(
-    *, weights: str, tokenizer: str, data: str, precision: str, names: tuple[str, ...], tokens: bool
+    *, weights: str, tokenizer: str, data: str, precision: str, names: tuple[str, ...], tokens: bool,
+    batches: list[list[list[int]]] | None = None,
 ) -> str:
     """One key for all inputs that change the reference log-probs (``names``: the completions
-    computed; ``tokens``: whether per-token values are stored too)."""
-    payload = json.dumps(
-        {
-            "format": CACHE_FORMAT,
-            "weights": weights,
-            "tokenizer": tokenizer,
-            "data": data,
-            "precision": precision,
-            "names": list(names),
-            "tokens": tokens,
-        },
-        sort_keys=True,
-    )
+    computed; ``tokens``: whether per-token values are stored too; ``batches``: each process's
+    batches of example indices, where they are part of the key)."""
+    fields = {
+        "format": CACHE_FORMAT,
+        "weights": weights,
+        "tokenizer": tokenizer,
+        "data": data,
+        "precision": precision,
+        "names": list(names),
+        "tokens": tokens,
+    }
+    if batches is not None:
+        fields["batches"] = batches
+    payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
