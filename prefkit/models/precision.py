@@ -10,8 +10,9 @@
   the result is stored in ``<cache_dir>/precision/<key>.json``, keyed by the CPU model, its core
   count, the torch version and torch's CPU capability, and later runs read it.
 
-bf16 autocast changes the numbers a little (log-softmax and losses stay fp32): a DPO loss after
-12 SmolLM2 steps differs from the fp32 run by 0.6e-2 to 2.4e-2 (five data orders, docs/benchmarks.md).
+bf16 autocast changes the numbers a little (log-softmax and losses stay fp32): a DPO loss over 12
+SmolLM2 steps strays from the fp32 run's by up to 2-3.6e-2 at some step, in TRL as in prefkit, and
+lags it by about 0.5e-2 on average (docs/benchmarks.md).
 """
 
 from __future__ import annotations
