@@ -414,6 +414,14 @@ def test_settings_this_machine_cannot_honour_and_impossible_paths(tmp_path):
                 "model.gguf_file=m.gguf"), "model.gguf_file", "GGUF files there: none")
     refused(cli("validate", recipe(tmp_path), "model.tokenizer=./no/such/tokenizer"), "model.tokenizer",
             "no such folder")
+    # a folder the tokenizer would come from that holds no tokenizer files: refused before any load
+    (tmp_path / "weights-only").mkdir()
+    (tmp_path / "weights-only" / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 1024}')
+    refused(cli("validate", recipe(tmp_path), f"model.source={tmp_path / 'weights-only'}", "model.options={}"),
+            "model.source", "holds no tokenizer files")
+    (tmp_path / "empty").mkdir()
+    refused(cli("validate", recipe(tmp_path), f"model.tokenizer={tmp_path / 'empty'}"), "model.tokenizer",
+            "holds no tokenizer files")
 
 
 def test_epochs_beyond_reason_and_warmup_beyond_the_epochs(tmp_path):

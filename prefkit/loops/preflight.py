@@ -134,11 +134,12 @@ def setting_problems(loaded: LoadedRecipe) -> list[tuple[str, str]]:
 
 def model_problems(loaded: LoadedRecipe, registry: Any) -> list[tuple[str, str]]:
     """A local model folder (or tokenizer) that cannot be one, found without loading anything."""
-    from prefkit.models.loading import _is_hub_id
+    from prefkit.models.loading import _check_local_folder, _is_hub_id
 
     model = loaded.recipe.model
     problems: list[tuple[str, str]] = []
-    if model.source not in registry.model_sources and is_dir(model.source):
+    local_model = model.source not in registry.model_sources and is_dir(model.source)
+    if local_model:
         folder = Path(model.source).expanduser()
         if model.gguf_file:
             if not is_file(folder / model.gguf_file):
@@ -150,6 +151,13 @@ def model_problems(loaded: LoadedRecipe, registry: Any) -> list[tuple[str, str]]
                                              "point it at one, or set model.gguf_file for a GGUF file inside it"))
     if model.tokenizer and not is_dir(model.tokenizer) and not _is_hub_id(model.tokenizer):
         problems.append(("model.tokenizer", f"{model.tokenizer!r}: no such folder, and not a hub id (org/name)"))
+    # The folder the tokenizer will come from must hold tokenizer files (the check loading makes).
+    key, folder = ("model.tokenizer", model.tokenizer) if model.tokenizer else ("model.source", model.source)
+    if (model.tokenizer or (local_model and not model.gguf_file and not problems)) and is_dir(folder):
+        try:
+            _check_local_folder(folder, "tokenizer")
+        except PrefkitError as exc:
+            problems.append((key, str(exc)))
     return problems
 
 
