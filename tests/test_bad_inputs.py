@@ -424,6 +424,31 @@ def test_settings_this_machine_cannot_honour_and_impossible_paths(tmp_path):
             "holds no tokenizer files")
 
 
+def test_lora_target_modules_that_match_nothing_are_refused_before_any_weights_load(tmp_path, monkeypatch):
+    """Found on a skeleton of the model built from its config.json on the meta device."""
+    import prefkit.models.loading as loading
+    from prefkit.models.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(chat_template=False)
+    build_tiny_model(vocab_size=len(tokenizer), seed=0, pad_token_id=tokenizer.pad_token_id,
+                     eos_token_id=tokenizer.eos_token_id).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("validate loaded the model's weights")
+
+    monkeypatch.setattr(loading, "load_model", no_weights)
+    folder = [f"model.source={tmp_path / 'm'}", "model.options={}", "model.lora={}"]
+    refused(cli("validate", recipe(tmp_path), *folder, "model.lora.target_modules=[qq_proj]"),
+            "model.lora.target_modules", "qq_proj", "not found")
+    for fine in ("[q_proj, v_proj]", "all-linear"):
+        assert cli("validate", recipe(tmp_path), *folder, f"model.lora.target_modules={fine}").exit_code == 0
+    # a reward model's skeleton has the scalar head: its modules are checked too
+    bt = ROOT / "recipes" / "bt_reward_tiny.yaml"
+    refused(cli("validate", bt, f"output_dir={tmp_path / 'bt'}", *folder, "model.lora.target_modules=[qq_proj]"),
+            "model.lora.target_modules", "qq_proj")
+
+
 def test_epochs_beyond_reason_and_warmup_beyond_the_epochs(tmp_path):
     refused(cli("validate", recipe(tmp_path), "train.max_steps=null", "train.epochs=1000000"),
             "train.epochs", "steps, more than 10,000,000")

@@ -134,7 +134,7 @@ def setting_problems(loaded: LoadedRecipe) -> list[tuple[str, str]]:
 
 def model_problems(loaded: LoadedRecipe, registry: Any) -> list[tuple[str, str]]:
     """A local model folder (or tokenizer) that cannot be one, found without loading anything."""
-    from prefkit.models.loading import _check_local_folder, _is_hub_id
+    from prefkit.models.loading import _check_local_folder, _is_hub_id, lora_target_problem
 
     model = loaded.recipe.model
     problems: list[tuple[str, str]] = []
@@ -158,6 +158,12 @@ def model_problems(loaded: LoadedRecipe, registry: Any) -> list[tuple[str, str]]
             _check_local_folder(folder, "tokenizer")
         except PrefkitError as exc:
             problems.append((key, str(exc)))
+    # LoRA target modules that match nothing, found on the model's skeleton (no weights loaded)
+    if model.lora is not None and local_model and not model.gguf_file and not problems:
+        head = loaded.objective.needs(loaded.params).head if loaded.objective is not None else "lm"
+        found = lora_target_problem(model.source, model.lora, head)
+        if found:
+            problems.append(("model.lora.target_modules", f"{model.lora.target_modules!r}: {found}"))
     return problems
 
 

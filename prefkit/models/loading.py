@@ -454,6 +454,32 @@ def apply_lora(model: torch.nn.Module, lora: LoraConfig, head: Head = "lm") -> t
         raise PrefkitError(f"model.lora.target_modules {lora.target_modules!r}: {_first_line(exc)}") from exc
 
 
+def lora_target_problem(folder: str, lora: LoraConfig, head: Head = "lm") -> str | None:
+    """What :func:`apply_lora` would refuse about ``lora.target_modules`` for the model whose
+    ``config.json`` is in ``folder``, found on a skeleton of it built on the meta device (no weights,
+    no memory; a fraction of a second); None when nothing is wrong or the skeleton cannot be built
+    (loading reports that itself)."""
+    if lora.target_modules == "all-linear":
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(Path(folder).expanduser()))
+        if head == "scalar":
+            config.num_labels = 1
+        with torch.device("meta"):
+            family = AutoModelForSequenceClassification if head == "scalar" else AutoModelForCausalLM
+            skeleton = family.from_config(config)
+    except Exception:  # an unknown architecture, a damaged config: the run's loading names it
+        return None
+    try:
+        with torch.device("meta"):
+            apply_lora(skeleton, lora, head)
+    except PrefkitError as exc:
+        return str(exc).removeprefix(f"model.lora.target_modules {lora.target_modules!r}: ")
+    return None
+
+
 def load_model(
     cfg: ModelConfig,
     options: Any,
