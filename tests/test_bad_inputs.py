@@ -422,6 +422,10 @@ def test_settings_this_machine_cannot_honour_and_impossible_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     refused(cli("validate", recipe(tmp_path), f"model.tokenizer={tmp_path / 'empty'}"), "model.tokenizer",
             "holds no tokenizer files")
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "tokenizer.json").write_text("{not json")
+    refused(cli("validate", recipe(tmp_path), f"model.tokenizer={tmp_path / 'damaged'}"), "model.tokenizer",
+            "cannot load the tokenizer", "damaged")
 
 
 def test_lora_target_modules_that_match_nothing_are_refused_before_any_weights_load(tmp_path, monkeypatch):

@@ -134,7 +134,7 @@ def setting_problems(loaded: LoadedRecipe) -> list[tuple[str, str]]:
 
 def model_problems(loaded: LoadedRecipe, registry: Any) -> list[tuple[str, str]]:
     """A local model folder (or tokenizer) that cannot be one, found without loading anything."""
-    from prefkit.models.loading import _check_local_folder, _is_hub_id, lora_target_problem
+    from prefkit.models.loading import _is_hub_id, load_tokenizer, lora_target_problem
 
     model = loaded.recipe.model
     problems: list[tuple[str, str]] = []
@@ -151,11 +151,12 @@ def model_problems(loaded: LoadedRecipe, registry: Any) -> list[tuple[str, str]]
                                              "point it at one, or set model.gguf_file for a GGUF file inside it"))
     if model.tokenizer and not is_dir(model.tokenizer) and not _is_hub_id(model.tokenizer):
         problems.append(("model.tokenizer", f"{model.tokenizer!r}: no such folder, and not a hub id (org/name)"))
-    # The folder the tokenizer will come from must hold tokenizer files (the check loading makes).
+    # A tokenizer from a local folder is loaded as the run will load it (a fraction of a second, no
+    # model): a folder without tokenizer files, or with damaged ones, is refused here.
     key, folder = ("model.tokenizer", model.tokenizer) if model.tokenizer else ("model.source", model.source)
     if (model.tokenizer or (local_model and not model.gguf_file and not problems)) and is_dir(folder):
         try:
-            _check_local_folder(folder, "tokenizer")
+            load_tokenizer(model, model.source)
         except PrefkitError as exc:
             problems.append((key, str(exc)))
     # LoRA target modules that match nothing, found on the model's skeleton (no weights loaded)
