@@ -436,8 +436,8 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def apply_lora(model: torch.nn.Module, lora: LoraConfig, head: Head = "lm") -> torch.nn.Module:
-    """Wrap ``model`` in peft LoRA adapters; only adapter weights (and a scalar head) train."""
+def _wrap_lora(model: torch.nn.Module, lora: LoraConfig, head: Head) -> tuple[torch.nn.Module | None, str | None]:
+    """``model`` wrapped in peft LoRA adapters, or None and peft's reason for refusing the config."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType, get_peft_model
 
@@ -449,13 +449,21 @@ def apply_lora(model: torch.nn.Module, lora: LoraConfig, head: Head = "lm") -> t
         task_type=TaskType.SEQ_CLS if head == "scalar" else TaskType.CAUSAL_LM,
     )
     try:
-        return get_peft_model(model, config)
+        return get_peft_model(model, config), None
     except ValueError as exc:
-        raise PrefkitError(f"model.lora.target_modules {lora.target_modules!r}: {_first_line(exc)}") from exc
+        return None, _first_line(exc)
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraConfig, head: Head = "lm") -> torch.nn.Module:
+    """Wrap ``model`` in peft LoRA adapters; only adapter weights (and a scalar head) train."""
+    wrapped, reason = _wrap_lora(model, lora, head)
+    if reason is not None:
+        raise PrefkitError(f"model.lora.target_modules {lora.target_modules!r}: {reason}")
+    return wrapped
 
 
 def lora_target_problem(folder: str, lora: LoraConfig, head: Head = "lm") -> str | None:
-    """What :func:`apply_lora` would refuse about ``lora.target_modules`` for the model whose
+    """Why :func:`apply_lora` would refuse ``lora.target_modules`` for the model whose
     ``config.json`` is in ``folder``, found on a skeleton of it built on the meta device (no weights,
     no memory; a fraction of a second); None when nothing is wrong or the skeleton cannot be built
     (loading reports that itself)."""
@@ -472,12 +480,8 @@ def lora_target_problem(folder: str, lora: LoraConfig, head: Head = "lm") -> str
             skeleton = family.from_config(config)
     except Exception:  # an unknown architecture, a damaged config: the run's loading names it
         return None
-    try:
-        with torch.device("meta"):
-            apply_lora(skeleton, lora, head)
-    except PrefkitError as exc:
-        return str(exc).removeprefix(f"model.lora.target_modules {lora.target_modules!r}: ")
-    return None
+    with torch.device("meta"):
+        return _wrap_lora(skeleton, lora, head)[1]
 
 
 def load_model(
