@@ -8,6 +8,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_user_cache(tmp_path_factory):
+    """Module- and session-scoped fixtures run before the per-test cache below is set: they get a
+    cache of the session's own, so no test reads or writes the user's (an entry left there by an older
+    prefkit would be found and change what a test sees)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PREFKIT_CACHE", str(tmp_path_factory.mktemp("session-prefkit-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def prefkit_cache(tmp_path, monkeypatch):
     """Each test gets its own empty cache (tiny models build in well under a second), never the user's."""
