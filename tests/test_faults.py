@@ -166,8 +166,8 @@ def test_half_deleted_checkpoints_are_never_listed_and_leftovers_are_removed(tmp
     with pytest.raises(PrefkitError):
         train(parts, *common, "train.max_steps=8", objective_loss=fail_at_call(5, crash))  # checkpoints 2, 4
     root = parts / "checkpoints"
-    # what kills leave behind: a half-written temporary folder, a rotation caught half-way, and a
-    # step folder whose manifest was deleted first
+    # what kills leave behind: a half-written temporary folder and a rotation caught half-way; and a
+    # step folder whose manifest is gone (not a leftover: a damaged checkpoint, skipped and written again)
     (root / ".tmp-step-6-abc").mkdir()
     (root / ".trash-step-2").mkdir()
     shutil.copytree(root / "step-4", root / "step-6")
@@ -234,6 +234,80 @@ def test_resume_without_a_checkpoint_refuses_and_changes_nothing(tmp_path):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     with pytest.raises(PrefkitError, match="holds no run"):
         train(tmp_path / "empty", *SHORT, resume=True)
+
+
+def cli(*args):
+    """``prefkit ARGS``: its exit status and its output, each message on one line."""
+    done = subprocess.run([sys.executable, "-m", "prefkit", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "COLUMNS": "10000"})
+    return done.returncode, done.stdout + done.stderr
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def remove_manifest(folder):
+    (folder / "manifest.json").unlink()
+
+
+def truncate_weights(folder):
+    weights = folder / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+
+FOUR_STEPS = [*SHORT, "train.max_steps=4", "train.save_every=1"]  # keep_checkpoints=2: step-3 and step-4
+
+
+def test_a_checkpoint_without_its_manifest_is_reported_and_skipped_like_other_damage(tmp_path):
+    out = tmp_path / "run"
+    train(out, *FOUR_STEPS)
+    assert [s for s, _ in checkpoint_steps(out)] == [3, 4]
+    remove_manifest(out / "checkpoints" / "step-4")
+    code, text = cli("run", DPO, f"output_dir={out}", *FOUR_STEPS, "--resume")
+    assert code == 0, text
+    assert "step-4 is damaged (manifest.json is missing); skipped" in text, text
+    assert "resumed from" in text and "step-3" in text, text
+    assert [s for s, _ in checkpoint_steps(out)] == [3, 4]  # step 4 written again, whole
+    all_checkpoints_finite(out)
+
+
+@pytest.mark.parametrize("damage, why", [
+    (remove_manifest, "manifest.json is missing"),
+    (truncate_weights, "trainable.safetensors has 100 bytes, the manifest says"),
+])
+def test_a_resume_with_only_damaged_checkpoints_names_each_and_changes_nothing(tmp_path, damage, why):
+    out = tmp_path / "run"
+    train(out, *FOUR_STEPS)
+    for _, path in checkpoint_steps(out):
+        damage(path)
+    before = snapshot(out)
+    code, text = cli("run", DPO, f"output_dir={out}", *FOUR_STEPS, "--resume")
+    assert code == 2, text
+    assert "Traceback" not in text
+    assert "damaged" in text and "nothing was changed" in text, text
+    assert f"checkpoints/step-3: {why}" in text and f"checkpoints/step-4: {why}" in text, text
+    assert "save_every" not in text, text  # checkpoints were kept; they are damaged
+    assert snapshot(out) == before
+
+
+def test_export_of_a_damaged_step_lists_only_the_intact_ones(tmp_path):
+    from prefkit.loops.export import export_checkpoint
+
+    out = tmp_path / "run"
+    train(out, *FOUR_STEPS)
+    truncate_weights(out / "checkpoints" / "step-4")
+    with pytest.raises(PrefkitError, match=r"step-4 is damaged \(trainable.safetensors .*\); export another step "
+                                           r"\(intact: 3\)"):
+        export_checkpoint(out, step=4, registry=REGISTRY)
+    remove_manifest(out / "checkpoints" / "step-3")
+    before = snapshot(out)
+    code, text = cli("export", out, "--step", 4)
+    assert code == 2 and "Traceback" not in text, text
+    assert "step-4 is damaged" in text and "no other checkpoint is intact" in text and "3" not in text.split(";")[-1]
+    code, text = cli("export", out, "--step", 3)
+    assert code == 2 and "step-3 is damaged (manifest.json is missing)" in text, text
+    assert snapshot(out) == before
 
 
 def test_resume_after_the_data_changed_refuses(tmp_path):

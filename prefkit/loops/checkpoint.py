@@ -11,9 +11,10 @@
   manifest.json          every other file's size and sha256, written last
 A checkpoint is written to a temporary folder and renamed into place, so a run killed at
 any moment leaves either the whole checkpoint or none of it. Only folders with a manifest are
-listed, and a resume verifies the manifest before it trusts a checkpoint (a damaged newest one
-falls back to the newest intact one). Old checkpoints are renamed aside before they are
-deleted, so a kill during rotation never leaves a half-deleted one in the list; leftovers of
+listed, and a resume verifies the manifest before it trusts a checkpoint (a damaged newest one,
+a step folder without its manifest included, is reported and skipped for the newest intact one;
+it is kept until the run writes that step again). Old checkpoints are renamed aside before they
+are deleted, so a kill during rotation never leaves a half-deleted one in the list; leftovers of
 killed writes are removed when the run directory is opened again.
 
 Nothing non-finite is ever written: :func:`save_checkpoint` refuses weights with NaN or inf, so a
@@ -104,16 +105,22 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> No
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
+def step_folders(run_dir: Path) -> list[tuple[int, Path]]:
+    """Every ``checkpoints/step-N`` folder, oldest first, with its manifest or not."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
         match = STEP_DIR.match(child.name)
-        if match and (child / MANIFEST).exists():
+        if match and child.is_dir():
             found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
+    """The checkpoints of a run, oldest first: the step folders that have a manifest."""
+    return [(step, path) for step, path in step_folders(run_dir) if (path / MANIFEST).exists()]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -121,15 +128,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
-def newest_intact_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint whose files match its manifest, and a note for each damaged newer one."""
-    notes = []
-    for step, path in reversed(checkpoint_steps(run_dir)):
-        problem = verify_manifest(path)
+def checkpoint_problem(path: Path) -> str | None:
+    """``None`` if the checkpoint folder is intact; else what is wrong with it (the first bad file)."""
+    if not (Path(path) / MANIFEST).exists():
+        return f"{MANIFEST} is missing"
+    return verify_manifest(path)
+
+
+def newest_intact_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest intact checkpoint, and each damaged newer step folder with what is wrong with it
+    (newest first)."""
+    damaged = []
+    for _, path in reversed(step_folders(run_dir)):
+        problem = checkpoint_problem(path)
         if problem is None:
-            return path, notes
-        notes.append(f"checkpoint {path} is damaged ({problem}); skipped")
-    return None, notes
+            return path, damaged
+        damaged.append((path, problem))
+    return None, damaged
 
 
 def remove_leftovers(run_dir: Path) -> list[Path]:
@@ -137,10 +152,9 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
+    # a step folder without its manifest is not a leftover: it is a damaged checkpoint, reported by
+    # newest_intact_checkpoint and kept (nothing saved is deleted) until the run writes that step again
     found = [child for child in root.iterdir() if child.is_dir() and LEFTOVER.match(child.name)]
-    # a step folder without a manifest is a write a kill interrupted before this format existed, or
-    # a half-deleted one: never listed, so it only wastes space
-    found += [child for child in root.iterdir() if STEP_DIR.match(child.name) and not (child / MANIFEST).exists()]
     for child in found:
         shutil.rmtree(child, ignore_errors=True)
     return found

@@ -18,29 +18,30 @@ import torch
 from safetensors.torch import load_file
 
 from prefkit.api.errors import PrefkitError
-from prefkit.loops.checkpoint import checkpoint_steps, load_trainable_state
-from prefkit.manifest import verify_manifest
+from prefkit.loops.checkpoint import checkpoint_problem, load_trainable_state, step_folders
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def find_checkpoint(run_dir: Path, step: int | None) -> tuple[int, Path]:
     """The checkpoint of ``step`` (the newest when ``None``), verified against its manifest."""
-    steps = checkpoint_steps(run_dir)
+    steps = step_folders(run_dir)  # a folder without its manifest too: it is reported as damaged
     if not steps:
         raise PrefkitError(f"{run_dir} has no checkpoints to export (a run keeps them with train.save_every; "
                            f"its final/ is already a Hugging Face folder)")
-    available = ", ".join(str(s) for s, _ in steps)
     if step is None:
         step, path = steps[-1]
     else:
         found = dict(steps)
         if step not in found:
+            available = ", ".join(str(s) for s, _ in steps)
             raise PrefkitError(f"--step {step}: {run_dir} has no checkpoint of that step (it has: {available})")
         path = found[step]
-    problem = verify_manifest(path)
+    problem = checkpoint_problem(path)
     if problem is not None:
-        raise PrefkitError(f"checkpoint {path} is damaged ({problem}); export another step (available: {available})")
+        intact = [str(s) for s, other in steps if other != path and checkpoint_problem(other) is None]
+        choice = f"export another step (intact: {', '.join(intact)})" if intact else "no other checkpoint is intact"
+        raise PrefkitError(f"checkpoint {path} is damaged ({problem}); {choice}")
     return step, path
 
 

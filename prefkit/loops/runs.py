@@ -120,13 +120,19 @@ def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> tuple[Path |
     if stub:
         raise PrefkitError(f"--resume: the run in {run_dir} stopped before its first step, so there is nothing to "
                            "continue; leave out --resume to start it again (nothing was changed)")
-    checkpoint, notes = newest_intact_checkpoint(run_dir)
-    if checkpoint is None:
-        found = "only damaged checkpoints" if notes else "no checkpoint"
+    checkpoint, damaged = newest_intact_checkpoint(run_dir)
+    if checkpoint is None and damaged:
+        reasons = "; ".join(f"{path.relative_to(run_dir)}: {problem}" for path, problem in reversed(damaged))
         raise PrefkitError(
-            f"--resume: {run_dir} has {found} to continue from (set train.save_every to keep some); "
+            f"--resume: every checkpoint in {run_dir} is damaged or incomplete ({reasons}); nothing was changed. "
+            f"Restore one from a copy, or start again with another output_dir=..."
+        )
+    if checkpoint is None:
+        raise PrefkitError(
+            f"--resume: {run_dir} has no checkpoint to continue from (set train.save_every to keep some); "
             f"nothing was changed. Start again with another output_dir=..., or delete {run_dir}"
         )
+    notes = [f"checkpoint {path} is damaged ({problem}); skipped" for path, problem in damaged]
     saved = _flatten(yaml.safe_load((checkpoint / "recipe.resolved.yaml").read_text()))
     current = _flatten(resolved)
     for key in set(current) - set(saved):  # a setting newer than the checkpoint: it ran with the default
