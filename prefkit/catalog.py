@@ -145,6 +145,10 @@ def copy(name: str, dest: str | Path | None = None, *, force: bool = False) -> l
     for _, t in pairs:
         if t.exists() and t.is_dir():
             raise PrefkitError(f"{t} is a folder; name a file or another destination (nothing was written)")
+        blocking = next((p for p in t.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise PrefkitError(f"cannot write {t}: {blocking} is a file, not a folder; name another destination "
+                               "(nothing was written)")
     written = []
     try:
         for f, t in pairs:

@@ -378,9 +378,9 @@ def _loc(loc: tuple) -> str:
 
 def _problems(error: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> list[tuple[str, str]]:
     """pydantic's errors as (key path, message); an unknown key gets a "did you mean" from ``model``'s keys."""
-    out = []
+    out: dict[str, list[str]] = {}
     for item in error.errors():
-        item["loc"] = tuple(part for part in item["loc"] if not (isinstance(part, str) and part.startswith("<")))
+        item["loc"] = tuple(part for part in item["loc"] if not _union_tag(part))
         path = _loc(item["loc"])
         if prefix:
             path = f"{prefix}.{path}" if path else prefix
@@ -393,8 +393,29 @@ def _problems(error: ValidationError, prefix: str = "", model: type[BaseModel] |
             message = "required key is missing"
         elif item["type"] == "finite_number":
             message = "must be a finite number (not inf or nan)"
-        out.append((path, message))
-    return out
+        elif item["type"] in ("model_type", "model_attributes_type", "dict_type"):  # not "instance of ObjectiveConfig"
+            message = f"must be a mapping of keys to values, not {_shown(item.get('input'))}"
+        elif item["type"] == "literal_error" and isinstance(item.get("input"), str):
+            expected = re.findall(r"'([^']*)'", str(item.get("ctx", {}).get("expected", "")))
+            message += did_you_mean(item["input"], expected)
+        out.setdefault(path, []).append(message)
+    # A union's members each report (``list[str]``, then ``literal['all-linear']``): one line per key.
+    return [(path, messages[0] + "".join(f"; or {m[0].lower()}{m[1:]}" for m in messages[1:]))
+            for path, messages in out.items()]
+
+
+def _union_tag(part: Any) -> bool:
+    """pydantic's name for a member of a union or a validator in an error's location (``list[str]``,
+    ``literal['all-linear']``, ``function-after[...]``, ``<lambda>``), which is no key of the recipe."""
+    return isinstance(part, str) and (part.startswith("<") or bool(re.fullmatch(r"[\w-]+\[.*\]", part))
+                                      or part in ("str", "int", "float", "bool", "none"))
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "null (an empty value)"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
 # Names other trainers (transformers' TrainingArguments, TRL) use for keys a recipe spells otherwise.

@@ -288,6 +288,12 @@ def quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+    try:  # the hub client's own warnings ("Retrying in 1s [Retry 1/5]" while offline)
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
+    except ImportError:
+        pass
     try:
         from datasets.utils import logging as ds_logging
 

@@ -745,3 +745,65 @@ def test_every_command_exits_2_on_a_user_error(tmp_path):
     refused(cli("label", tmp_path / "missing.jsonl"), "missing.jsonl", "file not found")
     refused(cli("validate", recipe(tmp_path), "=5"), "override '=5'", "dotted.key=value")
     refused(cli("validate", recipe(tmp_path), 'output_dir="a\\ud800"'), "output_dir", "surrogate")
+
+
+# ----------------------------------------------------------------------------- found by a sweep (2026-12-08)
+
+
+def test_a_model_source_that_is_a_file_or_a_path_under_a_local_folder_is_refused_by_validate(tmp_path,
+                                                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    write(tmp_path / "notes.txt", "not a model")
+    path = recipe(tmp_path)
+    refused(cli("validate", path, "model.source=notes.txt"), "model.source", "'notes.txt' is a file, not a model directory")
+    # 'runs' is a folder here, so 'runs/typo' is a mistyped local path, not a hub id: no hub lookup
+    started = time.monotonic()
+    refused(cli("validate", path, "model.source=runs/typo"), "model.source", "'runs/typo': no such directory",
+            "'runs' is a folder here")
+    refused(cli("run", path, "model.source=runs/typo"), "'runs/typo': no such directory")
+    assert time.monotonic() - started < 30  # the hub's five retries offline take about 50 s
+    assert not (tmp_path / "out-r").exists()
+
+
+def test_pydantic_class_names_and_union_members_do_not_reach_the_message(tmp_path):
+    path = recipe(tmp_path)
+    out = refused(cli("validate", path, "objective=dpo", "model.lora=yes", "train=[1, 2]"),
+                  "objective: must be a mapping of keys to values, not str 'dpo'",
+                  "model.lora: must be a mapping of keys to values, not bool True",
+                  "train: must be a mapping of keys to values, not list [1, 2]")
+    assert "ObjectiveConfig" not in out and "LoraConfig" not in out and "TrainConfig" not in out
+    out = refused(cli("validate", path, "model.lora={r: 8, target_modules: all-linearr}"),
+                  "model.lora.target_modules: Input should be a valid list; or input should be 'all-linear'; "
+                  "did you mean 'all-linear'?")
+    assert "list[str]" not in out and "literal[" not in out
+    refused(cli("validate", path, "train.precision=bf61"), "train.precision", "did you mean 'bf16'?")
+
+
+def test_data_whose_every_row_is_skipped_as_bad_says_so(tmp_path):
+    data = write(tmp_path / "same.jsonl", "\n".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "a"})
+                                                    for i in range(6)))
+    path = recipe(tmp_path, data__train=str(data), data__bad_rows="skip")
+    refused(cli("validate", path), "same.jsonl (train): no usable examples: 6 rows read, 6 bad",
+            "rows 1-6: fields 'chosen' and 'rejected' are identical")
+
+
+def test_a_recipe_copy_under_a_file_names_the_file(tmp_path):
+    write(tmp_path / "afile", "x")
+    refused(cli("recipes", "copy", "dpo_tiny", tmp_path / "afile" / "sub.yaml"),
+            "afile is a file, not a folder", "nothing was written")
+
+
+def test_an_online_recipe_with_one_sample_a_prompt_names_num_samples_first(tmp_path):
+    out = refused(cli("validate", ROOT / "recipes" / "grpo_tiny.yaml", "sampling.num_samples=1"))
+    lines = [line.strip() for line in out.splitlines() if line.strip().startswith(("sampling.", "objective."))]
+    assert lines[0].startswith("sampling.num_samples: objective 'grpo' compares the completions of one prompt")
+
+
+def test_a_compare_arm_whose_data_its_objective_cannot_read_is_named(tmp_path):
+    data = copy.deepcopy(COMPARE)
+    data["output_dir"] = str(tmp_path / "cmp")
+    path = write(tmp_path / "compare.yaml", yaml.safe_dump(data))
+    arm = next(i for i, a in enumerate(data["arms"]) if a["objective"] == "kto")
+    refused(cli("validate", path, f"arms.{arm}.data.train=tiny-prefs"), "compare.yaml: invalid recipe",
+            f"arms.{arm}: arm 'kto'", "objective 'kto' needs 'unpaired preference' rows")

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from prefkit.api.errors import PrefkitError, RecipeError
+from prefkit.api.errors import DataError, PrefkitError, RecipeError
 from prefkit.inputs import InputError, check_writable_dir, did_you_mean
 from prefkit.loops.online import check_online_recipe
 from prefkit.loops.preflight import local_rows, preflight
@@ -600,6 +600,8 @@ def preflight_compare(loaded: LoadedCompare, registry: Any) -> None:
         except RecipeError as exc:
             problems += [(_arm_path(path, arm.index, arm.arm), f"arm {arm.name!r}: {message}")
                          for path, message in exc.problems]
+        except DataError as exc:  # the arm's data, read as its objective reads them
+            problems.append((f"arms.{arm.index}", f"arm {arm.name!r}: {exc}"))
     evaluation = compare.evaluation
     if evaluation.prompts is not None:
         local_rows(evaluation.prompts, evaluation.prompts_split or compare.data.eval_split, compare.data, registry,

@@ -218,17 +218,17 @@ def check_online_recipe(loaded: LoadedRecipe) -> list[tuple[str, str]]:
     if recipe.train.grad_accum_steps != 1:
         problems.append(("train.grad_accum_steps", "the online loop takes one optimizer step per minibatch of "
                                                    "objective.params.mini_batch_size sequences; leave it at 1"))
+    least = objective.min_samples_per_prompt(params)
+    if recipe.sampling.num_samples < least:
+        problems.append(("sampling.num_samples", f"objective {objective.name!r} compares the completions of one "
+                                                 f"prompt; it needs at least {least} per prompt, got "
+                                                 f"{recipe.sampling.num_samples}"))
     per_rollout = params.rollout_batch_size * recipe.sampling.num_samples
     if params.mini_batch_size is not None and params.mini_batch_size > per_rollout:
         problems.append(("objective.params.mini_batch_size",
                          f"{params.mini_batch_size} is larger than a rollout (rollout_batch_size "
                          f"{params.rollout_batch_size} x sampling.num_samples {recipe.sampling.num_samples} = "
                          f"{per_rollout} sequences)"))
-    least = objective.min_samples_per_prompt(params)
-    if recipe.sampling.num_samples < least:
-        problems.append(("sampling.num_samples", f"objective {objective.name!r} compares the completions of one "
-                                                 f"prompt; it needs at least {least} per prompt, got "
-                                                 f"{recipe.sampling.num_samples}"))
     if least > 1 and recipe.sampling.temperature == 0:
         problems.append(("sampling.temperature", f"objective {objective.name!r} compares the completions of one "
                                                  "prompt, and temperature 0 (greedy decoding) makes them all the "

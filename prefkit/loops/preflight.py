@@ -134,10 +134,14 @@ def setting_problems(loaded: LoadedRecipe) -> list[tuple[str, str]]:
 
 def model_problems(loaded: LoadedRecipe, registry: Any) -> list[tuple[str, str]]:
     """A local model folder (or tokenizer) that cannot be one, found without loading anything."""
-    from prefkit.models.loading import _is_hub_id, load_tokenizer, lora_target_problem
+    from prefkit.models.loading import _is_hub_id, load_tokenizer, lora_target_problem, source_path_problem
 
     model = loaded.recipe.model
     problems: list[tuple[str, str]] = []
+    if model.source not in registry.model_sources:
+        found = source_path_problem(model.source, registry)
+        if found:
+            return [("model.source", found.removeprefix("model.source "))]
     local_model = model.source not in registry.model_sources and is_dir(model.source)
     if local_model:
         folder = Path(model.source).expanduser()
@@ -196,6 +200,7 @@ def local_rows(source: str, split: str, cfg, registry: Any, limit: int | None, k
     from prefkit.api import DataError
     from prefkit.data.io import is_local_source, load_rows
     from prefkit.data.prepare import _bad_rows_message, check_source_rows
+    from prefkit.data.rows import group_rows, listing
 
     if not is_local_source(source, registry):
         return None
@@ -206,6 +211,10 @@ def local_rows(source: str, split: str, cfg, registry: Any, limit: int | None, k
     checked, _, _ = check_source_rows(rows, kind, cfg.format, f"{shown} ({split})", needed_by)
     if checked.problems and cfg.bad_rows == "error":
         raise DataError(_bad_rows_message(f"{shown} ({split})", checked.problems, kind.name))
+    if checked.problems and not checked.examples:  # data.bad_rows: skip, and every row was bad
+        bad = len({row for row, _ in checked.problems})
+        raise DataError(listing(f"{shown} ({split}): no usable examples: {len(rows)} rows read, {bad} bad "
+                                "(data.bad_rows: skip)", group_rows(checked.problems)))
     return len(checked.examples)
 
 

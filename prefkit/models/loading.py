@@ -237,25 +237,37 @@ def resolve_model_dir(cfg: ModelConfig, options: Any, cache_dir: Path, registry:
                               f"{folder!r}, not an existing folder; report it to the plugin's authors")
         return str(folder)
 
+    problem = source_path_problem(cfg.source, registry)
+    if problem:
+        raise PrefkitError(problem)
     path = Path(cfg.source).expanduser()
+    return str(path) if path.is_dir() else cfg.source
+
+
+def source_path_problem(source: str, registry: Any) -> str | None:
+    """Why ``model.source`` (not a named source) can be neither a local model folder nor a hub id,
+    found without loading anything or asking the hub; None when it may be either."""
+    path = Path(source).expanduser()
     if path.is_dir():
-        return str(path)
+        return None
     if path.is_file():
         hint = ""
         if path.suffix == ".gguf":
             hint = f"; for a GGUF file set model.source: {str(path.parent)!r} and model.gguf_file: {path.name!r}"
-        raise PrefkitError(f"model.source {cfg.source!r} is a file, not a model directory{hint}")
-    if not _is_hub_id(cfg.source):
+        return f"model.source {source!r} is a file, not a model directory{hint}"
+    if not _is_hub_id(source):
         known = ", ".join(sorted(registry.model_sources)) or "none"
-        raise PrefkitError(
-            f"model.source {cfg.source!r}: no such directory, and it is neither a named model source "
-            f"(known: {known}) nor a hub id (org/name); fix the path or pick a named source"
-        )
-    meant = _closest_source(cfg.source, registry)
+        return (f"model.source {source!r}: no such directory, and it is neither a named model source "
+                f"(known: {known}) nor a hub id (org/name); fix the path or pick a named source")
+    meant = _closest_source(source, registry)
     if meant is not None:
-        raise PrefkitError(f"model.source {cfg.source!r} is not a named model source, a local folder or a hub id "
-                           f"(org/name); did you mean {meant!r}? (`prefkit models` lists them)")
-    return cfg.source
+        return (f"model.source {source!r} is not a named model source, a local folder or a hub id "
+                f"(org/name); did you mean {meant!r}? (`prefkit models` lists them)")
+    first = Path(source).parts[0]
+    if Path(first).is_dir():  # 'runs/typo': a path under a folder that is here, not an organisation on the hub
+        return (f"model.source {source!r}: no such directory (read as a local path, since {first!r} is a "
+                "folder here, and not looked up on the hub); fix the path")
+    return None
 
 
 def _check_cache_for(source: str, cache_dir: Path) -> None:
