@@ -807,3 +807,10 @@ def test_a_compare_arm_whose_data_its_objective_cannot_read_is_named(tmp_path):
     arm = next(i for i, a in enumerate(data["arms"]) if a["objective"] == "kto")
     refused(cli("validate", path, f"arms.{arm}.data.train=tiny-prefs"), "compare.yaml: invalid recipe",
             f"arms.{arm}: arm 'kto'", "objective 'kto' needs 'unpaired preference' rows")
+
+
+def test_conversations_with_chat_template_never_are_refused_by_validate(tmp_path):
+    path = recipe(tmp_path, data__train="tiny-prefs-chat", data__chat_template="never")
+    refused(cli("validate", path), "tiny-prefs-chat (train): the data is conversational",
+            "data.chat_template is 'never'")
+    assert cli("validate", recipe(tmp_path, "plain", data__chat_template="never")).exit_code == 0

@@ -199,7 +199,7 @@ def local_rows(source: str, split: str, cfg, registry: Any, limit: int | None, k
     None for hub data, which is not read here."""
     from prefkit.api import DataError
     from prefkit.data.io import is_local_source, load_rows
-    from prefkit.data.prepare import _bad_rows_message, check_source_rows
+    from prefkit.data.prepare import _bad_rows_message, check_source_rows, use_chat_template
     from prefkit.data.rows import group_rows, listing
 
     if not is_local_source(source, registry):
@@ -208,7 +208,10 @@ def local_rows(source: str, split: str, cfg, registry: Any, limit: int | None, k
     rows = rows[:limit] if limit else rows
     if kind is None or not rows:
         return len(rows)
-    checked, _, _ = check_source_rows(rows, kind, cfg.format, f"{shown} ({split})", needed_by)
+    checked, fmt, found = check_source_rows(rows, kind, cfg.format, f"{shown} ({split})", needed_by)
+    if cfg.chat_template == "never":  # the rule needs no tokenizer then: conversations cannot be read
+        use_chat_template(None, "never", fmt, f"{shown} ({split})",
+                          plain_text=found.is_language_modeling and fmt == "standard")
     if checked.problems and cfg.bad_rows == "error":
         raise DataError(_bad_rows_message(f"{shown} ({split})", checked.problems, kind.name))
     if checked.problems and not checked.examples:  # data.bad_rows: skip, and every row was bad
