@@ -169,10 +169,10 @@ def find_chat_model(source: str, *, step: int | None = None, registry: Any, cach
             _refuse_a_reward_model(path / "final" / "config.json", f"{source}/final")
             handle = load_model(ModelConfig(source=str(path / "final")), None, cache, head="lm", registry=registry)
             return ChatModel(handle.model, handle.tokenizer, str(Path(source) / "final"))
-        from prefkit.loops.checkpoint import checkpoint_steps
+        from prefkit.loops.checkpoint import step_folders
         from prefkit.loops.export import load_checkpoint_model
 
-        if step is None and not checkpoint_steps(path):
+        if step is None and not step_folders(path):  # a damaged one is named by load_checkpoint_model
             raise PrefkitError(f"{source} is a run folder with neither a final/ model nor a checkpoint to chat with "
                                "(the run has not finished, and it keeps checkpoints only with train.save_every)")
         found = load_checkpoint_model(path, step, registry=registry)

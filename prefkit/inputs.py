@@ -276,7 +276,7 @@ def path_problem(text: str) -> str | None:
 def _safely(test, path: str | os.PathLike) -> bool:
     try:
         return test(Path(path).expanduser())
-    except (OSError, ValueError):  # too long, a NUL, no permission to look: not usable, so "no"
+    except (OSError, ValueError, RuntimeError):  # too long, a NUL, no permission, ~nosuchuser: not usable, so "no"
         return False
 
 

@@ -399,9 +399,17 @@ def _problems(error: ValidationError, prefix: str = "", model: type[BaseModel] |
             expected = re.findall(r"'([^']*)'", str(item.get("ctx", {}).get("expected", "")))
             message += did_you_mean(item["input"], expected)
         out.setdefault(path, []).append(message)
-    # A union's members each report (``list[str]``, then ``literal['all-linear']``): one line per key.
-    return [(path, messages[0] + "".join(f"; or {m[0].lower()}{m[1:]}" for m in messages[1:]))
-            for path, messages in out.items()]
+    # A union's members each report (``list[str]``, then ``literal['all-linear']``): one line per key,
+    # and none for a key where one member found its error deeper inside (``target_modules.1``: the
+    # value was a list, so "should be 'all-linear'" would mislead).
+    deeper = {path for path in out if any(other.startswith(f"{path}.") for other in out)}
+    return [(path, messages[0] + "".join(f"; or {_lower_first(m)}" for m in messages[1:]))
+            for path, messages in out.items() if path not in deeper]
+
+
+def _lower_first(text: str) -> str:
+    """``Input should ...`` -> ``input should ...``; ``JSON ...`` stays."""
+    return text[:1].lower() + text[1:] if text[1:2].islower() else text
 
 
 def _union_tag(part: Any) -> bool:

@@ -304,9 +304,11 @@ def test_export_of_a_damaged_step_lists_only_the_intact_ones(tmp_path):
     before = snapshot(out)
     code, text = cli("export", out, "--step", 4)
     assert code == 2 and "Traceback" not in text, text
-    assert "step-4 is damaged" in text and "no other checkpoint is intact" in text and "3" not in text.split(";")[-1]
+    assert "step-4 is damaged" in text and " ".join(text.split()).endswith("no other checkpoint is intact"), text
     code, text = cli("export", out, "--step", 3)
     assert code == 2 and "step-3 is damaged (manifest.json is missing)" in text, text
+    code, text = cli("export", out)  # the newest step folder, damaged: named, not passed over
+    assert code == 2 and "step-4 is damaged" in text, text
     assert snapshot(out) == before
 
 
@@ -601,3 +603,16 @@ def test_run_json_breaks_the_time_down_by_phase(tmp_path):
     assert {"generate", "score", "collate", "old_logprobs", "reference_logprobs", "prepare", "update_forward",
             "update_backward", "optimizer"} <= set(phases)
     assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= online["wall_seconds"]
+
+
+def test_rotation_removes_a_damaged_step_folder_older_than_the_kept_checkpoints(tmp_path):
+    from prefkit.loops.checkpoint import older_than_kept, step_folders
+
+    out = tmp_path / "run"
+    train(out, *FOUR_STEPS)
+    old = out / "checkpoints" / "step-1"  # a damaged folder no resume would ever read again
+    shutil.copytree(out / "checkpoints" / "step-3", old)
+    remove_manifest(old)
+    assert [s for s, _ in older_than_kept(out, 2)] == [1] and [s for s, _ in older_than_kept(out, 0)] == [1, 3, 4]
+    train(out, *SHORT, "train.max_steps=6", "train.save_every=1", resume=True)
+    assert [s for s, _ in step_folders(out)] == [5, 6]

@@ -24,16 +24,16 @@ COMMON = ["data.eval=tiny-prefs", "train.eval_every=3", "train.scheduler=constan
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
 
 
-def launch(*args, processes=2, **kwargs):
+def launch(*args, processes=2, cache=None, **kwargs):
     """``accelerate launch --multi_gpu --num_processes N -m prefkit run ...`` (gloo on CPU)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"PREFKIT_CACHE": str(cache)} if cache else {})}
     cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefkit", "run", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, **kwargs)
 
 
-def single(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def single(*args, cache=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"PREFKIT_CACHE": str(cache)} if cache else {})}
     return subprocess.run([sys.executable, "-m", "prefkit", "run", *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=600)
 
@@ -49,9 +49,12 @@ def without_rate(records):
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("processes")
-    one = single(DPO, f"output_dir={base / 'one'}", *COMMON, "train.max_steps=6")
+    # One reference cache for these runs and the resume below: an fp32 entry serves every process
+    # count, and the runs compared bit for bit must read the same one (one process and two batch
+    # the reference pass differently, which moves its sums by about 1e-7).
+    one = single(DPO, f"output_dir={base / 'one'}", *COMMON, "train.max_steps=6", cache=base / "cache")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = launch(DPO, f"output_dir={base / 'two'}", *COMMON, "train.max_steps=6")
+    two = launch(DPO, f"output_dir={base / 'two'}", *COMMON, "train.max_steps=6", cache=base / "cache")
     assert two.returncode == 0, two.stderr[-3000:]
     return base
 
@@ -71,9 +74,9 @@ def test_a_two_process_run_logs_what_a_one_process_run_logs(two_runs):
 
 def test_a_two_process_run_resumes_exactly(two_runs, tmp_path):
     parts = tmp_path / "parts"
-    first = launch(DPO, f"output_dir={parts}", *COMMON, "train.max_steps=3")
+    first = launch(DPO, f"output_dir={parts}", *COMMON, "train.max_steps=3", cache=two_runs / "cache")
     assert first.returncode == 0, first.stderr[-3000:]
-    rest = launch(DPO, f"output_dir={parts}", *COMMON, "train.max_steps=6", "--resume")
+    rest = launch(DPO, f"output_dir={parts}", *COMMON, "train.max_steps=6", "--resume", cache=two_runs / "cache")
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert without_rate(log(parts)) == without_rate(log(two_runs / "two"))
 

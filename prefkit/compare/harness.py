@@ -64,7 +64,7 @@ from prefkit.compare.results import (
     rows_csv,
     seed_rows,
 )
-from prefkit.loops.checkpoint import checkpoint_steps
+from prefkit.loops.checkpoint import checkpoint_steps, older_than_kept
 from prefkit.api.reporting import Reporter, SilentReporter
 from prefkit.loops.runs import RESUMABLE_CHANGES, _flatten
 from prefkit.manifest import MANIFEST
@@ -378,7 +378,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> list[int]:
     """Delete all but the newest ``keep`` checkpoints (each renamed aside first, so a kill never
     leaves a half-deleted one in the list); return the steps deleted."""
     removed = []
-    for step, path in checkpoint_steps(run_dir)[:-keep] if keep > 0 else checkpoint_steps(run_dir):
+    for step, path in older_than_kept(run_dir, keep):
         trash = path.parent / f".trash-{path.name}"
         shutil.rmtree(trash, ignore_errors=True)
         os.rename(path, trash)

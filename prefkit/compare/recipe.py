@@ -594,6 +594,7 @@ def preflight_compare(loaded: LoadedCompare, registry: Any) -> None:
     except InputError as exc:
         raise PrefkitError(f"{where}: {exc}") from None
     problems: list[tuple[str, str]] = []
+    data_errors: dict[str, list] = {}  # one message per bad data source, naming every arm that reads it
     for arm in loaded.arms:
         try:
             preflight(arm.loaded, registry, command="compare", check_output_dir=False)
@@ -601,7 +602,10 @@ def preflight_compare(loaded: LoadedCompare, registry: Any) -> None:
             problems += [(_arm_path(path, arm.index, arm.arm), f"arm {arm.name!r}: {message}")
                          for path, message in exc.problems]
         except DataError as exc:  # the arm's data, read as its objective reads them
-            problems.append((f"arms.{arm.index}", f"arm {arm.name!r}: {exc}"))
+            data_errors.setdefault(str(exc), []).append(arm)
+    for message, arms in data_errors.items():
+        path = f"arms.{arms[0].index}" if len(arms) == 1 else "data"
+        problems.append((path, f"arm{'s' if len(arms) > 1 else ''} {', '.join(repr(a.name) for a in arms)}: {message}"))
     evaluation = compare.evaluation
     if evaluation.prompts is not None:
         local_rows(evaluation.prompts, evaluation.prompts_split or compare.data.eval_split, compare.data, registry,

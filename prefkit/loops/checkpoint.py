@@ -13,7 +13,7 @@ A checkpoint is written to a temporary folder and renamed into place, so a run k
 any moment leaves either the whole checkpoint or none of it. Only folders with a manifest are
 listed, and a resume verifies the manifest before it trusts a checkpoint (a damaged newest one,
 a step folder without its manifest included, is reported and skipped for the newest intact one;
-it is kept until the run writes that step again). Old checkpoints are renamed aside before they
+it is kept until the run writes that step again, or rotation passes it). Old checkpoints are renamed aside before they
 are deleted, so a kill during rotation never leaves a half-deleted one in the list; leftovers of
 killed writes are removed when the run directory is opened again.
 
@@ -24,6 +24,7 @@ bad step can never push out the last good checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -128,6 +129,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
+def older_than_kept(run_dir: Path, keep: int) -> list[tuple[int, Path]]:
+    """The step folders a rotation keeping the newest ``keep`` intact checkpoints removes: every one
+    older than the oldest kept (a damaged one among them too: nothing would ever read it again)."""
+    kept = checkpoint_steps(run_dir)[-keep:] if keep > 0 else []
+    oldest = kept[0][0] if kept else math.inf
+    return [(step, path) for step, path in step_folders(run_dir) if step < oldest]
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """``None`` if the checkpoint folder is intact; else what is wrong with it (the first bad file)."""
     if not (Path(path) / MANIFEST).exists():
@@ -153,7 +162,7 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     # a step folder without its manifest is not a leftover: it is a damaged checkpoint, reported by
-    # newest_intact_checkpoint and kept (nothing saved is deleted) until the run writes that step again
+    # newest_intact_checkpoint and kept until the run writes that step again or rotation passes it
     found = [child for child in root.iterdir() if child.is_dir() and LEFTOVER.match(child.name)]
     for child in found:
         shutil.rmtree(child, ignore_errors=True)
@@ -216,7 +225,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for _, stale in checkpoint_steps(run_dir)[:-keep]:
+    for _, stale in older_than_kept(run_dir, keep):
         _discard(stale)
     return final
 

@@ -78,10 +78,10 @@ def evaluation_batches(num_examples: int, batch_size: int, rank: int, world: int
             for start in range(0, num_examples, batch_size)[rank::world]]
 
 
-# fp32 reference passes batch this many times the training batch's rows: a forward pass without
-# gradients over 2B rows holds less memory than a training step over B rows (which keeps every
-# layer's activations for the backward pass), and the larger matmuls run faster (SmolLM2 on 2 CPU
-# cores: about 9% less time for the pass at 8 pairs than at 4, docs/benchmarks.md).
+# fp32 reference passes batch this many times each process's training micro-batch: a forward pass
+# without gradients over 2B rows holds less memory than a training step over B rows (which keeps
+# every layer's activations for the backward pass), and the larger matmuls run faster (SmolLM2 on 2
+# CPU cores: the quickstart's reference pass took 13% less time at 8 pairs than at 4, docs/benchmarks.md).
 REFERENCE_BATCH_FACTOR = 2
 
 
@@ -146,10 +146,10 @@ def reference_for(dataset, *, batches: list[list[list[int]]], model_handle, reci
     initial policy's log-probs then equal the reference's bit for bit, and a DPO run starts at
     exactly log 2. In fp32 it is below 1e-4 nats, so there the rows are batched by length (least
     padding) into one entry that every seed, batch order and process count shares, in batches of
-    :data:`REFERENCE_BATCH_FACTOR` times the training batch."""
+    :data:`REFERENCE_BATCH_FACTOR` times a process's share of the training batch."""
     world = accelerator.num_processes
     if precision.name == "fp32":
-        size = REFERENCE_BATCH_FACTOR * recipe.train.batch_size
+        size = max(1, REFERENCE_BATCH_FACTOR * recipe.train.batch_size // world)  # batch_size is the global batch
         batches = [length_batches(dataset, size, rank, world) for rank in range(world)]
         keyed_on = None
     else:

@@ -141,7 +141,7 @@ def model_problems(loaded: LoadedRecipe, registry: Any) -> list[tuple[str, str]]
     if model.source not in registry.model_sources:
         found = source_path_problem(model.source, registry)
         if found:
-            return [("model.source", found.removeprefix("model.source "))]
+            return [("model.source", f"{model.source!r}{found}")]
     local_model = model.source not in registry.model_sources and is_dir(model.source)
     if local_model:
         folder = Path(model.source).expanduser()

@@ -38,6 +38,7 @@ from transformers import (
 )
 
 from prefkit.api import PrefkitError
+from prefkit.inputs import is_dir, is_file
 from prefkit.manifest import verify_manifest, write_manifest
 from prefkit.models.allocator import tune_cpu_allocator
 from prefkit.models.packing import unwrap
@@ -239,34 +240,30 @@ def resolve_model_dir(cfg: ModelConfig, options: Any, cache_dir: Path, registry:
 
     problem = source_path_problem(cfg.source, registry)
     if problem:
-        raise PrefkitError(problem)
-    path = Path(cfg.source).expanduser()
-    return str(path) if path.is_dir() else cfg.source
+        raise PrefkitError(f"model.source {cfg.source!r}{problem}")
+    return str(Path(cfg.source).expanduser()) if is_dir(cfg.source) else cfg.source
 
 
 def source_path_problem(source: str, registry: Any) -> str | None:
     """Why ``model.source`` (not a named source) can be neither a local model folder nor a hub id,
-    found without loading anything or asking the hub; None when it may be either."""
-    path = Path(source).expanduser()
-    if path.is_dir():
+    found without loading anything or asking the hub (the text follows the quoted source); None
+    when it may be either."""
+    if is_dir(source):
         return None
-    if path.is_file():
+    if is_file(source):
+        path = Path(source).expanduser()
         hint = ""
         if path.suffix == ".gguf":
             hint = f"; for a GGUF file set model.source: {str(path.parent)!r} and model.gguf_file: {path.name!r}"
-        return f"model.source {source!r} is a file, not a model directory{hint}"
+        return f" is a file, not a model directory{hint}"
     if not _is_hub_id(source):
         known = ", ".join(sorted(registry.model_sources)) or "none"
-        return (f"model.source {source!r}: no such directory, and it is neither a named model source "
-                f"(known: {known}) nor a hub id (org/name); fix the path or pick a named source")
+        return (f": no such directory, and it is neither a named model source (known: {known}) nor a hub id "
+                "(org/name); fix the path or pick a named source")
     meant = _closest_source(source, registry)
     if meant is not None:
-        return (f"model.source {source!r} is not a named model source, a local folder or a hub id "
-                f"(org/name); did you mean {meant!r}? (`prefkit models` lists them)")
-    first = Path(source).parts[0]
-    if Path(first).is_dir():  # 'runs/typo': a path under a folder that is here, not an organisation on the hub
-        return (f"model.source {source!r}: no such directory (read as a local path, since {first!r} is a "
-                "folder here, and not looked up on the hub); fix the path")
+        return (" is not a named model source, a local folder or a hub id (org/name); "
+                f"did you mean {meant!r}? (`prefkit models` lists them)")
     return None
 
 
@@ -291,7 +288,7 @@ def _closest_source(source: str, registry: Any) -> str | None:
 
 
 def _is_local(model_dir: str) -> bool:
-    return Path(model_dir).expanduser().is_dir()
+    return is_dir(model_dir)
 
 
 @contextlib.contextmanager
@@ -302,10 +299,12 @@ def _user_errors(what: str, source: str) -> Iterator[None]:
     except OSError as exc:
         if _is_local(source):
             raise PrefkitError(f"cannot load the {what} from the directory {source!r}: {_first_line(exc)}") from exc
+        first = Path(source).parts[0] if source else ""
+        local = f"; {first!r} is a folder here: if a local path was meant, it does not exist" if is_dir(first) else ""
         raise PrefkitError(
             f"cannot load the {what} from {source!r}: it is not a local directory or a named model source "
             f"(`prefkit models` lists those), and as a hub id: {_first_line(exc)} "
-            "(a hub id needs network access or a copy in the Hugging Face cache)"
+            f"(a hub id needs network access or a copy in the Hugging Face cache){local}"
         ) from exc
     except PrefkitError:
         raise
