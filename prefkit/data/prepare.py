@@ -474,7 +474,8 @@ def _prepare_part(part: Part, cfg: DataConfig, tokenizer: Any, kind: DataKind, r
         kind=kind.name,
     )
     if not kept:
-        raise DataError(_nothing_left_message(where, report, checked.problems))
+        raise DataError(nothing_left_message(where, report.rows_read, report.rows_skipped_bad,
+                                             report.rows_dropped_overlong, checked.problems))
     return TokenizedDataset(kept, report, tuple(kind.completions))
 
 
@@ -578,12 +579,10 @@ def _bad_rows_message(where: str, problems: list[tuple[int, str]], kind: str, *,
     return listing(header, lines)
 
 
-def _nothing_left_message(where: str, report: DataReport, problems: list[tuple[int, str]]) -> str:
-    header = (
-        f"{where}: no usable examples: {report.rows_read} rows read, {report.rows_skipped_bad} bad, "
-        f"{report.rows_dropped_overlong} too long"
-    )
-    if report.rows_dropped_overlong:
+def nothing_left_message(where: str, rows_read: int, bad: int, overlong: int, problems: list[tuple[int, str]]) -> str:
+    """Why a source left no examples: how many of its rows were bad or too long, and the bad rows."""
+    header = f"{where}: no usable examples: {rows_read} rows read, {bad} bad, {overlong} too long"
+    if overlong:
         header += " (see data.max_length, data.max_prompt_length and data.truncation)"
     return listing(header, group_rows(problems)) if problems else header
 

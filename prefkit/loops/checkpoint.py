@@ -13,9 +13,9 @@ A checkpoint is written to a temporary folder and renamed into place, so a run k
 any moment leaves either the whole checkpoint or none of it. Only folders with a manifest are
 listed, and a resume verifies the manifest before it trusts a checkpoint (a damaged newest one,
 a step folder without its manifest included, is reported and skipped for the newest intact one;
-it is kept until the run writes that step again, or rotation passes it). Old checkpoints are renamed aside before they
-are deleted, so a kill during rotation never leaves a half-deleted one in the list; leftovers of
-killed writes are removed when the run directory is opened again.
+it is kept until the run writes that step again, or rotation passes it). Old checkpoints are
+renamed aside before they are deleted, so a kill during rotation never leaves a half-deleted one
+in the list; leftovers of killed writes are removed when the run directory is opened again.
 
 Nothing non-finite is ever written: :func:`save_checkpoint` refuses weights with NaN or inf, so a
 bad step can never push out the last good checkpoint.

@@ -138,11 +138,11 @@ def model_problems(loaded: LoadedRecipe, registry: Any) -> list[tuple[str, str]]
 
     model = loaded.recipe.model
     problems: list[tuple[str, str]] = []
-    if model.source not in registry.model_sources:
-        found = source_path_problem(model.source, registry)
-        if found:
-            return [("model.source", f"{model.source!r}{found}")]
-    local_model = model.source not in registry.model_sources and is_dir(model.source)
+    named = model.source in registry.model_sources
+    found = None if named else source_path_problem(model.source, registry)
+    if found:
+        return [("model.source", found)]
+    local_model = not named and is_dir(model.source)
     if local_model:
         folder = Path(model.source).expanduser()
         if model.gguf_file:
@@ -199,8 +199,7 @@ def local_rows(source: str, split: str, cfg, registry: Any, limit: int | None, k
     None for hub data, which is not read here."""
     from prefkit.api import DataError
     from prefkit.data.io import is_local_source, load_rows
-    from prefkit.data.prepare import _bad_rows_message, check_source_rows, use_chat_template
-    from prefkit.data.rows import group_rows, listing
+    from prefkit.data.prepare import _bad_rows_message, check_source_rows, nothing_left_message, use_chat_template
 
     if not is_local_source(source, registry):
         return None
@@ -215,9 +214,7 @@ def local_rows(source: str, split: str, cfg, registry: Any, limit: int | None, k
     if checked.problems and cfg.bad_rows == "error":
         raise DataError(_bad_rows_message(f"{shown} ({split})", checked.problems, kind.name))
     if checked.problems and not checked.examples:  # data.bad_rows: skip, and every row was bad
-        bad = len({row for row, _ in checked.problems})
-        raise DataError(listing(f"{shown} ({split}): no usable examples: {len(rows)} rows read, {bad} bad "
-                                "(data.bad_rows: skip)", group_rows(checked.problems)))
+        raise DataError(nothing_left_message(f"{shown} ({split})", len(rows), checked.bad_rows, 0, checked.problems))
     return len(checked.examples)
 
 

@@ -240,14 +240,14 @@ def resolve_model_dir(cfg: ModelConfig, options: Any, cache_dir: Path, registry:
 
     problem = source_path_problem(cfg.source, registry)
     if problem:
-        raise PrefkitError(f"model.source {cfg.source!r}{problem}")
+        raise PrefkitError(f"model.source {problem}")
     return str(Path(cfg.source).expanduser()) if is_dir(cfg.source) else cfg.source
 
 
 def source_path_problem(source: str, registry: Any) -> str | None:
     """Why ``model.source`` (not a named source) can be neither a local model folder nor a hub id,
-    found without loading anything or asking the hub (the text follows the quoted source); None
-    when it may be either."""
+    found without loading anything or asking the hub (the message opens with the quoted source);
+    None when it may be either."""
     if is_dir(source):
         return None
     if is_file(source):
@@ -255,14 +255,14 @@ def source_path_problem(source: str, registry: Any) -> str | None:
         hint = ""
         if path.suffix == ".gguf":
             hint = f"; for a GGUF file set model.source: {str(path.parent)!r} and model.gguf_file: {path.name!r}"
-        return f" is a file, not a model directory{hint}"
+        return f"{source!r} is a file, not a model directory{hint}"
     if not _is_hub_id(source):
         known = ", ".join(sorted(registry.model_sources)) or "none"
-        return (f": no such directory, and it is neither a named model source (known: {known}) nor a hub id "
+        return (f"{source!r}: no such directory, and it is neither a named model source (known: {known}) nor a hub id "
                 "(org/name); fix the path or pick a named source")
     meant = _closest_source(source, registry)
     if meant is not None:
-        return (" is not a named model source, a local folder or a hub id (org/name); "
+        return (f"{source!r} is not a named model source, a local folder or a hub id (org/name); "
                 f"did you mean {meant!r}? (`prefkit models` lists them)")
     return None
 
