@@ -293,7 +293,12 @@ def _is_local(model_dir: str) -> bool:
 
 @contextlib.contextmanager
 def _user_errors(what: str, source: str) -> Iterator[None]:
-    """Turn transformers' errors for a missing or unreachable model into one clear PrefkitError."""
+    """Turn transformers' errors for a missing or unreachable model into one clear PrefkitError.
+    A hub id is loaded only after :func:`prefkit.hub.prepare_hub` has checked the hub can be reached."""
+    from prefkit.hub import offline_reason, prepare_hub
+
+    if not _is_local(source):
+        prepare_hub()
     try:
         yield
     except OSError as exc:
@@ -301,10 +306,12 @@ def _user_errors(what: str, source: str) -> Iterator[None]:
             raise PrefkitError(f"cannot load the {what} from the directory {source!r}: {_first_line(exc)}") from exc
         first = Path(source).parts[0] if source else ""
         local = f"; {first!r} is a folder here: if a local path was meant, it does not exist" if is_dir(first) else ""
+        offline = offline_reason()
+        why = (f"{offline}, and it is not in the Hugging Face cache" if offline else
+               f"{_first_line(exc)} (a hub id needs network access or a copy in the Hugging Face cache)")
         raise PrefkitError(
             f"cannot load the {what} from {source!r}: it is not a local directory or a named model source "
-            f"(`prefkit models` lists those), and as a hub id: {_first_line(exc)} "
-            f"(a hub id needs network access or a copy in the Hugging Face cache){local}"
+            f"(`prefkit models` lists those), and as a hub id: {why}{local}"
         ) from exc
     except PrefkitError:
         raise
