@@ -412,6 +412,10 @@ def test_settings_this_machine_cannot_honour_and_impossible_paths(tmp_path):
             "model.source", "no config.json")
     refused(cli("validate", recipe(tmp_path), f"model.source={tmp_path / 'notamodel'}", "model.options={}",
                 "model.gguf_file=m.gguf"), "model.gguf_file", "GGUF files there: none")
+    # a named source builds its own folder: a GGUF file inside it cannot be meant (was found only at run,
+    # naming the cache folder)
+    refused(cli("validate", recipe(tmp_path), "model.gguf_file=m.gguf"), "model.gguf_file",
+            "'tiny-llama' is a named model source")
     refused(cli("validate", recipe(tmp_path), "model.tokenizer=./no/such/tokenizer"), "model.tokenizer",
             "no such folder")
     # a folder the tokenizer would come from that holds no tokenizer files: refused before any load

@@ -142,6 +142,10 @@ def model_problems(loaded: LoadedRecipe, registry: Any) -> list[tuple[str, str]]
     found = None if named else source_path_problem(model.source, registry)
     if found:
         return [("model.source", found)]
+    if named and model.gguf_file:
+        problems.append(("model.gguf_file", f"{model.gguf_file!r}: {model.source!r} is a named model source, which "
+                                            "builds its own model folder; model.gguf_file names a file inside a local "
+                                            "folder or hub repository given as model.source"))
     local_model = not named and is_dir(model.source)
     if local_model:
         folder = Path(model.source).expanduser()
