@@ -8,7 +8,7 @@ The Python API (docs/python.md)::
     import prefkit
     summary = prefkit.train("recipes/dpo_tiny.yaml", ["output_dir=runs/x"], train_dataset=my_dataset)
     metrics = prefkit.evaluate("runs/x")
-    folder = prefkit.export("runs/x", step=12)
+    folder = prefkit.export("runs/x", step=18)
 """
 
 __version__ = "0.1.0"

@@ -691,7 +691,7 @@ def _require_matplotlib() -> None:
 
     if importlib.util.find_spec("matplotlib") is None:
         raise PrefkitError("prefkit compare draws its plots with matplotlib, which is not installed: "
-                           "pip install 'prefkit[plots]' (or pip install matplotlib)")
+                           "pip install matplotlib")
 
 
 def _measured(plan: ArmPlan | None, seed: int, eval_seed: int, step: int, records: list[dict[str, Any]],
