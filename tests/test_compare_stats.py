@@ -351,6 +351,40 @@ def test_without_curves_only_the_last_step_is_checkpointed(tmp_path):
     assert plan.loaded.recipe.train.save_every == 2  # gcd(6, 4): both the arm's and evaluation's steps
 
 
+def test_a_spacing_past_the_last_step_and_budgets_past_the_limits_are_named_by_the_key_written(tmp_path):
+    """every_steps beyond an arm's steps evaluates its last step (it used to ask for a save_every over
+    the limit, named as train.save_every); a budget or spacing that gives a train value past its limit
+    is named by the budget or evaluation key, not by the train key the user never wrote."""
+    from prefkit.compare.recipe import preflight_compare
+    from prefkit.models.tiny import build_tiny_tokenizer
+
+    loaded = load_compare(TINY, ["evaluation.every_steps=1000000000000", "train.save_every=null",
+                                 f"output_dir={tmp_path}"], registry=REGISTRY)
+    counts = DataCounts(loaded, build_tiny_tokenizer(), REGISTRY)
+    plan = plan_arm(loaded, _arm(loaded, "dpo-b0.1"), 0, counts)
+    assert plan.eval_steps == [8] and plan.loaded.recipe.train.save_every == 8 and not plan.prune
+
+    with pytest.raises(RecipeError) as info:
+        load_compare(TINY, ["budget={labels: 1000000000000000}", f"output_dir={tmp_path}"], registry=REGISTRY)
+    text = str(info.value)
+    assert "'preferred-ft' train.max_steps = 250000000000000: Input should be less than or equal to 10000000" in text
+    assert "\n  train.max_steps" not in text
+    assert "budget.labels: gives arms 'dpo-b0.1', 'dpo-b0.5'," in text  # one line for the arms it is the same for
+    with pytest.raises(RecipeError) as info:
+        preflight_compare(load_compare(TINY, ["budget={epochs: 1000000}", f"output_dir={tmp_path}"],
+                                       registry=REGISTRY), REGISTRY)
+    assert "budget.epochs: arm 'dpo-b0.1': 1e+06 epochs over 48 rows is 12,000,000 steps" in str(info.value)
+
+    # 10,000 steps evaluated at every one would keep 10,001 checkpoints (at most 10,000)
+    loaded = load_compare(TINY, ["evaluation.every_steps=1", "train.save_every=null", "budget={labels: 40000}",
+                                 f"output_dir={tmp_path}"], registry=REGISTRY)
+    with pytest.raises(RecipeError) as info:
+        plan_arm(loaded, _arm(loaded, "dpo-b0.1"), 0, counts)
+    text = str(info.value)
+    assert "evaluation.every_steps: the evaluation steps of arm 'dpo-b0.1' need train.keep_checkpoints = 10001" in text
+    assert "evaluate fewer steps" in text
+
+
 def test_a_step_one_seed_lacks_is_tested_on_the_seeds_measured_there():
     gold = [0.1, 0.2, 0.3, 0.4]
     group = [measured("a", 0, 4, gold, kl=0.5, final=False), measured("a", 0, 8, gold, kl=2.0),

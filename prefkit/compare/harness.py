@@ -299,6 +299,8 @@ def plan_arm(loaded: LoadedCompare, arm: LoadedArm, seed: int, counts: DataCount
         prompts = 0 if train.max_steps else counts.rows(base.recipe.data, needs.data)
         total = train.max_steps or max(1, math.ceil(train.epochs * math.ceil(prompts / base.params.rollout_batch_size)))
     every = compare.evaluation.every_for(total, arm.arm.evaluation_points)
+    if every and every >= total:  # a spacing past the arm's last step: evaluated at its last step only
+        every = None
     if every:
         save = math.gcd(train.save_every, every) if train.save_every else every
         keep = max(train.keep_checkpoints, math.ceil(total / save) + 1)

@@ -36,7 +36,7 @@ def _grid(width: float, height: float, nrows: int = 1, ncols: int = 1, *, sharey
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-    except ImportError:  # pragma: no cover - matplotlib is a dependency of the plots extra
+    except ImportError:  # pragma: no cover - matplotlib is a core dependency, but may be uninstalled
         raise PrefkitError("the compare plots need matplotlib: pip install matplotlib") from None
     figure = Figure(figsize=(width, height), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)

@@ -430,15 +430,33 @@ def budget_train_keys(compare: CompareRecipe, arm: Arm, loaded: LoadedRecipe, *,
 
 def arm_run_recipe(loaded: "LoadedCompare", arm: LoadedArm, seed: int, *, budget_train: dict[str, Any] | None = None,
                    harness_train: dict[str, Any] | None = None) -> LoadedRecipe:
-    """The validated run recipe of ``arm`` for ``seed`` (problems named by their compare path)."""
+    """The validated run recipe of ``arm`` for ``seed`` (problems named by their compare path; a
+    ``train`` value the budget or the evaluation spacing gave is named by the key that gave it)."""
+    budget_train = arm.budget_train if budget_train is None else budget_train
     data = arm_recipe_dict(loaded.compare, arm.arm, seed=seed, with_reward=arm.with_reward,
-                           budget_train=arm.budget_train if budget_train is None else budget_train,
-                           harness_train=harness_train)
+                           budget_train=budget_train, harness_train=harness_train)
     try:
         return validate_recipe(data, loaded.path, registry=loaded.registry)
     except RecipeError as exc:
-        raise RecipeError(loaded.path, [(_arm_path(path, arm.index, arm.arm), message)
+        raise RecipeError(loaded.path, [_given_by(path, message, loaded.compare, arm.arm, arm.index,
+                                                  budget_train or {}, harness_train or {})
                                         for path, message in exc.problems]) from None
+
+
+def _given_by(path: str, message: str, compare: CompareRecipe, arm: Arm, index: int, budget_train: dict[str, Any],
+              harness_train: dict[str, Any] | None = None) -> tuple[str, str]:
+    """A problem of the arm's run recipe, at the compare key the user wrote: ``budget.*`` for the
+    budget's steps, the evaluation spacing for the harness's checkpoint keys, else :func:`_arm_path`."""
+    key = path.removeprefix("train.")
+    budget = _budget_path(path, compare, budget_train)
+    if budget:
+        return budget, f"gives arm {arm.name!r} train.{key} = {budget_train[key]}: {message}"
+    if path.startswith("train.") and harness_train and key in harness_train and key not in arm.train:
+        where = (f"arms.{index}.evaluation_points" if arm.evaluation_points is not None else
+                 "evaluation.points" if compare.evaluation.points is not None else "evaluation.every_steps")
+        return where, (f"the evaluation steps of arm {arm.name!r} need train.{key} = {harness_train[key]}: {message}; "
+                       "evaluate fewer steps")
+    return _arm_path(path, index, arm), message
 
 
 def _compare_problems(compare: CompareRecipe) -> list[tuple[str, str]]:
@@ -515,7 +533,7 @@ def validate_compare(data: dict[str, Any], where: str, *, registry: Any) -> Load
                 loaded = validate_recipe(arm_recipe_dict(compare, arm, with_reward=with_reward,
                                                          budget_train=budget_train), where, registry=registry)
         except RecipeError as exc:
-            problems += [(_arm_path(path, i, arm), message) for path, message in exc.problems]
+            problems += [_given_by(path, message, compare, arm, i, budget_train) for path, message in exc.problems]
             continue
         needs = loaded.objective.needs(loaded.params)
         if needs.head != "lm":
@@ -528,10 +546,38 @@ def validate_compare(data: dict[str, Any], where: str, *, registry: Any) -> Load
         arms.append(LoadedArm(arm=arm, index=i, loaded=loaded, budget_train=budget_train, with_reward=with_reward))
 
     if problems:
-        unique = list(dict.fromkeys(problems))  # the shared blocks' problems would repeat once per arm
+        unique = list(dict.fromkeys(_merge_arms(problems)))  # the shared blocks' problems would repeat once per arm
         raise RecipeError(where, unique)
     return LoadedCompare(compare=compare, path=where, arms=arms, gold_params=gold_params,
                          judge_params=judge_params, model_options=model_options, data=data, registry=registry)
+
+
+def _budget_path(path: str, compare: CompareRecipe, budget_train: dict[str, Any]) -> str | None:
+    """``budget.labels`` or ``budget.epochs`` when the run recipe's ``path`` holds a value the budget gave."""
+    if compare.budget is None or not path.startswith("train.") or path.removeprefix("train.") not in budget_train:
+        return None
+    return "budget.labels" if compare.budget.labels is not None else "budget.epochs"
+
+
+def _merge_arms(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The budget's problems that differ only in the arm they name, as one line naming the arms."""
+    import re
+
+    arms: dict[tuple[str, str], list[str]] = {}
+    for path, message in problems:
+        found = re.match(r"gives arm ('.*?') (.*)$", message, re.S)
+        if path.startswith("budget.") and found:
+            arms.setdefault((path, found.group(2)), []).append(found.group(1))
+    merged = []
+    for path, message in problems:
+        found = re.match(r"gives arm ('.*?') (.*)$", message, re.S)
+        if path.startswith("budget.") and found:
+            names = arms.pop((path, found.group(2)), None)
+            if names:
+                merged.append((path, f"gives arm{'s' if len(names) > 1 else ''} {', '.join(names)} {found.group(2)}"))
+        else:
+            merged.append((path, message))
+    return merged
 
 
 def is_compare_document(data: dict[str, Any]) -> bool:
@@ -599,8 +645,8 @@ def preflight_compare(loaded: LoadedCompare, registry: Any) -> None:
         try:
             preflight(arm.loaded, registry, command="compare", check_output_dir=False)
         except RecipeError as exc:
-            problems += [(_arm_path(path, arm.index, arm.arm), f"arm {arm.name!r}: {message}")
-                         for path, message in exc.problems]
+            problems += [(_budget_path(path, compare, arm.budget_train) or _arm_path(path, arm.index, arm.arm),
+                          f"arm {arm.name!r}: {message}") for path, message in exc.problems]
         except DataError as exc:  # the arm's data, read as its objective reads them
             data_errors.setdefault(str(exc), []).append(arm)
     for message, arms in data_errors.items():
