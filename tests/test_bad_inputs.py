@@ -327,9 +327,11 @@ def test_an_output_never_replaces_its_input_or_an_existing_file(tmp_path):
 
     data = write(tmp_path / "prompts.jsonl", rows(2))
     sampling = recipe(tmp_path, "s", data__train=str(data), data__max_rows=2, sampling__max_new_tokens=2)
+    recipe_text = sampling.read_text()
     for extra in ([], ["--force"]):
         refused(cli("sample", sampling, "-o", data, *extra), "prompts.jsonl", "the recipe's data.train itself")
-    assert data.read_text() == rows(2)
+        refused(cli("sample", sampling, "-o", sampling, *extra), "s.yaml", "the recipe file itself")
+    assert data.read_text() == rows(2) and sampling.read_text() == recipe_text
     taken = write(tmp_path / "taken.jsonl", "precious\n")
     refused(cli("sample", sampling, "-o", taken), "taken.jsonl", "already exists", "--force")
     assert taken.read_text() == "precious\n"

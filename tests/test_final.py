@@ -89,6 +89,12 @@ def test_export_refuses_a_missing_step_a_damaged_checkpoint_and_an_existing_fold
     target.write_bytes(bytes(data))
     with pytest.raises(PrefkitError, match="damaged"):
         export_checkpoint(damaged, step=2, registry=REGISTRY)
+    # an --output that cannot be a folder is refused before the checkpoint loads (it was a traceback)
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(PrefkitError, match=r"^--output '.*afile/x': .*afile is a file, so no folder can be made "
+                                           r"inside it \(nothing was changed\)$"):
+        export_checkpoint(dpo_run, step=4, out_dir=tmp_path / "afile" / "x", registry=REGISTRY)
+    assert (tmp_path / "afile").read_text() == "keep"
 
 
 def test_export_of_an_online_run_keeps_its_modules(tmp_path):

@@ -386,6 +386,29 @@ def test_a_finished_arm_is_not_retrained_for_a_logging_or_checkpoint_change(tiny
     assert trained == []
 
 
+def test_a_damaged_arm_summary_or_a_folder_where_an_output_goes_is_one_message_changing_nothing(tiny_run, tmp_path):
+    _, _, out, cache = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    summary = copy / "arms" / "dpo-b0.1" / "seed-0" / "run.json"
+    for damage, why in (("{not json", "unreadable (JSONDecodeError)"), ("[1, 2]", "not a JSON object but list"),
+                        ("", "unreadable (JSONDecodeError)")):
+        summary.write_text(damage)
+        with pytest.raises(PrefkitError) as info:
+            compare(copy, cache)
+        assert str(info.value) == (f"arm dpo-b0.1 seed 0: {summary} is damaged ({why}); delete {summary.parent} to "
+                                   "train the arm again (nothing was changed)")
+        assert summary.read_text() == damage
+    shutil.copy(out / "arms" / "dpo-b0.1" / "seed-0" / "run.json", summary)
+    (copy / "results.jsonl").unlink()
+    (copy / "results.jsonl").mkdir()  # refused before any model loads (it failed after every evaluation)
+    before = sorted(p.name for p in copy.iterdir())
+    with pytest.raises(PrefkitError, match=r"results.jsonl is a folder; prefkit compare writes its results.jsonl "
+                                           r"there: move it away \(nothing was changed\)"):
+        compare(copy, cache)
+    assert sorted(p.name for p in copy.iterdir()) == before
+
+
 def test_checkpoints_kept_for_evaluation_are_deleted_after_it(tmp_path, monkeypatch):
     arms = "arms=[{name: dpo, objective: dpo, params: {beta: 0.1}}]"
     opts = [arms, "seeds=[0]", "evaluation.temperatures=[1.0]", "train.keep_checkpoints=1",

@@ -370,10 +370,24 @@ def train_arm(plan: ArmPlan, *, reporter: Reporter, registry: Any) -> dict[str, 
                          f"in {run_dir}")
         loops.train(plan.loaded, resume=started, reporter=reporter, registry=registry)
         status = "resumed" if started else "trained"
-    summary = json.loads(summary_file.read_text())
+    summary = _arm_summary(summary_file, label, run_dir)
     return {"status": status, "steps": summary.get("steps", 0),
             "train_seconds": summary.get("train_seconds", 0.0),
             "reference_cache": summary.get("reference_cache", "none"), "summary": summary}
+
+
+def _arm_summary(path: Path, label: str, run_dir: Path) -> dict[str, Any]:
+    """A trained arm's ``run.json``, refused in one message when it is damaged."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problem = f"unreadable ({type(exc).__name__})"
+    else:
+        if isinstance(summary, dict):
+            return summary
+        problem = f"not a JSON object but {type(summary).__name__}"
+    raise PrefkitError(f"{label}: {path} is damaged ({problem}); delete {run_dir} to train the arm again "
+                       "(nothing was changed)")
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> list[int]:
@@ -674,6 +688,20 @@ OUTPUTS = {"results": RESULT_COLUMNS, "aggregate": AGGREGATE_COLUMNS, "paired": 
            "budget": BUDGET_COLUMNS}
 
 
+OUTPUT_FILES = (*(f"{name}.{ext}" for name in OUTPUTS for ext in ("jsonl", "csv")), "frontier.png", "winrate.png",
+                "report.md", "compare.resolved.yaml")
+
+
+def _check_output_files(out_dir: Path) -> None:
+    """Refuse, before any work, a folder (or other non-file) where the compare writes one of its files."""
+    for name in OUTPUT_FILES:
+        path = Path(out_dir) / name
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            what = "a folder" if path.is_dir() else "not a regular file"
+            raise PrefkitError(f"{path} is {what}; prefkit compare writes its {name} there: move it away "
+                               "(nothing was changed)")
+
+
 def write_results(out_dir: Path, result: CompareResult) -> None:
     for name, columns in OUTPUTS.items():
         rows = getattr(result, "rows" if name == "results" else name)
@@ -724,6 +752,7 @@ def run_compare(loaded: LoadedCompare, reporter: Reporter | None = None, *, regi
     started = time.perf_counter()
 
     _require_matplotlib()  # the plots come last; fail before hours of training, not after
+    _check_output_files(out_dir)
 
     # 1. Prompts before any model and any training; then the starting model and the rewards.
     model_cfg = compare.model.model_copy(update={"lora": None})

@@ -95,6 +95,7 @@ def export_checkpoint(run_dir: Path, *, step: int | None = None, out_dir: Path |
                       dtype: str = "fp32", registry: Any) -> Path:
     """Write checkpoint ``step`` of ``run_dir`` (the newest by default) as a Hugging Face folder
     (default ``RUN/export/step-N``); return the folder."""
+    from prefkit.inputs import InputError, check_writable_dir
     from prefkit.loops.online import save_final
     from prefkit.models.loading import save_pretrained
 
@@ -107,6 +108,10 @@ def export_checkpoint(run_dir: Path, *, step: int | None = None, out_dir: Path |
     out = Path(out_dir) if out_dir is not None else run_dir / "export" / f"step-{step}"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PrefkitError(f"{out} already exists; choose another --output (nothing was changed)")
+    try:
+        check_writable_dir(out, "--output")
+    except InputError as exc:
+        raise PrefkitError(f"{exc} (nothing was changed)") from None
 
     found = load_checkpoint_model(run_dir, step, registry=registry)
     recipe, objective = found.loaded.recipe, found.loaded.objective

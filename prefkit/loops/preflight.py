@@ -49,7 +49,8 @@ def preflight(loaded: LoadedRecipe, registry: Any, *, command: str = "run", outp
             check_writable_dir(recipe.output_dir, "output_dir")
         check_writable_dir(recipe.resolved_cache_dir(), recipe.cache_dir_origin())
         if output is not None:
-            inputs = {f"the recipe's {key}": source for key, source in recipe.data.source_names()}
+            inputs = {"the recipe file": where,
+                      **{f"the recipe's {key}": source for key, source in recipe.data.source_names()}}
             check_output_file(output, inputs=inputs, force=force)
     except InputError as exc:
         raise PrefkitError(f"{where}: {exc}") from None
