@@ -175,13 +175,25 @@ prefkit run __NAME___tiny.yaml         # a few steps on a tiny model
 
 
 def package_names(name: str) -> dict[str, str]:
-    """The names derived from an objective name: distribution, module, class."""
+    """The names derived from an objective name: distribution, module, class. The class is the
+    name in CamelCase, with ``Objective`` added when it (or its ``Params``) would be a name the
+    generated files already use (``needs`` would shadow the ``Needs`` they import)."""
+    camel = "".join(part.capitalize() for part in name.split("_"))
+    if {camel, camel + "Params"} & _template_names():
+        camel += "Objective"
     return {
         "__NAME__": name,
         "__DIST__": "prefkit-" + name.replace("_", "-"),
         "__MODULE__": "prefkit_" + name,
-        "__CLASS__": "".join(part.capitalize() for part in name.split("_")),
+        "__CLASS__": camel,
     }
+
+
+def _template_names() -> set[str]:
+    """Every name the module and test templates bind or use, besides the generated ones."""
+    import re
+
+    return set(re.findall(r"\b[A-Za-z_][A-Za-z0-9_]*\b", MODULE + TEST)) - {"__CLASS__Params"}
 
 
 def render(name: str) -> dict[str, str]:

@@ -27,6 +27,23 @@ def test_names():
     assert '[project.entry-points.prefkit]\nmy_loss = "prefkit_my_loss"' in pyproject
 
 
+@pytest.mark.parametrize("name", ["needs", "loss_output", "f", "field", "objective", "objective_params", "loss_inputs"])
+def test_a_name_that_matches_what_the_module_imports_still_gives_a_conforming_objective(name):
+    """`needs` made a class Needs that shadowed prefkit.api.Needs, and its own test failed."""
+    import types
+
+    from prefkit.api import Needs, Objective, ObjectiveParams
+    from prefkit.testing import check_objective
+
+    names = package_names(name)
+    assert names["__CLASS__"].endswith("Objective")
+    module = types.ModuleType(names["__MODULE__"])
+    exec(compile(render(name)[f"{names['__MODULE__']}.py"], "generated", "exec"), module.__dict__)
+    cls, params = getattr(module, names["__CLASS__"]), getattr(module, names["__CLASS__"] + "Params")
+    assert issubclass(cls, Objective) and issubclass(params, ObjectiveParams) and module.Needs is Needs
+    check_objective(cls(), params(beta=1.0))
+
+
 def test_generated_package_passes_its_own_tests(tmp_path):
     target = new_objective("hinge_test", tmp_path)
     assert target == tmp_path / "prefkit-hinge-test"
