@@ -209,6 +209,28 @@ def _check_params_model(params: Any, owner: str) -> str | None:
             f"{owner}'s `Params` ({params.__name__}) accepts unknown keys, so a misspelled recipe key would be "
             "ignored; subclass prefkit.api.objective.ObjectiveParams (or set model_config extra='forbid')"
         )
+    return _default_problem(params, owner)
+
+
+def _default_problem(params: type[BaseModel], owner: str) -> str | None:
+    """A default of ``params`` that its own field checks refuse (pydantic never checks defaults):
+    a recipe leaving the key out would train with it, and the run's resolved recipe, which writes
+    it out, would then be refused."""
+    from pydantic import ValidationError
+
+    try:
+        checked = type(params.__name__, (params,), {"model_config": {**params.model_config, "validate_default": True}})
+        checked.model_validate({})
+    except ValidationError as exc:
+        for error in exc.errors():
+            if error["type"] != "missing":  # required keys have no default to check
+                where = ".".join(str(part) for part in error["loc"]) or "(the model)"
+                field = params.model_fields.get(str(error["loc"][0])) if error["loc"] else None
+                shown = f" = {field.default!r}" if field is not None else ""
+                return (f"{owner}'s `Params` ({params.__name__}) has a default its own checks refuse: "
+                        f"{where}{shown}: {error['msg']}; fix the default")
+    except Exception:  # noqa: BLE001 - a model that cannot be subclassed: its defaults are checked in use
+        return None
     return None
 
 

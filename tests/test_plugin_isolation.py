@@ -225,6 +225,10 @@ INVALID_OBJECTIVES = {
         "from pydantic import BaseModel\n    class Params(BaseModel):\n        beta: float = 0.1",
         "accepts unknown keys",
     ),
+    "params_default_refused": (
+        "class Params(ObjectiveParams):\n        beta: float = __import__('pydantic').Field(-1.0, gt=0)",
+        "has a default its own checks refuse: beta = -1.0: Input should be greater than 0",
+    ),
     "needs_returns_junk": (
         "def needs(self, params):\n        return {'data': 'pairs'}",
         "needs() returned dict, not a prefkit.api.Needs",
