@@ -608,6 +608,24 @@ def test_a_reward_function_that_raises_in_build_or_scoring(tmp_path, install_plu
             "reward function 'boom-score'", "prefkit-boom-reward 0.1.0", "ZeroDivisionError")
 
 
+def test_an_objective_reading_an_input_it_did_not_declare_is_told_which_need_gives_it(tmp_path, install_plugin):
+    plugin(install_plugin, "prefkit-undeclared", """
+        from prefkit.api import LossOutput, Objective, ObjectiveParams
+        class Undeclared(Objective):
+            name = "undeclared"
+            description = "reads the reference without Needs(reference=True)"
+            Params = ObjectiveParams
+            def loss(self, params, inputs):
+                return LossOutput(losses=inputs.chosen_logps - inputs.ref_chosen_logps)
+        @hookimpl
+        def register_objectives(register):
+            register(Undeclared())
+    """)
+    text = " ".join(refused(cli("run", recipe(tmp_path, objective={"name": "undeclared"}))).split())
+    assert "objective 'undeclared'" in text and "loss() raised TypeError" in text
+    assert "an input the objective's needs() does not declare is None (ref_*_logps need Needs(reference=True)" in text
+
+
 def test_a_dataset_plugin_without_files(tmp_path, install_plugin):
     plugin(install_plugin, "prefkit-odd-data", """
         @hookimpl

@@ -236,8 +236,14 @@ def plugin_call(objective, what: str, call):
     except PrefkitError:
         raise
     except Exception as exc:
+        hint = ""
+        if what == "loss()" and getattr(objective, "kind", None) == "offline" and \
+                isinstance(exc, (TypeError, AttributeError)) and "NoneType" in str(exc):
+            hint = ("; an input the objective's needs() does not declare is None (ref_*_logps need "
+                    "Needs(reference=True), *_rewards need head='scalar', *_logps the default head='lm', and each "
+                    "completion name comes from the data kind: pairs chosen/rejected, sft chosen, unpaired completion)")
         raise PrefkitError(f"objective {objective.name!r}{distribution_of(objective)}: {what} raised "
-                           f"{type(exc).__name__}: {exc}") from exc
+                           f"{type(exc).__name__}: {exc}{hint}") from exc
 
 
 def distribution_of(obj) -> str:
