@@ -765,6 +765,13 @@ def test_every_command_exits_2_on_a_user_error(tmp_path):
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     refused(cli("run", recipe(tmp_path, output_dir=str(out))), "already holds a run", "--resume")
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'  # nothing already written is lost
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")  # not a run: --resume is not the fix
+    refused(cli("run", recipe(tmp_path, output_dir=str(other))), "is not empty (notes.txt) and holds no run",
+            "a new or empty folder")
+    refused(cli("run", recipe(tmp_path, output_dir=str(other)), "--resume"), "holds no run to resume")
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
     refused(cli("sample", recipe(tmp_path, data__train=str(tmp_path / "none.jsonl"))), "none.jsonl", "file not found")
     refused(cli("label", tmp_path / "missing.jsonl"), "missing.jsonl", "file not found")
     refused(cli("validate", recipe(tmp_path), "=5"), "override '=5'", "dotted.key=value")

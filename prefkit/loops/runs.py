@@ -98,6 +98,12 @@ def _default_of(dotted: str) -> Any:
     return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
 
 
+def _holds_a_run(run_dir: Path) -> bool:
+    """Whether a folder holds (part of) a prefkit run, rather than unrelated files."""
+    return any((run_dir / name).exists() for name in ("recipe.resolved.yaml", "metrics.jsonl", "checkpoints", "run.json",
+                                                     "final"))
+
+
 def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> tuple[Path | None, list[str]]:
     """Check the run directory before any heavy work; return the checkpoint to resume (the newest
     intact one) and notes on any damaged newer ones."""
@@ -109,12 +115,20 @@ def prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> tuple[Path |
         if stub:  # a start that failed (a model that would not load, ...): the fixed command may reuse it
             return None, [f"output_dir {run_dir} held only the recipe of a run that stopped before its first "
                           "step; starting it afresh"]
+        if started and not _holds_a_run(run_dir):
+            found = sorted(child.name for child in run_dir.iterdir())
+            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            raise PrefkitError(f"output_dir {run_dir} is not empty ({shown}) and holds no run; a run needs a folder "
+                               "of its own: set output_dir=... to a new or empty folder (nothing was changed)")
         if started:
             raise PrefkitError(
                 f"output_dir {run_dir} already holds a run; pass --resume to continue it, "
                 "or set output_dir=... to start a new one (nothing was changed)"
             )
         return None, []
+    if started and not _holds_a_run(run_dir):
+        raise PrefkitError(f"--resume: {run_dir} holds no run to resume (no recipe.resolved.yaml, metrics.jsonl or checkpoints/); "
+                           "leave out --resume and set output_dir=... to a new or empty folder (nothing was changed)")
     if not started:
         raise PrefkitError(f"--resume: {run_dir} holds no run to resume; leave out --resume to start one")
     if stub:
