@@ -676,6 +676,9 @@ def validate_recipe(data: dict[str, Any], where: str, registry: Any) -> LoadedRe
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, *, registry: Any) -> LoadedRecipe:
     """Read, override and validate a recipe file. Raises RecipeError naming file and key paths."""
     data = read_yaml(path)
+    if isinstance(data, dict) and "arms" in data and "objective" not in data:
+        raise RecipeError(str(path), [("arms", "this is a compare recipe (it has arms:), not a run recipe; run it "
+                                               "with `prefkit compare`")])
     try:
         data = apply_overrides(data, overrides or [])
     except RecipeError as exc:

@@ -84,8 +84,9 @@ def evaluate(run_or_recipe: Any, overrides: Iterable[str] = (), *, model: str | 
             raise PrefkitError(f"{path} is not a run folder (it has no recipe.resolved.yaml)")
         if model is None:
             if not (path / "final").is_dir():
-                raise PrefkitError(f"{path} has no final/ (the run has not finished); pass model=... "
-                                   "or export a checkpoint with `prefkit export` first")
+                raise PrefkitError(f"{path} has no final/ (the run has not finished); give a model folder "
+                                   "(--model PATH; model=... in Python), for example a checkpoint exported with "
+                                   "`prefkit export` first")
             model = str(path / "final")
         loaded = load(path / "recipe.resolved.yaml", [f"output_dir={path}", *overrides], registry=registry)
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -866,3 +867,49 @@ def test_shared_compare_data_that_several_arms_cannot_read_is_one_line_naming_th
     out = refused(cli("validate", path, "data.train=tiny-unpaired"), max_lines=8)
     assert out.count("objective 'dpo' needs") == 1, out
     assert "arms 'dpo-b0.1', 'dpo-b0.5': tiny-unpaired (train)" in " ".join(out.split())
+
+
+# ----------------------------------------------------------------------------- found by a second sweep (2026-12-08)
+
+
+def test_a_compare_recipe_given_to_run_is_named_as_one(tmp_path):
+    out = " ".join(refused(cli("run", ROOT / "recipes" / "compare_tiny.yaml")).split())
+    assert "arms: this is a compare recipe (it has arms:), not a run recipe; run it with `prefkit compare`" in out
+    assert "seeds" not in out  # not "seeds: unknown key; did you mean 'seed'?"
+
+
+def test_folders_that_are_not_model_folders_say_what_they_are(tmp_path):
+    """A checkpoint, a run and a compare folder given where a model folder goes: the hint says what
+    the folder is and where its model is, not 'point model.source at one'."""
+    run = tmp_path / "run"
+    assert cli("run", recipe(tmp_path, output_dir=str(run), train__save_every=1)).exit_code == 0
+    step = run / "checkpoints" / "step-2"
+    text = " ".join(refused(cli("eval", run, "--model", step)).split())
+    assert "is not a Hugging Face model folder (no config.json); it is a training checkpoint" in text
+    assert "prefkit export RUN --step N" in text
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "compare.resolved.yaml").write_text("arms: []\n")
+    text = " ".join(refused(cli("eval", run, "--model", tmp_path / "cmp")).split())
+    assert "it is a compare folder: each arm's trained model is in arms/NAME/seed-N/final" in text
+    shutil.rmtree(run / "final")
+    text = " ".join(refused(cli("eval", run)).split())
+    assert "has no final/ (the run has not finished); give a model folder (--model PATH" in text
+
+
+def test_a_model_source_that_builds_a_folder_without_config_names_the_plugin(tmp_path, install_plugin):
+    plugin(install_plugin, "prefkit-hollow-source", """
+        from pathlib import Path
+        class Hollow(ModelSource):
+            name = "hollow-model"
+            description = "an empty folder"
+            def materialize(self, params, cache_dir):
+                folder = Path(cache_dir) / "hollow"
+                folder.mkdir(parents=True, exist_ok=True)
+                return folder
+        @hookimpl
+        def register_models(register):
+            register(Hollow())
+    """)
+    text = " ".join(refused(cli("run", recipe(tmp_path, model__source="hollow-model", model__options={}))).split())
+    assert "model source 'hollow-model'" in text and "plugin 'hollow_source'" in text
+    assert "which is not a Hugging Face model folder (no config.json); report it to the plugin's authors" in text

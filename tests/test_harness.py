@@ -400,6 +400,16 @@ def test_a_damaged_arm_summary_or_a_folder_where_an_output_goes_is_one_message_c
                                    "train the arm again (nothing was changed)")
         assert summary.read_text() == damage
     shutil.copy(out / "arms" / "dpo-b0.1" / "seed-0" / "run.json", summary)
+    # an unfinished arm whose only checkpoint is damaged: the harness resumed it, so no "--resume:" in the message
+    arm = copy / "arms" / "dpo-b0.5" / "seed-0"
+    for name in ("run.json", "final", "checkpoints/step-8"):
+        shutil.rmtree(arm / name) if (arm / name).is_dir() else (arm / name).unlink()
+    (arm / "checkpoints" / "step-4" / "state.json").write_text("{bad")
+    with pytest.raises(PrefkitError) as info:
+        compare(copy, cache)
+    assert str(info.value).startswith("arm dpo-b0.5 seed 0: every checkpoint in ") and "--resume" not in str(info.value)
+    shutil.rmtree(arm)
+    shutil.copytree(out / "arms" / "dpo-b0.5" / "seed-0", arm)
     (copy / "results.jsonl").unlink()
     (copy / "results.jsonl").mkdir()  # refused before any model loads (it failed after every evaluation)
     before = sorted(p.name for p in copy.iterdir())

@@ -368,7 +368,12 @@ def train_arm(plan: ArmPlan, *, reporter: Reporter, registry: Any) -> dict[str, 
             shutil.rmtree(run_dir)
         reporter.message(f"{label}: {'resuming' if started else 'training'} {plan.loaded.objective.name} "
                          f"in {run_dir}")
-        loops.train(plan.loaded, resume=started, reporter=reporter, registry=registry)
+        try:
+            loops.train(plan.loaded, resume=started, reporter=reporter, registry=registry)
+        except PrefkitError as exc:  # the harness resumed the arm, not the user: no "--resume:" in its messages
+            if not str(exc).startswith("--resume: "):
+                raise
+            raise PrefkitError(f"{label}: {str(exc).removeprefix('--resume: ')}") from None
         status = "resumed" if started else "trained"
     summary = _arm_summary(summary_file, label, run_dir)
     return {"status": status, "steps": summary.get("steps", 0),

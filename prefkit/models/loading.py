@@ -236,6 +236,10 @@ def resolve_model_dir(cfg: ModelConfig, options: Any, cache_dir: Path, registry:
         if not isinstance(folder, (str, os.PathLike)) or not Path(folder).is_dir():
             raise PluginError(f"{plugin_label(registry, 'model_sources', cfg.source)}: materialize returned "
                               f"{folder!r}, not an existing folder; report it to the plugin's authors")
+        if not (Path(folder) / "config.json").is_file():
+            raise PluginError(f"{plugin_label(registry, 'model_sources', cfg.source)}: materialize returned "
+                              f"{str(folder)!r}, which is not a Hugging Face model folder (no config.json); "
+                              "report it to the plugin's authors")
         return str(folder)
 
     problem = source_path_problem(cfg.source, registry)
@@ -360,10 +364,15 @@ def _check_local_folder(folder: str, what: Literal["model", "tokenizer"]) -> Non
     if not path.is_dir():
         return
     if what == "model" and not (path / "config.json").is_file():
-        raise PrefkitError(
-            f"{folder!r} is not a Hugging Face model folder (no config.json); "
-            "point model.source at one, or set model.gguf_file for a GGUF file inside it"
-        )
+        if (path / "trainable.safetensors").is_file():
+            hint = "it is a training checkpoint: write it as a model folder with `prefkit export RUN --step N` first"
+        elif (path / "recipe.resolved.yaml").is_file():
+            hint = f"it is a run folder: its trained model is {str(path / 'final')!r}"
+        elif (path / "compare.resolved.yaml").is_file():
+            hint = "it is a compare folder: each arm's trained model is in arms/NAME/seed-N/final"
+        else:
+            hint = "give a folder with config.json and weights, or set model.gguf_file for a GGUF file inside it"
+        raise PrefkitError(f"{folder!r} is not a Hugging Face model folder (no config.json); {hint}")
     patterns = ("tokenizer*", "vocab*", "merges*", "*.model", "special_tokens_map.json")
     if what == "tokenizer" and not any(any(path.glob(pattern)) for pattern in patterns):
         raise PrefkitError(
