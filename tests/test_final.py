@@ -95,6 +95,9 @@ def test_export_refuses_a_missing_step_a_damaged_checkpoint_and_an_existing_fold
                                            r"inside it \(nothing was changed\)$"):
         export_checkpoint(dpo_run, step=4, out_dir=tmp_path / "afile" / "x", registry=REGISTRY)
     assert (tmp_path / "afile").read_text() == "keep"
+    with pytest.raises(PrefkitError, match="inside the run's checkpoints/ folder"):
+        export_checkpoint(dpo_run, step=4, out_dir=dpo_run / "checkpoints" / "step-99", registry=REGISTRY)
+    assert not (dpo_run / "checkpoints" / "step-99").exists()
 
 
 def test_export_of_an_online_run_keeps_its_modules(tmp_path):

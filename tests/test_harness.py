@@ -392,7 +392,7 @@ def test_a_damaged_arm_summary_or_a_folder_where_an_output_goes_is_one_message_c
     shutil.copytree(out, copy)
     summary = copy / "arms" / "dpo-b0.1" / "seed-0" / "run.json"
     for damage, why in (("{not json", "unreadable (JSONDecodeError)"), ("[1, 2]", "not a JSON object but list"),
-                        ("", "unreadable (JSONDecodeError)")):
+                        ("", "unreadable (JSONDecodeError)"), ("{}", "no whole number of 'steps'")):
         summary.write_text(damage)
         with pytest.raises(PrefkitError) as info:
             compare(copy, cache)
@@ -417,6 +417,11 @@ def test_a_damaged_arm_summary_or_a_folder_where_an_output_goes_is_one_message_c
                                            r"there: move it away \(nothing was changed\)"):
         compare(copy, cache)
     assert sorted(p.name for p in copy.iterdir()) == before
+    (copy / "results.jsonl").rmdir()
+    shutil.rmtree(copy / "reference")
+    (copy / "reference").write_text("x")
+    with pytest.raises(PrefkitError, match=r"reference is not a folder; prefkit compare keeps its reference folder"):
+        compare(copy, cache)
 
 
 def test_checkpoints_kept_for_evaluation_are_deleted_after_it(tmp_path, monkeypatch):

@@ -388,9 +388,10 @@ def _arm_summary(path: Path, label: str, run_dir: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         problem = f"unreadable ({type(exc).__name__})"
     else:
-        if isinstance(summary, dict):
+        if isinstance(summary, dict) and isinstance(summary.get("steps"), int) and not isinstance(summary["steps"], bool):
             return summary
-        problem = f"not a JSON object but {type(summary).__name__}"
+        problem = (f"not a JSON object but {type(summary).__name__}" if not isinstance(summary, dict) else
+                   "no whole number of 'steps'")
     raise PrefkitError(f"{label}: {path} is damaged ({problem}); delete {run_dir} to train the arm again "
                        "(nothing was changed)")
 
@@ -705,6 +706,11 @@ def _check_output_files(out_dir: Path) -> None:
             what = "a folder" if path.is_dir() else "not a regular file"
             raise PrefkitError(f"{path} is {what}; prefkit compare writes its {name} there: move it away "
                                "(nothing was changed)")
+    for name in ("arms", REFERENCE_ARM):
+        path = Path(out_dir) / name
+        if (path.exists() or path.is_symlink()) and not path.is_dir():
+            raise PrefkitError(f"{path} is not a folder; prefkit compare keeps its {name} folder there: move it "
+                               "away (nothing was changed)")
 
 
 def write_results(out_dir: Path, result: CompareResult) -> None:

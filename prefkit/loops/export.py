@@ -91,6 +91,13 @@ def load_checkpoint_model(run_dir: Path, step: int | None = None, *, registry: A
     return CheckpointModel(step, path, loaded, handle, model)
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return Path(path).expanduser().resolve().is_relative_to(Path(folder).resolve())
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
 def export_checkpoint(run_dir: Path, *, step: int | None = None, out_dir: Path | None = None,
                       dtype: str = "fp32", registry: Any) -> Path:
     """Write checkpoint ``step`` of ``run_dir`` (the newest by default) as a Hugging Face folder
@@ -108,6 +115,9 @@ def export_checkpoint(run_dir: Path, *, step: int | None = None, out_dir: Path |
     out = Path(out_dir) if out_dir is not None else run_dir / "export" / f"step-{step}"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PrefkitError(f"{out} already exists; choose another --output (nothing was changed)")
+    if _inside(out, run_dir / "checkpoints"):
+        raise PrefkitError(f"--output {str(out)!r} is inside the run's checkpoints/ folder, where it would be taken "
+                           "for a checkpoint; choose another --output (nothing was changed)")
     try:
         check_writable_dir(out, "--output")
     except InputError as exc:
