@@ -913,3 +913,17 @@ def test_a_model_source_that_builds_a_folder_without_config_names_the_plugin(tmp
     text = " ".join(refused(cli("run", recipe(tmp_path, model__source="hollow-model", model__options={}))).split())
     assert "model source 'hollow-model'" in text and "plugin 'hollow_source'" in text
     assert "which is not a Hugging Face model folder (no config.json); report it to the plugin's authors" in text
+
+
+def test_a_reward_model_is_refused_where_a_language_model_is_needed(tmp_path):
+    """eval --model of a reward model's folder computed log-probs through a random LM head (exit 0)."""
+    reward = tmp_path / "rm"
+    assert cli("run", ROOT / "recipes" / "bt_reward_tiny.yaml", f"output_dir={reward}", "train.max_steps=2",
+               "train.save_every=null", "train.eval_every=null", "data.eval=null").exit_code == 0
+    run = tmp_path / "run"
+    assert cli("run", recipe(tmp_path, output_dir=str(run))).exit_code == 0
+    text = " ".join(refused(cli("eval", run, "--model", reward / "final")).split())
+    assert "is a reward model (a sequence classifier: LlamaForSequenceClassification), not a language model" in text
+    text = " ".join(refused(cli("run", recipe(tmp_path, "r2", output_dir=str(tmp_path / "r2"),
+                                              model={"source": str(reward / "final")}))).split())
+    assert "is a reward model" in text and not (tmp_path / "r2" / "checkpoints").exists()

@@ -358,6 +358,21 @@ def _check_gguf(model_dir: str, gguf_file: str | None) -> None:
         )
 
 
+def _refuse_a_classifier(folder: str) -> None:
+    """A local sequence classifier (a reward model) where a causal LM is needed: its LM head would be
+    random, and every log-prob made up."""
+    config = Path(folder).expanduser() / "config.json"
+    if not config.is_file():
+        return
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return
+    if architectures and all(str(a).endswith("ForSequenceClassification") for a in architectures):
+        raise PrefkitError(f"{folder!r} is a reward model (a sequence classifier: {architectures[0]}), not a language "
+                           "model: it has no LM head to give log-probs or sample with; give a causal LM")
+
+
 def _check_local_folder(folder: str, what: Literal["model", "tokenizer"]) -> None:
     """A clear error for a local folder that lacks the files ``from_pretrained`` needs."""
     path = Path(folder).expanduser()
@@ -529,6 +544,8 @@ def load_model(
     _check_gguf(model_dir, gguf_file)
     if not gguf_file:
         _check_local_folder(model_dir, "model")
+        if head == "lm":
+            _refuse_a_classifier(model_dir)
     tokenizer = load_tokenizer(cfg, model_dir, gguf_file=gguf_file)
 
     kwargs: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": cfg.trust_remote_code}
