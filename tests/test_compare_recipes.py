@@ -163,6 +163,12 @@ def test_seeds_pairs_and_budgets_are_checked(tmp_path):
         data["evaluation"].update(include_reference=False, paired=[["bon-1", "reference"]])
 
     assert "evaluation.paired.0.1: 'reference' is not evaluated" in bad(tmp_path, no_reference)
+
+    def disjoint(data):  # was dropped silently: paired.jsonl empty, nothing said
+        data["arms"][0]["seeds"], data["arms"][1]["seeds"] = data["seeds"][:1], data["seeds"][1:2]
+        data["evaluation"].update(paired=[[data["arms"][0]["name"], data["arms"][1]["name"]]])
+
+    assert "evaluation.paired.0: 'dpo-b0.1' (seeds [0]) and 'dpo-b0.5' (seeds [1]) share no seed" in bad(tmp_path, disjoint)
     assert "seeds: seed is set too" in bad(tmp_path, lambda d: d.update(seed=3))
     message = bad(tmp_path, lambda d: d.update(seeds=[0, 0]))
     assert "seeds:" in message and "seeds must not repeat" in message

@@ -472,6 +472,11 @@ def _compare_problems(compare: CompareRecipe) -> list[tuple[str, str]]:
                                  "(evaluation.include_reference is false)"))
         if a == b:
             problems.append((f"evaluation.paired.{i}", f"pairs {a!r} with itself"))
+        arms = {arm.name: arm for arm in compare.arms}
+        if a in arms and b in arms and not set(compare.arm_seeds(arms[a])) & set(compare.arm_seeds(arms[b])):
+            problems.append((f"evaluation.paired.{i}", f"{a!r} (seeds {compare.arm_seeds(arms[a])}) and {b!r} (seeds "
+                                                       f"{compare.arm_seeds(arms[b])}) share no seed; a paired test "
+                                                       "compares the seeds both arms ran"))
     for i, panel in enumerate(evaluation.panels or []):
         for j, name in enumerate(panel.arms):
             if name not in names - {REFERENCE_ARM}:
