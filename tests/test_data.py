@@ -232,6 +232,23 @@ def test_csv_json_and_parquet_files(tmp_path, plain_tok):
         assert data.report.source == str(path)
 
 
+def test_a_json_file_of_one_row_is_read_as_that_row(tmp_path, plain_tok, chat_tok):
+    """One JSON-lines line in a .json file (or one object) is one row; it was refused as 'expected a
+    JSON list of objects', though a .json may hold JSON lines. A conversation whose lists hold
+    messages is one row too, not a table of columns."""
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(GOOD) + "\n")
+    assert prepare(one, plain_tok).examples == prepare(write_jsonl(tmp_path / "one.jsonl", [GOOD]), plain_tok).examples
+    conversation = {"prompt": [{"role": "user", "content": "Say hi."}],
+                    "chosen": [{"role": "assistant", "content": "Hi!"}],
+                    "rejected": [{"role": "assistant", "content": "No."}]}
+    chat = tmp_path / "chat.json"
+    chat.write_text(json.dumps(conversation))
+    data = prepare(chat, chat_tok)
+    assert data.examples == prepare(write_jsonl(tmp_path / "chat.jsonl", [conversation]), chat_tok).examples
+    assert data.report.rows_kept == 1 and data.report.format == "conversational"
+
+
 def test_conversational_parquet(tmp_path, chat_tok):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -248,12 +248,15 @@ def _read_json(text: str, where: str) -> list[dict]:
         raise DataError(f"{where}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
     except ValueError as exc:
         raise DataError(f"{where}: not valid JSON: {exc}") from None
-    if isinstance(value, dict) and value and all(isinstance(col, list) for col in value.values()):
+    if isinstance(value, dict) and value and all(isinstance(col, list) for col in value.values()) and \
+            not _one_conversation(value):
         columns = list(value)
         lengths = {len(value[c]) for c in columns}
         if len(lengths) != 1:
             raise DataError(f"{where}: the JSON columns have different lengths")
         rows = [{c: value[c][i] for c in columns} for i in range(lengths.pop())]
+    elif isinstance(value, dict) and value:
+        rows = [value]  # one object that is not a table of columns: the one row of a JSON-lines file
     elif not isinstance(value, list):
         raise DataError(f"{where}: expected a JSON list of objects, got {_type_name(value)}")
     else:
@@ -267,6 +270,12 @@ def _read_json(text: str, where: str) -> list[dict]:
     if problems:
         raise DataError(_listing(f"{where}: the JSON list holds rows that cannot be used", problems))
     return rows
+
+
+def _one_conversation(value: dict) -> bool:
+    """An object whose lists all hold role/content messages is one conversational row, not columns."""
+    items = [item for col in value.values() for item in col]
+    return bool(items) and all(isinstance(item, dict) and "role" in item for item in items)
 
 
 def _looks_like_json_lines(text: str) -> bool:
