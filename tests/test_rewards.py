@@ -233,8 +233,14 @@ def test_reward_model_truncates_to_max_length(tmp_path):
 
 def test_reward_model_missing_path_is_a_clear_error(tmp_path):
     missing = tmp_path / "no-such-model"
-    with pytest.raises(PrefkitError, match=f"no reward model folder at '{missing}'"):
+    with pytest.raises(PrefkitError, match=f"^reward.params.path: no reward model folder at '{missing}'$"):
         build("reward_model", path=str(missing))
+    # the key is the block's own: a compare's gold, judge or arm reward, or the label command's option
+    config = RewardConfig(name="reward_model", params={"path": str(missing)})
+    for key, start in (("evaluation.judge", "evaluation.judge.params.path: "), ("--reward", "--reward-param path: ")):
+        with pytest.raises(PrefkitError) as info:
+            build_reward(config, None, cache_dir="unused", registry=REGISTRY, key=key)
+        assert str(info.value) == f"{start}no reward model folder at '{missing}'"
     (tmp_path / "empty").mkdir()
     with pytest.raises(PrefkitError, match="not a Hugging Face model folder"):
         build("reward_model", path=str(tmp_path / "empty"))

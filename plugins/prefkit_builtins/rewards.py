@@ -163,10 +163,10 @@ class RewardModelScorer:
 
         folder = Path(params.path).expanduser()
         if not folder.is_dir():
-            raise PrefkitError(f"reward.params.path: no reward model folder at {params.path!r}")
+            raise PrefkitError(f"params.path: no reward model folder at {params.path!r}")
         if not (folder / "config.json").is_file():
             raise PrefkitError(
-                f"reward.params.path: {params.path!r} is not a Hugging Face model folder (no config.json)"
+                f"params.path: {params.path!r} is not a Hugging Face model folder (no config.json)"
             )
         self.params = params
         self.device = torch.device(device)

@@ -534,7 +534,7 @@ class Evaluator:
                     self.judge, [self.prompts.prompts[s.prompt_index] for s in flat], [s.text for s in flat])
         return self._baselines[key]
 
-    def scorer_for(self, cfg: Any, params: Any) -> Any:
+    def scorer_for(self, cfg: Any, params: Any, where: str = "reward") -> Any:
         from prefkit.models.rewards import build_reward
 
         key = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
@@ -542,7 +542,7 @@ class Evaluator:
             return self.gold
         if key not in self._scorers:
             self._scorers[key] = build_reward(cfg, params, cache_dir=self.loaded.compare.resolved_cache_dir(),
-                                              device=self.device, registry=self.registry)
+                                              device=self.device, registry=self.registry, key=where)
         return self._scorers[key]
 
     # -- one policy at one step
@@ -638,7 +638,9 @@ class Evaluator:
         elif plan.kind == "inference":
             recipe = plan.loaded.recipe
             objective, params = plan.loaded.objective, plan.loaded.params
-            scorer = self.scorer_for(recipe.reward, plan.loaded.reward_params) if recipe.reward is not None else None
+            where = f"arms.{plan.arm.index}.reward" if plan.arm.arm.reward is not None else "reward"
+            scorer = self.scorer_for(recipe.reward, plan.loaded.reward_params, where) if recipe.reward is not None \
+                else None
             groups = objective.sample(params, self.reference, self.tokenizer, prompt_ids, prompts, scorer, cfg,
                                       seed=eval_seed, num_samples=cfg.num_samples, progress=progress)
             kl_value = objective.kl(params)
@@ -778,9 +780,10 @@ def run_compare(loaded: LoadedCompare, reporter: Reporter | None = None, *, regi
     handle = load_model(model_cfg, loaded.model_options, cache_dir, head="lm", registry=registry)
     reference = handle.model.to(device).eval()
     params_count = sum(p.numel() for p in reference.parameters())
-    gold = build_reward(ev.gold, loaded.gold_params, cache_dir=cache_dir, device=device, registry=registry)
+    gold = build_reward(ev.gold, loaded.gold_params, cache_dir=cache_dir, device=device, registry=registry,
+                        key="evaluation.gold")
     judge = gold if ev.judge is None else build_reward(ev.judge, loaded.judge_params, cache_dir=cache_dir,
-                                                       device=device, registry=registry)
+                                                       device=device, registry=registry, key="evaluation.judge")
     settings = ev.model_dump(mode="json", include={"prompts", "prompts_split", "max_prompts", "temperatures",
                                                    "max_new_tokens", "top_p", "top_k", "num_samples", "batch_size",
                                                    "gold", "judge", "win_against"})

@@ -262,7 +262,8 @@ def label_samples(samples: Path | str, output: Path | str, *, reward: Any, rewar
             env = os.environ.get("PREFKIT_CACHE")
             cache_dir = Path(env).expanduser() if env else Path.home() / ".cache" / "prefkit"
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        scorer = build_reward(reward, reward_params, cache_dir=cache_dir, device=device, registry=registry)
+        scorer = build_reward(reward, reward_params, cache_dir=cache_dir, device=device, registry=registry,
+                              key="--reward")
         scores = scorer([c.prompt for c in completions], [c.text for c in completions])
         for c, s in zip(completions, scores):
             c.score = float(s)

@@ -102,12 +102,15 @@ def build_reward(
     cache_dir: Path,
     device: torch.device | str = "cpu",
     registry: Any,
+    key: str = "reward",
 ) -> CheckedScorer:
     """Build the scorer a recipe's ``reward:`` block names.
 
     ``params`` is the already validated ``Params`` instance (``LoadedRecipe.reward_params``);
     with ``None`` the block's raw ``params`` are validated here. An unknown reward function or
-    bad parameters raise :class:`~prefkit.api.errors.PrefkitError`.
+    bad parameters raise :class:`~prefkit.api.errors.PrefkitError`, named by ``key`` (the block's key
+    path: ``reward``, ``evaluation.gold``, ...), as is a problem the reward function's ``build`` reports
+    in a message starting ``params.``.
     """
     from prefkit.inputs import did_you_mean
     from prefkit.plugins import plugin_errors, plugin_label
@@ -115,7 +118,7 @@ def build_reward(
     function = registry.reward_functions.get(cfg.name)
     if function is None:
         known = ", ".join(sorted(registry.reward_functions)) or "none"
-        raise PrefkitError(f"reward.name: unknown reward function {cfg.name!r}"
+        raise PrefkitError(f"{key}.name: unknown reward function {cfg.name!r}"
                            f"{did_you_mean(cfg.name, registry.reward_functions)}; registered: {known}")
     if params is None:
         try:
@@ -123,9 +126,16 @@ def build_reward(
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise PrefkitError(f"reward.params{'.' + where if where else ''}: {first['msg']}") from None
-    with plugin_errors(registry, "reward_functions", cfg.name, "building the scorer"):
-        scorer = function.build(params, cache_dir=Path(cache_dir), device=torch.device(device))
+            raise PrefkitError(f"{key}.params{'.' + where if where else ''}: {first['msg']}") from None
+    try:
+        with plugin_errors(registry, "reward_functions", cfg.name, "building the scorer"):
+            scorer = function.build(params, cache_dir=Path(cache_dir), device=torch.device(device))
+    except PrefkitError as exc:
+        if not str(exc).startswith("params."):
+            raise
+        if key.startswith("--"):  # a command-line option: --reward's --reward-param
+            raise PrefkitError(f"{key}-param {str(exc).removeprefix('params.')}") from None
+        raise PrefkitError(f"{key}.{exc}") from None
     if not callable(scorer):
         raise PrefkitError(f"{plugin_label(registry, 'reward_functions', cfg.name)}: build() returned "
                            f"{type(scorer).__name__}, not a scorer (a callable); report it to the plugin's authors")
