@@ -8,6 +8,7 @@ the command exits with code 2. Any other exception is a bug in prefkit and keeps
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import List, Optional
 
@@ -622,7 +623,19 @@ def export(
     ui.console.print(f"exported to {out}")
 
 
+MIN_COLUMNS = 40  # narrower, the usage errors' boxes have no room for their text
+
+
+def readable_width() -> None:
+    """A terminal narrower than :data:`MIN_COLUMNS` (``COLUMNS=1``) is drawn as that wide: at width 1
+    a usage error's box held its borders and none of its words."""
+    value = os.environ.get("COLUMNS", "")
+    if value.strip().isdigit() and int(value) < MIN_COLUMNS:
+        os.environ["COLUMNS"] = str(MIN_COLUMNS)
+
+
 def entrypoint() -> None:  # pragma: no cover - used by ``python -m prefkit``
+    readable_width()
     sys.exit(app())
 
 

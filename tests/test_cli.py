@@ -131,3 +131,16 @@ def test_eval_results_show_during_a_run_and_the_summary_shows_throughput_once(tm
     assert result.exit_code == 0, result.output
     assert "eval at step 2: loss" in result.output and "eval at step 4: loss" in result.output
     assert result.output.count("tokens/s") == 1 and "tokens_per_s" not in result.output
+
+
+def test_a_usage_error_is_readable_in_a_terminal_one_column_wide(tmp_path):
+    """At COLUMNS=1 the usage error's box held its borders and none of its words."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "prefkit", "export", str(tmp_path), "--step", "abc"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "1"})
+    assert done.returncode == 2
+    text = " ".join(part.strip("│ ") for part in (done.stdout + done.stderr).split())
+    assert "Invalid value for '--step'" in " ".join(text.split()), done.stderr
