@@ -755,6 +755,11 @@ def test_compare_validate_refuses_nonsense(tmp_path):
             "output_dir", "is a file")
     refused(cli("compare", "--validate", compare("seeds", lambda d: d["arms"][0].update(seeds=[5]))),
             "arms.0.seeds", "seeds [5] are not among the compare's seeds")
+    # the evaluation prompts are read at validate, as the compare reads them (both passed validate, then failed)
+    refused(cli("compare", "--validate", compare("split", lambda d: d["evaluation"].update(prompts_split="validation"))),
+            "has no split 'validation'")
+    refused(cli("compare", "--validate", compare("chosen", lambda d: d["evaluation"].update(
+        prompts="sentiment-prompts", win_against="chosen"))), "win_against is 'chosen', but the row has no 'chosen'")
     prompts = write(tmp_path / "prompts.jsonl", '{"prompt": ""}\n{"prompt": 5}\n{"text": "no prompt"}\n')
     refused(cli("compare", "--validate", compare("prompts", lambda d: d["evaluation"].update(prompts=str(prompts)))),
             "prompts.jsonl", "row 1: field 'prompt' is empty", "row 2")

@@ -49,8 +49,10 @@ from prefkit.compare.recipe import (
     REFERENCE_ARM,
     LoadedArm,
     LoadedCompare,
+    answer_text,
     arm_run_recipe,
     budget_train_keys,
+    eval_data_config,
 )
 from prefkit.compare.results import (
     AGGREGATE_COLUMNS,
@@ -144,18 +146,6 @@ def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def _answer_text(value: Any) -> str | None:
-    """A chosen answer as text: a string, or the content of the last assistant (else last) message."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        messages = [m for m in value if isinstance(m, dict)]
-        assistant = [m for m in messages if m.get("role") == "assistant"]
-        picked = (assistant or messages)[-1:] if messages else []
-        return str(picked[0].get("content", "")) if picked else None
-    return None
-
-
 # ----------------------------------------------------------------------------- prompts
 
 
@@ -167,20 +157,6 @@ class EvalPrompts:
     source: str
     split: str
     fingerprint: str
-
-
-def eval_data_config(loaded: LoadedCompare) -> DataConfig:
-    """``data`` with the evaluation's prompt source, split and row limit."""
-    compare = loaded.compare
-    ev, data = compare.evaluation, compare.data
-    update: dict[str, Any] = {}
-    if ev.prompts is not None:
-        update["eval"] = ev.prompts
-    if ev.prompts_split is not None:
-        update["eval_split"] = ev.prompts_split
-    if ev.max_prompts is not None:
-        update["max_eval_rows"] = ev.max_prompts
-    return data.model_copy(update=update)
 
 
 def prepare_prompts(loaded: LoadedCompare, tokenizer: Any, registry: Any) -> EvalPrompts:
@@ -198,7 +174,7 @@ def prepare_prompts(loaded: LoadedCompare, tokenizer: Any, registry: Any) -> Eva
         chosen = []
         for ex in dataset.examples:
             row = rows[ex.row - 1]
-            text = _answer_text(row.get("chosen", row.get("completion")))
+            text = answer_text(row.get("chosen", row.get("completion")))
             if not text or not text.strip():
                 raise DataError(
                     f"{shown} ({split}): row {ex.row}: evaluation.win_against is 'chosen', but the row has no "

@@ -636,6 +636,32 @@ def select_arms(data: dict[str, Any], names: list[str]) -> dict[str, Any]:
     return data
 
 
+def eval_data_config(loaded: LoadedCompare) -> DataConfig:
+    """``data`` with the evaluation's prompt source, split and row limit."""
+    compare = loaded.compare
+    ev, data = compare.evaluation, compare.data
+    update: dict[str, Any] = {}
+    if ev.prompts is not None:
+        update["eval"] = ev.prompts
+    if ev.prompts_split is not None:
+        update["eval_split"] = ev.prompts_split
+    if ev.max_prompts is not None:
+        update["max_eval_rows"] = ev.max_prompts
+    return data.model_copy(update=update)
+
+
+def answer_text(value: Any) -> str | None:
+    """A chosen answer as text: a string, or the content of the last assistant (else last) message."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        messages = [m for m in value if isinstance(m, dict)]
+        assistant = [m for m in messages if m.get("role") == "assistant"]
+        picked = (assistant or messages)[-1:] if messages else []
+        return str(picked[0].get("content", "")) if picked else None
+    return None
+
+
 def preflight_compare(loaded: LoadedCompare, registry: Any) -> None:
     """:func:`prefkit.loops.preflight.preflight` for a compare recipe: its folder, then every arm's run
     recipe (problems named by their key paths in the compare recipe), then the evaluation prompts."""
@@ -658,8 +684,21 @@ def preflight_compare(loaded: LoadedCompare, registry: Any) -> None:
         path = f"arms.{arms[0].index}" if len(arms) == 1 else "data"
         problems.append((path, f"arm{'s' if len(arms) > 1 else ''} {', '.join(repr(a.name) for a in arms)}: {message}"))
     evaluation = compare.evaluation
-    if evaluation.prompts is not None:
-        local_rows(evaluation.prompts, evaluation.prompts_split or compare.data.eval_split, compare.data, registry,
-                   None, kind=registry.data_kinds.get("prompts"), needed_by="the evaluation (evaluation.prompts)")
+    prompts = eval_data_config(loaded)
+    if prompts.eval is not None:  # the evaluation prompts, read as the compare will read them
+        from prefkit.data.io import is_local_source, load_rows
+        from prefkit.data.prepare import _choose_split
+
+        source, split, limit = _choose_split(prompts, "eval")
+        local_rows(source, split, prompts, registry, limit, kind=registry.data_kinds.get("prompts"),
+                   needed_by="the evaluation (evaluation.prompts)")
+        if evaluation.win_against == "chosen" and is_local_source(source, registry):
+            rows, shown = load_rows(source, split, subset=prompts.subset, registry=registry)
+            for number, row in enumerate(rows[:limit] if limit else rows, start=1):
+                text = answer_text(row.get("chosen", row.get("completion")))
+                if not text or not text.strip():
+                    raise DataError(f"{shown} ({split}): row {number}: evaluation.win_against is 'chosen', but the row "
+                                    "has no 'chosen' (or 'completion') answer; use win_against: reference or prompts "
+                                    "with answers")
     if problems:
         raise RecipeError(where, list(dict.fromkeys(problems)))
