@@ -755,6 +755,12 @@ def test_compare_validate_refuses_nonsense(tmp_path):
             "output_dir", "is a file")
     refused(cli("compare", "--validate", compare("seeds", lambda d: d["arms"][0].update(seeds=[5]))),
             "arms.0.seeds", "seeds [5] are not among the compare's seeds")
+    # a reward model folder that is not there: refused at validate, by its own key (it failed only at run)
+    judge = {"name": "reward_model", "params": {"path": str(tmp_path / "no-rm")}}
+    refused(cli("compare", "--validate", compare("judge", lambda d: d["evaluation"].update(judge=judge))),
+            "evaluation.judge.params.path: no reward model folder at")
+    refused(cli("validate", ROOT / "recipes" / "ppo_kl_tiny.yaml", f"reward={json.dumps(judge)}"),
+            "reward.params.path: no reward model folder at")
     # the evaluation prompts are read at validate, as the compare reads them (both passed validate, then failed)
     refused(cli("compare", "--validate", compare("split", lambda d: d["evaluation"].update(prompts_split="validation"))),
             "has no split 'validation'")

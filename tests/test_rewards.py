@@ -244,6 +244,12 @@ def test_reward_model_missing_path_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PrefkitError, match="not a Hugging Face model folder"):
         build("reward_model", path=str(tmp_path / "empty"))
+    # the same, found without building anything (validate and the checks before a run use it)
+    function = REGISTRY.reward_functions["reward_model"]
+    assert function.problems(function.Params(path=str(missing))) == [f"params.path: no reward model folder at '{missing}'"]
+    save_reward_model(tmp_path / "rm")
+    assert function.problems(function.Params(path=str(tmp_path / "rm"))) == []
+    assert REGISTRY.reward_functions["sentiment"].problems(REGISTRY.reward_functions["sentiment"].Params()) == []
 
 
 # --------------------------------------------------------------------------- docs/rewards.md

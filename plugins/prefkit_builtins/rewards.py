@@ -162,12 +162,9 @@ class RewardModelScorer:
         from prefkit.recipe import ModelConfig
 
         folder = Path(params.path).expanduser()
-        if not folder.is_dir():
-            raise PrefkitError(f"params.path: no reward model folder at {params.path!r}")
-        if not (folder / "config.json").is_file():
-            raise PrefkitError(
-                f"params.path: {params.path!r} is not a Hugging Face model folder (no config.json)"
-            )
+        problem = folder_problem(params.path)
+        if problem:
+            raise PrefkitError(problem)
         self.params = params
         self.device = torch.device(device)
         self.tokenizer = load_tokenizer(ModelConfig(source=str(folder)), str(folder))
@@ -239,6 +236,20 @@ class RewardModel(RewardFunction):
 
     def build(self, params: RewardModelParams, *, cache_dir: Path, device: torch.device) -> RewardModelScorer:
         return RewardModelScorer(params, device)
+
+    def problems(self, params: RewardModelParams) -> list[str]:
+        problem = folder_problem(params.path)
+        return [problem] if problem else []
+
+
+def folder_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a reward model folder (a message opening with its params key), or None."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return f"params.path: no reward model folder at {path!r}"
+    if not (folder / "config.json").is_file():
+        return f"params.path: {path!r} is not a Hugging Face model folder (no config.json)"
+    return None
 
 
 @hookimpl

@@ -68,3 +68,10 @@ class RewardFunction(ABC):
         """Load what the scorer needs (a lexicon, a model on ``device``, a ``torch.device``) and
         return it. Called once per run; the scorer is then called many times. ``cache_dir`` is the
         run's prefkit cache, for anything worth keeping between runs."""
+
+    def problems(self, params: RewardParams) -> list[str]:
+        """What :meth:`build` would refuse, found without building anything (a missing file or
+        folder), so that ``prefkit validate`` and the checks before a run or compare report it
+        before any model loads. Each is a sentence opening with the params key it concerns
+        (``"params.path: no reward model folder at 'x'"``). The default finds none."""
+        return []

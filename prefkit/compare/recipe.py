@@ -38,7 +38,7 @@ from pydantic import Field, field_validator, model_validator
 from prefkit.api.errors import DataError, PrefkitError, RecipeError
 from prefkit.inputs import InputError, check_writable_dir, did_you_mean
 from prefkit.loops.online import check_online_recipe
-from prefkit.loops.preflight import local_rows, preflight
+from prefkit.loops.preflight import local_rows, preflight, reward_problems
 from prefkit.recipe import (
     MAX_BATCH,
     MAX_TOKENS,
@@ -684,6 +684,9 @@ def preflight_compare(loaded: LoadedCompare, registry: Any) -> None:
         path = f"arms.{arms[0].index}" if len(arms) == 1 else "data"
         problems.append((path, f"arm{'s' if len(arms) > 1 else ''} {', '.join(repr(a.name) for a in arms)}: {message}"))
     evaluation = compare.evaluation
+    problems += reward_problems(evaluation.gold, loaded.gold_params, registry, "evaluation.gold")
+    if evaluation.judge is not None:
+        problems += reward_problems(evaluation.judge, loaded.judge_params, registry, "evaluation.judge")
     prompts = eval_data_config(loaded)
     if prompts.eval is not None:  # the evaluation prompts, read as the compare will read them
         from prefkit.data.io import is_local_source, load_rows

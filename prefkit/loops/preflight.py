@@ -72,10 +72,30 @@ def preflight(loaded: LoadedRecipe, registry: Any, *, command: str = "run", outp
                                                         f"prompt in the model's {count} positions ({origin})"))
     found, rows = data_problems(loaded, registry, command)
     problems += found
+    scores = command == "sample" or loaded.objective is None or loaded.objective.needs(loaded.params).reward
+    if recipe.reward is not None and scores:
+        problems += reward_problems(recipe.reward, loaded.reward_params, registry, "reward")
     if command in ("run", "validate", "compare"):
         problems += budget_problems(loaded, rows)
     if problems:
         raise RecipeError(where, problems)
+
+
+def reward_problems(cfg: Any, params: Any, registry: Any, key: str) -> list[tuple[str, str]]:
+    """What a reward function's ``problems`` finds in its params (a missing model folder, ...),
+    as ``(key path, message)``; a plugin that raises there is named like any other plugin error."""
+    from prefkit.plugins import plugin_errors
+
+    function = registry.reward_functions.get(cfg.name)
+    if function is None or params is None:
+        return []  # an unknown name or bad params: refused with the recipe already
+    with plugin_errors(registry, "reward_functions", cfg.name, "checking its params (problems)"):
+        found = function.problems(params)
+    out = []
+    for problem in found or []:
+        head, sep, rest = str(problem).partition(": ")
+        out.append((f"{key}.{head}", rest) if sep and head.startswith("params") else (key, str(problem)))
+    return out
 
 
 def check_output_file(output: Path | str, *, inputs: dict[str, Any] | None = None, force: bool = False) -> None:
