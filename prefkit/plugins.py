@@ -223,12 +223,14 @@ def _default_problem(params: type[BaseModel], owner: str) -> str | None:
         checked.model_validate({})
     except ValidationError as exc:
         for error in exc.errors():
-            if error["type"] != "missing":  # required keys have no default to check
-                where = ".".join(str(part) for part in error["loc"]) or "(the model)"
-                field = params.model_fields.get(str(error["loc"][0])) if error["loc"] else None
-                shown = f" = {field.default!r}" if field is not None else ""
+            # only a field's own default: a required key has none, and a model validator (one that
+            # asks the user to choose between keys) runs on every real recipe anyway
+            field = params.model_fields.get(str(error["loc"][0])) if error["loc"] else None
+            if error["type"] != "missing" and field is not None:
+                where = ".".join(str(part) for part in error["loc"])
+                default = field.get_default(call_default_factory=True)
                 return (f"{owner}'s `Params` ({params.__name__}) has a default its own checks refuse: "
-                        f"{where}{shown}: {error['msg']}; fix the default")
+                        f"{where} = {default!r}: {error['msg']}; fix the default")
     except Exception:  # noqa: BLE001 - a model that cannot be subclassed: its defaults are checked in use
         return None
     return None

@@ -765,7 +765,12 @@ def test_compare_validate_refuses_nonsense(tmp_path):
     refused(cli("compare", "--validate", compare("split", lambda d: d["evaluation"].update(prompts_split="validation"))),
             "has no split 'validation'")
     refused(cli("compare", "--validate", compare("chosen", lambda d: d["evaluation"].update(
-        prompts="sentiment-prompts", win_against="chosen"))), "win_against is 'chosen', but the row has no 'chosen'")
+        prompts="sentiment-prompts", win_against="chosen"))), "win_against is 'chosen', but its rows have no 'chosen'")
+    # evaluation prompts from a mixture, or carved from a mixture, are read part by part (not refused)
+    mixed = [{"source": "tiny-prefs", "split": "test"}, {"source": "tiny-prefs", "split": "train", "max_rows": 4}]
+    assert cli("compare", "--validate", compare("mixed", lambda d: d["data"].update(eval=mixed))).exit_code == 0
+    assert cli("compare", "--validate", compare("carved", lambda d: d["data"].update(
+        train=mixed, eval={"from_train": 4}))).exit_code == 0
     prompts = write(tmp_path / "prompts.jsonl", '{"prompt": ""}\n{"prompt": 5}\n{"text": "no prompt"}\n')
     refused(cli("compare", "--validate", compare("prompts", lambda d: d["evaluation"].update(prompts=str(prompts)))),
             "prompts.jsonl", "row 1: field 'prompt' is empty", "row 2")

@@ -229,6 +229,10 @@ INVALID_OBJECTIVES = {
         "class Params(ObjectiveParams):\n        beta: float = __import__('pydantic').Field(-1.0, gt=0)",
         "has a default its own checks refuse: beta = -1.0: Input should be greater than 0",
     ),
+    "params_default_factory_refused": (
+        "class Params(ObjectiveParams):\n        w: list[int] = __import__('pydantic').Field(default_factory=lambda: ['x'])",
+        "has a default its own checks refuse: w.0 = ['x']",
+    ),
     "needs_returns_junk": (
         "def needs(self, params):\n        return {'data': 'pairs'}",
         "needs() returned dict, not a prefkit.api.Needs",
@@ -420,3 +424,35 @@ def test_a_recipe_still_validates_with_a_broken_plugin_installed(broken_env):
     result = runner.invoke(app, ["validate", str(recipe)])
     assert result.exit_code == 0, result.output
     assert "valid (objective dpo" in result.output and "prefkit-broken-import" in result.output
+
+
+def test_params_that_ask_the_user_to_choose_are_not_a_bad_default(install_plugin):
+    """A model validator that refuses the all-defaults params (set exactly one of a or b) runs on
+    every real recipe: the objective is valid."""
+    name = plugin(install_plugin, "prefkit-choose", """
+from pydantic import model_validator
+
+class P(ObjectiveParams):
+    a: float | None = None
+    b: float | None = None
+
+    @model_validator(mode="after")
+    def one(self):
+        if (self.a is None) == (self.b is None):
+            raise ValueError("set exactly one of a or b")
+        return self
+
+class Choose(Objective):
+    name = "choose_obj"
+    description = "a or b"
+    Params = P
+
+    def loss(self, params, inputs):
+        return LossOutput(losses=-inputs.chosen_logps)
+
+@hookimpl
+def register_objectives(register):
+    register(Choose())
+""")
+    registry = build_registry()
+    assert registry.problems == [] and registry.owners[("objectives", "choose_obj")] == name

@@ -690,18 +690,20 @@ def preflight_compare(loaded: LoadedCompare, registry: Any) -> None:
     prompts = eval_data_config(loaded)
     if prompts.eval is not None:  # the evaluation prompts, read as the compare will read them
         from prefkit.data.io import is_local_source, load_rows
-        from prefkit.data.prepare import _choose_split
+        from prefkit.data.mixture import source_parts
 
-        source, split, limit = _choose_split(prompts, "eval")
-        local_rows(source, split, prompts, registry, limit, kind=registry.data_kinds.get("prompts"),
-                   needed_by="the evaluation (evaluation.prompts)")
-        if evaluation.win_against == "chosen" and is_local_source(source, registry):
-            rows, shown = load_rows(source, split, subset=prompts.subset, registry=registry)
-            for number, row in enumerate(rows[:limit] if limit else rows, start=1):
-                text = answer_text(row.get("chosen", row.get("completion")))
-                if not text or not text.strip():
-                    raise DataError(f"{shown} ({split}): row {number}: evaluation.win_against is 'chosen', but the row "
-                                    "has no 'chosen' (or 'completion') answer; use win_against: reference or prompts "
-                                    "with answers")
+        carved = getattr(prompts.eval, "from_train", None) is not None
+        parts, mixture = source_parts(prompts, "train" if carved else "eval")
+        for part in parts:
+            local_rows(part.source, part.split, prompts, registry, None if carved else part.limit,
+                       kind=registry.data_kinds.get("prompts"), needed_by="the evaluation (evaluation.prompts)",
+                       subset=part.subset)
+        if evaluation.win_against == "chosen" and not mixture and is_local_source(parts[0].source, registry):
+            # the run checks each prompt it keeps; here, only a source with no answer at all (prompts only)
+            rows, shown = load_rows(parts[0].source, parts[0].split, subset=parts[0].subset, registry=registry)
+            if rows and not any(answer_text(row.get("chosen", row.get("completion"))) for row in rows):
+                raise DataError(f"{shown} ({parts[0].split}): evaluation.win_against is 'chosen', but its rows have no "
+                                "'chosen' (or 'completion') answers; use win_against: reference or prompts with "
+                                "answers")
     if problems:
         raise RecipeError(where, list(dict.fromkeys(problems)))
