@@ -7,8 +7,10 @@ endpoint (``HF_ENDPOINT``, default https://huggingface.co; :data:`PROBE_SECONDS`
 that fails, the process goes offline as ``HF_HUB_OFFLINE=1`` would have made it: cached files
 load at once, missing ones fail at once, and :func:`offline_reason` says why for the message.
 
-Nothing is probed when the user already chose (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` set)
-or when a proxy is configured (the endpoint is then reached through it, not directly).
+Nothing is probed when the user already chose (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` set),
+when a proxy is configured (the endpoint is then reached through it, not directly), or with
+``PREFKIT_HUB_PROBE=0`` (for a program that uses the hub for other things and must not find it
+switched off). The switch holds for the rest of the process, and for the processes it starts.
 Imports nothing from prefkit.
 """
 
@@ -34,7 +36,8 @@ def prepare_hub() -> None:
     if _decided:
         return
     _decided = True
-    if _user_chose_offline() or any(os.environ.get(name) for name in _PROXY_VARIABLES):
+    if _user_chose_offline() or any(os.environ.get(name) for name in _PROXY_VARIABLES) or \
+            os.environ.get("PREFKIT_HUB_PROBE", "").strip() == "0":
         return
     endpoint = _endpoint()
     problem = probe(endpoint)
@@ -50,9 +53,18 @@ def offline_reason() -> str | None:
         return _unreachable
     if os.environ.get(_REASON_VARIABLE):
         return os.environ[_REASON_VARIABLE]
-    if _user_chose_offline():
-        return "HF_HUB_OFFLINE is set"
-    return None
+    chosen = _user_chose_offline()
+    return f"{chosen} is set" if chosen else None
+
+
+def is_unreachable_error(exc: BaseException) -> bool:
+    """Whether a hub client's exception means the files could not be fetched (offline, no network,
+    not cached), rather than something else (an unknown split, a bad subset, a damaged file)."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return any(mark in text for mark in ("offlinemode", "offline mode", "couldn't connect", "could not connect",
+                                         "couldn't reach", "localentrynotfound", "cached files"))
 
 
 def probe(endpoint: str, timeout: float = PROBE_SECONDS) -> str | None:
@@ -89,8 +101,10 @@ def go_offline() -> None:
         datasets_config.HF_DATASETS_OFFLINE = True
 
 
-def _user_chose_offline() -> bool:
-    return any((os.environ.get(name) or "").upper() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+def _user_chose_offline() -> str | None:
+    """The offline variable the user set, if any."""
+    return next((name for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+                 if (os.environ.get(name) or "").strip().upper() in _TRUE), None)
 
 
 def _endpoint() -> str:

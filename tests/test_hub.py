@@ -31,7 +31,7 @@ def fresh_hub(monkeypatch):
     monkeypatch.setattr(hub, "_unreachable", None)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "PREFKIT_HUB_UNREACHABLE",
-                 *hub._PROXY_VARIABLES):
+                 "PREFKIT_HUB_PROBE", *hub._PROXY_VARIABLES):
         monkeypatch.setenv(name, "")  # recorded, so the teardown restores what was there
         monkeypatch.delenv(name)
     import datasets.config
@@ -85,11 +85,26 @@ def test_no_probe_through_a_proxy(fresh_hub, variable):
     assert constants.HF_HUB_OFFLINE is False and hub.offline_reason() is None
 
 
-def test_no_probe_when_the_user_chose_offline(fresh_hub):
-    fresh_hub.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_no_probe_when_the_user_chose_offline(fresh_hub, variable):
+    fresh_hub.setenv(variable, "1")
     fresh_hub.setattr(hub, "probe", lambda *a, **k: pytest.fail("probed although offline was chosen"))
     hub.prepare_hub()
-    assert hub.offline_reason() == "HF_HUB_OFFLINE is set"
+    assert hub.offline_reason() == f"{variable} is set"
+
+
+def test_no_probe_when_turned_off(fresh_hub):
+    fresh_hub.setenv("PREFKIT_HUB_PROBE", "0")
+    fresh_hub.setattr(hub, "probe", lambda *a, **k: pytest.fail("probed although PREFKIT_HUB_PROBE=0"))
+    hub.prepare_hub()
+    assert constants.HF_HUB_OFFLINE is False and hub.offline_reason() is None
+
+
+def test_only_a_fetch_failure_is_blamed_on_the_hub():
+    assert hub.is_unreachable_error(ConnectionError("Couldn't reach 'x' on the Hub (OfflineModeIsEnabled)"))
+    assert hub.is_unreachable_error(OSError("We couldn't connect to 'https://huggingface.co' to load the files, and "
+                                            "couldn't find them in the cached files."))
+    assert not hub.is_unreachable_error(ValueError("Unknown split \"validation\". Should be one of ['train']."))
 
 
 # ----------------------------------------------------------------------------- through the CLI
@@ -97,7 +112,9 @@ def test_no_probe_when_the_user_chose_offline(fresh_hub):
 
 def run_offline(tmp_path, *overrides):
     """`prefkit run` of the tiny DPO recipe with the hub unreachable and its own Hugging Face cache."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    cleared = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "PREFKIT_HUB_UNREACHABLE",
+               "PREFKIT_HUB_PROBE", *hub._PROXY_VARIABLES)  # CI sets TRANSFORMERS_OFFLINE
+    env = {k: v for k, v in os.environ.items() if k not in cleared}
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", HF_HOME=str(tmp_path / "hf"), COLUMNS="10000")
     done = subprocess.run(
         [sys.executable, "-m", "prefkit", "run", str(ROOT / "recipes/dpo_tiny.yaml"), f"output_dir={tmp_path / 'run'}",

@@ -347,14 +347,14 @@ def _load_hub(source: str, split: str, subset: str | None) -> list[dict]:
     """The ordinary ``datasets.load_dataset`` path, with its failures turned into DataError."""
     import datasets
 
-    from prefkit.hub import offline_reason, prepare_hub
+    from prefkit.hub import is_unreachable_error, offline_reason, prepare_hub
 
     prepare_hub()
     try:
         dataset = datasets.load_dataset(source, subset, split=split)
     except Exception as exc:  # offline, unknown id, unknown split, bad subset, ...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if offline_reason():
+        if offline_reason() and is_unreachable_error(exc):
             reason = f"{offline_reason()}, and it is not in the Hugging Face cache"
         raise DataError(
             f"{source} ({split}): not a registered dataset or a local file, and loading it from the "

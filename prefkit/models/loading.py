@@ -299,7 +299,7 @@ def _is_local(model_dir: str) -> bool:
 def _user_errors(what: str, source: str) -> Iterator[None]:
     """Turn transformers' errors for a missing or unreachable model into one clear PrefkitError.
     A hub id is loaded only after :func:`prefkit.hub.prepare_hub` has checked the hub can be reached."""
-    from prefkit.hub import offline_reason, prepare_hub
+    from prefkit.hub import is_unreachable_error, offline_reason, prepare_hub
 
     if not _is_local(source):
         prepare_hub()
@@ -310,7 +310,7 @@ def _user_errors(what: str, source: str) -> Iterator[None]:
             raise PrefkitError(f"cannot load the {what} from the directory {source!r}: {_first_line(exc)}") from exc
         first = Path(source).parts[0] if source else ""
         local = f"; {first!r} is a folder here: if a local path was meant, it does not exist" if is_dir(first) else ""
-        offline = offline_reason()
+        offline = offline_reason() if is_unreachable_error(exc) else None
         why = (f"{offline}, and it is not in the Hugging Face cache" if offline else
                f"{_first_line(exc)} (a hub id needs network access or a copy in the Hugging Face cache)")
         raise PrefkitError(
