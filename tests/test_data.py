@@ -247,6 +247,12 @@ def test_a_json_file_of_one_row_is_read_as_that_row(tmp_path, plain_tok, chat_to
     data = prepare(chat, chat_tok)
     assert data.examples == prepare(write_jsonl(tmp_path / "chat.jsonl", [conversation]), chat_tok).examples
     assert data.report.rows_kept == 1 and data.report.format == "conversational"
+    # equally long lists of one role each stay a table of columns (whose cells, single messages, are refused)
+    table = {"prompt": conversation["prompt"] * 2, "chosen": conversation["chosen"] * 2,
+             "rejected": conversation["rejected"] * 2}
+    chat.write_text(json.dumps(table))
+    with pytest.raises(DataError, match="row 1"):
+        prepare(chat, chat_tok)
 
 
 def test_conversational_parquet(tmp_path, chat_tok):

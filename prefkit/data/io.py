@@ -273,9 +273,15 @@ def _read_json(text: str, where: str) -> list[dict]:
 
 
 def _one_conversation(value: dict) -> bool:
-    """An object whose lists all hold role/content messages is one conversational row, not columns."""
+    """An object whose lists all hold role/content messages, and cannot be a table of columns (its
+    lists differ in length, are one message each, or one mixes roles, as a conversation does), is
+    one conversational row."""
     items = [item for col in value.values() for item in col]
-    return bool(items) and all(isinstance(item, dict) and "role" in item for item in items)
+    if not items or not all(isinstance(item, dict) and "role" in item for item in items):
+        return False
+    lengths = {len(col) for col in value.values()}
+    mixed = any(len({item.get("role") for item in col}) > 1 for col in value.values())
+    return len(lengths) > 1 or lengths == {1} or mixed
 
 
 def _looks_like_json_lines(text: str) -> bool:
