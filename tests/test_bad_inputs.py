@@ -907,9 +907,13 @@ def test_folders_that_are_not_model_folders_say_what_they_are(tmp_path):
     (tmp_path / "cmp" / "compare.resolved.yaml").write_text("arms: []\n")
     text = " ".join(refused(cli("eval", run, "--model", tmp_path / "cmp")).split())
     assert "it is a compare folder: each arm's trained model is in arms/NAME/seed-N/final" in text
+    text = " ".join(refused(cli("validate", recipe(tmp_path, "v", model={"source": str(run)}))).split())
+    assert f"model.source: '{run}' is not a Hugging Face model folder (no config.json); it is a run folder" in text
     shutil.rmtree(run / "final")
     text = " ".join(refused(cli("eval", run)).split())
     assert "has no final/ (the run has not finished); give a model folder (--model PATH" in text
+    text = " ".join(refused(cli("validate", recipe(tmp_path, "v", model={"source": str(run)}))).split())
+    assert "it is a run folder that has not finished: write a checkpoint as a model folder with `prefkit export`" in text
 
 
 def test_a_model_source_that_builds_a_folder_without_config_names_the_plugin(tmp_path, install_plugin):
@@ -943,3 +947,7 @@ def test_a_reward_model_is_refused_where_a_language_model_is_needed(tmp_path):
     text = " ".join(refused(cli("run", recipe(tmp_path, "r2", output_dir=str(tmp_path / "r2"),
                                               model={"source": str(reward / "final")}))).split())
     assert "is a reward model" in text and not (tmp_path / "r2" / "checkpoints").exists()
+    text = " ".join(refused(cli("validate", recipe(tmp_path, "r3", model={"source": str(reward / "final")}))).split())
+    assert "model.source: " in text and "is a reward model" in text  # found before any model loads
+    assert cli("validate", ROOT / "recipes" / "bt_reward_tiny.yaml", f"model.source={reward / 'final'}",
+               "model.options={}").exit_code == 0  # a reward model may go on training as one

@@ -249,6 +249,11 @@ def test_reward_model_missing_path_is_a_clear_error(tmp_path):
     assert function.problems(function.Params(path=str(missing))) == [f"params.path: no reward model folder at '{missing}'"]
     save_reward_model(tmp_path / "rm")
     assert function.problems(function.Params(path=str(tmp_path / "rm"))) == []
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    config["id2label"] = {"0": "bad", "1": "good"}  # a two-class classifier is not a reward model
+    (tmp_path / "rm" / "config.json").write_text(json.dumps(config))
+    assert function.problems(function.Params(path=str(tmp_path / "rm"))) == [
+        f"params.path: the model at '{tmp_path / 'rm'}' has 2 labels; a reward model has one"]
     assert REGISTRY.reward_functions["sentiment"].problems(REGISTRY.reward_functions["sentiment"].Params()) == []
 
 

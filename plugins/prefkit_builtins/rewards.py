@@ -14,6 +14,7 @@ Rule-based Model for Sentiment Analysis of Social Media Text" (ICWSM).
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 from typing import Any, Literal
@@ -174,7 +175,7 @@ class RewardModelScorer:
             )
         if getattr(model.config, "num_labels", 1) != 1:
             raise PrefkitError(
-                f"reward.params.path: the model at {params.path!r} has {model.config.num_labels} labels; "
+                f"params.path: the model at {params.path!r} has {model.config.num_labels} labels; "
                 "a reward model has one"
             )
         model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -249,6 +250,12 @@ def folder_problem(path: str) -> str | None:
         return f"params.path: no reward model folder at {path!r}"
     if not (folder / "config.json").is_file():
         return f"params.path: {path!r} is not a Hugging Face model folder (no config.json)"
+    try:
+        labels = len(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("id2label") or {0: ""})
+    except (OSError, ValueError, AttributeError):
+        return None  # loading it says what is wrong
+    if labels != 1:
+        return f"params.path: the model at {path!r} has {labels} labels; a reward model has one"
     return None
 
 

@@ -155,7 +155,14 @@ def setting_problems(loaded: LoadedRecipe) -> list[tuple[str, str]]:
 
 def model_problems(loaded: LoadedRecipe, registry: Any) -> list[tuple[str, str]]:
     """A local model folder (or tokenizer) that cannot be one, found without loading anything."""
-    from prefkit.models.loading import _is_hub_id, load_tokenizer, lora_target_problem, source_path_problem
+    from prefkit.models.loading import (
+        _is_hub_id,
+        classifier_problem,
+        load_tokenizer,
+        lora_target_problem,
+        model_folder_problem,
+        source_path_problem,
+    )
 
     model = loaded.recipe.model
     problems: list[tuple[str, str]] = []
@@ -175,9 +182,12 @@ def model_problems(loaded: LoadedRecipe, registry: Any) -> list[tuple[str, str]]
                 found = ", ".join(sorted(p.name for p in folder.glob("*.gguf"))) or "none"
                 problems.append(("model.gguf_file", f"{model.gguf_file!r} is not in {model.source!r} "
                                                     f"(GGUF files there: {found})"))
-        elif not is_file(folder / "config.json"):
-            problems.append(("model.source", f"{model.source!r} is not a Hugging Face model folder (no config.json); "
-                                             "point it at one, or set model.gguf_file for a GGUF file inside it"))
+        elif model_folder_problem(model.source):
+            problems.append(("model.source", model_folder_problem(model.source)))
+        elif loaded.objective is None or loaded.objective.needs(loaded.params).head == "lm":
+            found = classifier_problem(model.source)
+            if found:
+                problems.append(("model.source", found))
     if model.tokenizer and not is_dir(model.tokenizer) and not _is_hub_id(model.tokenizer):
         problems.append(("model.tokenizer", f"{model.tokenizer!r}: no such folder, and not a hub id (org/name)"))
     # A tokenizer from a local folder is loaded as the run will load it (a fraction of a second, no

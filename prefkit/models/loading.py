@@ -359,18 +359,44 @@ def _check_gguf(model_dir: str, gguf_file: str | None) -> None:
 
 
 def _refuse_a_classifier(folder: str) -> None:
+    problem = classifier_problem(folder)
+    if problem:
+        raise PrefkitError(problem)
+
+
+def classifier_problem(folder: str) -> str | None:
     """A local sequence classifier (a reward model) where a causal LM is needed: its LM head would be
     random, and every log-prob made up."""
     config = Path(folder).expanduser() / "config.json"
     if not config.is_file():
-        return
+        return None
     try:
         architectures = json.loads(config.read_text()).get("architectures") or []
     except (OSError, ValueError, AttributeError):
-        return
+        return None
     if architectures and all(str(a).endswith("ForSequenceClassification") for a in architectures):
-        raise PrefkitError(f"{folder!r} is a reward model (a sequence classifier: {architectures[0]}), not a language "
-                           "model: it has no LM head to give log-probs or sample with; give a causal LM")
+        return (f"{folder!r} is a reward model (a sequence classifier: {architectures[0]}), not a language model: it "
+                "has no LM head to give log-probs or sample with; give a causal LM")
+    return None
+
+
+def model_folder_problem(folder: str) -> str | None:
+    """Why a local folder is not a Hugging Face model folder (no config.json), saying what it is
+    when prefkit wrote it (a checkpoint, a run, a compare); None when it has a config.json."""
+    path = Path(folder).expanduser()
+    if (path / "config.json").is_file():
+        return None
+    if (path / "trainable.safetensors").is_file():
+        hint = "it is a training checkpoint: write it as a model folder with `prefkit export RUN --step N` first"
+    elif (path / "recipe.resolved.yaml").is_file():
+        hint = (f"it is a run folder: its trained model is {str(path / 'final')!r}" if (path / "final").is_dir() else
+                "it is a run folder that has not finished: write a checkpoint as a model folder with `prefkit export` "
+                "first")
+    elif (path / "compare.resolved.yaml").is_file():
+        hint = "it is a compare folder: each arm's trained model is in arms/NAME/seed-N/final"
+    else:
+        hint = "give a folder with config.json and weights, or set model.gguf_file for a GGUF file inside it"
+    return f"{folder!r} is not a Hugging Face model folder (no config.json); {hint}"
 
 
 def _check_local_folder(folder: str, what: Literal["model", "tokenizer"]) -> None:
@@ -378,16 +404,9 @@ def _check_local_folder(folder: str, what: Literal["model", "tokenizer"]) -> Non
     path = Path(folder).expanduser()
     if not path.is_dir():
         return
-    if what == "model" and not (path / "config.json").is_file():
-        if (path / "trainable.safetensors").is_file():
-            hint = "it is a training checkpoint: write it as a model folder with `prefkit export RUN --step N` first"
-        elif (path / "recipe.resolved.yaml").is_file():
-            hint = f"it is a run folder: its trained model is {str(path / 'final')!r}"
-        elif (path / "compare.resolved.yaml").is_file():
-            hint = "it is a compare folder: each arm's trained model is in arms/NAME/seed-N/final"
-        else:
-            hint = "give a folder with config.json and weights, or set model.gguf_file for a GGUF file inside it"
-        raise PrefkitError(f"{folder!r} is not a Hugging Face model folder (no config.json); {hint}")
+    problem = model_folder_problem(folder) if what == "model" else None
+    if problem:
+        raise PrefkitError(problem)
     patterns = ("tokenizer*", "vocab*", "merges*", "*.model", "special_tokens_map.json")
     if what == "tokenizer" and not any(any(path.glob(pattern)) for pattern in patterns):
         raise PrefkitError(
