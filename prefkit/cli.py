@@ -634,7 +634,7 @@ def readable_width() -> None:
         os.environ["COLUMNS"] = str(MIN_COLUMNS)
 
 
-def entrypoint() -> None:  # pragma: no cover - used by ``python -m prefkit``
+def entrypoint() -> None:  # pragma: no cover - the `prefkit` script and ``python -m prefkit``
     readable_width()
     sys.exit(app())
 

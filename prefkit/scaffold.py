@@ -191,8 +191,6 @@ def package_names(name: str) -> dict[str, str]:
 
 def _template_names() -> set[str]:
     """Every name the module and test templates bind or use, besides the generated ones."""
-    import re
-
     return set(re.findall(r"\b[A-Za-z_][A-Za-z0-9_]*\b", MODULE + TEST)) - {"__CLASS__Params"}
 
 

@@ -624,7 +624,8 @@ def test_an_objective_reading_an_input_it_did_not_declare_is_told_which_need_giv
     """)
     text = " ".join(refused(cli("run", recipe(tmp_path, objective={"name": "undeclared"}))).split())
     assert "objective 'undeclared'" in text and "loss() raised TypeError" in text
-    assert "an input the objective's needs() does not declare is None (ref_*_logps need Needs(reference=True)" in text
+    assert "if the loss reads an input its needs() does not declare, that input is None (ref_*_logps need " \
+           "Needs(reference=True)" in text
 
 
 def test_a_dataset_plugin_without_files(tmp_path, install_plugin):

@@ -408,6 +408,8 @@ def test_a_damaged_arm_summary_or_a_folder_where_an_output_goes_is_one_message_c
     with pytest.raises(PrefkitError) as info:
         compare(copy, cache)
     assert str(info.value).startswith("arm dpo-b0.5 seed 0: every checkpoint in ") and "--resume" not in str(info.value)
+    assert str(info.value).endswith(f"; nothing was changed: delete {arm} to train the arm again")
+    assert "output_dir" not in str(info.value)
     shutil.rmtree(arm)
     shutil.copytree(out / "arms" / "dpo-b0.5" / "seed-0", arm)
     (copy / "results.jsonl").unlink()

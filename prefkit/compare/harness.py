@@ -349,7 +349,9 @@ def train_arm(plan: ArmPlan, *, reporter: Reporter, registry: Any) -> dict[str, 
         except PrefkitError as exc:  # the harness resumed the arm, not the user: no "--resume:" in its messages
             if not str(exc).startswith("--resume: "):
                 raise
-            raise PrefkitError(f"{label}: {str(exc).removeprefix('--resume: ')}") from None
+            what = str(exc).removeprefix("--resume: ").split("; nothing was changed")[0].split(" (nothing was changed)")[0]
+            raise PrefkitError(f"{label}: {what}; nothing was changed: delete {run_dir} to train the arm again") \
+                from None
         status = "resumed" if started else "trained"
     summary = _arm_summary(summary_file, label, run_dir)
     return {"status": status, "steps": summary.get("steps", 0),

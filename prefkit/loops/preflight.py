@@ -91,6 +91,11 @@ def reward_problems(cfg: Any, params: Any, registry: Any, key: str) -> list[tupl
         return []  # an unknown name or bad params: refused with the recipe already
     with plugin_errors(registry, "reward_functions", cfg.name, "checking its params (problems)"):
         found = function.problems(params)
+    if found is not None and (not isinstance(found, (list, tuple)) or not all(isinstance(p, str) for p in found)):
+        from prefkit.plugins import PluginError, plugin_label
+
+        raise PluginError(f"{plugin_label(registry, 'reward_functions', cfg.name)}: problems() returned {found!r}, not "
+                          "a list of sentences; report it to the plugin's authors")
     out = []
     for problem in found or []:
         head, sep, rest = str(problem).partition(": ")

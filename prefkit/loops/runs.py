@@ -253,7 +253,7 @@ def plugin_call(objective, what: str, call):
         hint = ""
         if what == "loss()" and getattr(objective, "kind", None) == "offline" and \
                 isinstance(exc, (TypeError, AttributeError)) and "NoneType" in str(exc):
-            hint = ("; an input the objective's needs() does not declare is None (ref_*_logps need "
+            hint = ("; if the loss reads an input its needs() does not declare, that input is None (ref_*_logps need "
                     "Needs(reference=True), *_rewards need head='scalar', *_logps the default head='lm', and each "
                     "completion name comes from the data kind: pairs chosen/rejected, sft chosen, unpaired completion)")
         raise PrefkitError(f"objective {objective.name!r}{distribution_of(objective)}: {what} raised "
