@@ -762,6 +762,9 @@ def test_compare_validate_refuses_nonsense(tmp_path):
             "evaluation.judge.params.path: no reward model folder at")
     refused(cli("validate", ROOT / "recipes" / "ppo_kl_tiny.yaml", f"reward={json.dumps(judge)}"),
             "reward.params.path: no reward model folder at")
+    # the shared reward, missing for every arm that scores with it: one line naming them
+    out = " ".join(refused(cli("compare", "--validate", compare("shared", lambda d: d.update(reward=judge)))).split())
+    assert out.count("no reward model folder") == 1 and "reward.params.path: arms 'ppo-kl2', 'grpo'" in out
     # the evaluation prompts are read at validate, as the compare reads them (both passed validate, then failed)
     refused(cli("compare", "--validate", compare("split", lambda d: d["evaluation"].update(prompts_split="validation"))),
             "has no split 'validation'")

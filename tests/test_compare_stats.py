@@ -373,7 +373,8 @@ def test_a_spacing_past_the_last_step_and_budgets_past_the_limits_are_named_by_t
     with pytest.raises(RecipeError) as info:
         preflight_compare(load_compare(TINY, ["budget={epochs: 1000000}", f"output_dir={tmp_path}"],
                                        registry=REGISTRY), REGISTRY)
-    assert "budget.epochs: arm 'dpo-b0.1': 1e+06 epochs over 48 rows is 12,000,000 steps" in str(info.value)
+    assert "budget.epochs: arms 'dpo-b0.1', 'dpo-b0.5', 'unlikelihood-a0.5', 'preferred-ft': 1e+06 epochs over 48 rows " \
+           "is 12,000,000 steps" in str(info.value)
 
     # 10,000 steps evaluated at every one would keep 10,001 checkpoints (at most 10,000)
     loaded = load_compare(TINY, ["evaluation.every_steps=1", "train.save_every=null", "budget={labels: 40000}",

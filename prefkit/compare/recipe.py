@@ -551,7 +551,8 @@ def validate_compare(data: dict[str, Any], where: str, *, registry: Any) -> Load
         arms.append(LoadedArm(arm=arm, index=i, loaded=loaded, budget_train=budget_train, with_reward=with_reward))
 
     if problems:
-        unique = list(dict.fromkeys(_merge_arms(problems)))  # the shared blocks' problems would repeat once per arm
+        merged = _merge_arms(problems, "gives arm", " ", lambda path: path.startswith("budget."))
+        unique = list(dict.fromkeys(merged))  # the shared blocks' problems would repeat once per arm
         raise RecipeError(where, unique)
     return LoadedCompare(compare=compare, path=where, arms=arms, gold_params=gold_params,
                          judge_params=judge_params, model_options=model_options, data=data, registry=registry)
@@ -564,26 +565,27 @@ def _budget_path(path: str, compare: CompareRecipe, budget_train: dict[str, Any]
     return "budget.labels" if compare.budget.labels is not None else "budget.epochs"
 
 
-def _merge_arms(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The budget's problems that differ only in the arm they name, as one line naming the arms."""
+def _merge_arms(problems: list[tuple[str, str]], lead: str, sep: str, shared: Any) -> list[tuple[str, str]]:
+    """Problems that differ only in the arm they name (``{lead} 'a'{sep}rest``, at a path ``shared``
+    accepts) as one line naming the arms; the others as they are."""
     import re
 
-    arms: dict[tuple[str, str], list[str]] = {}
+    pattern = re.compile(rf"{lead} ('.*?'){sep}(.*)$", re.S)
+    groups: dict[tuple[str, str], list[str]] = {}
     for path, message in problems:
-        found = re.match(r"gives arm ('.*?') (.*)$", message, re.S)
-        if path.startswith("budget.") and found:
-            arms.setdefault((path, found.group(2)), []).append(found.group(1))
+        found = pattern.match(message)
+        if found and shared(path):
+            groups.setdefault((path, found.group(2)), []).append(found.group(1))
     merged = []
     for path, message in problems:
-        found = re.match(r"gives arm ('.*?') (.*)$", message, re.S)
-        if path.startswith("budget.") and found:
-            names = arms.pop((path, found.group(2)), None)
+        found = pattern.match(message)
+        if found and shared(path):
+            names = groups.pop((path, found.group(2)), None)
             if names:
-                merged.append((path, f"gives arm{'s' if len(names) > 1 else ''} {', '.join(names)} {found.group(2)}"))
+                merged.append((path, f"{lead}{'s' if len(names) > 1 else ''} {', '.join(names)}{sep}{found.group(2)}"))
         else:
             merged.append((path, message))
     return merged
-
 
 def is_compare_document(data: dict[str, Any]) -> bool:
     """A compare recipe has a top-level ``arms`` key; a run recipe does not."""
@@ -680,6 +682,7 @@ def preflight_compare(loaded: LoadedCompare, registry: Any) -> None:
                           f"arm {arm.name!r}: {message}") for path, message in exc.problems]
         except DataError as exc:  # the arm's data, read as its objective reads them
             data_errors.setdefault(str(exc), []).append(arm)
+    problems = _merge_arms(problems, "arm", ": ", lambda path: not path.startswith("arms."))
     for message, arms in data_errors.items():
         path = f"arms.{arms[0].index}" if len(arms) == 1 else "data"
         problems.append((path, f"arm{'s' if len(arms) > 1 else ''} {', '.join(repr(a.name) for a in arms)}: {message}"))
