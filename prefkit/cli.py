@@ -634,8 +634,20 @@ def readable_width() -> None:
         os.environ["COLUMNS"] = str(MIN_COLUMNS)
 
 
+def close_process_group() -> None:
+    """Under ``accelerate launch``, close torch's process group before the interpreter shuts down:
+    left open, its communication threads were still running at exit and a process could abort
+    (``terminate called without an active exception``, SIGABRT) after its run had finished."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+
+
 def entrypoint() -> None:  # pragma: no cover - the `prefkit` script and ``python -m prefkit``
+    import atexit
+
     readable_width()
+    atexit.register(close_process_group)
     sys.exit(app())
 
 
