@@ -57,6 +57,18 @@ def train(recipe: Any, overrides: Iterable[str] = (), *, train_dataset: Any = No
     return loops.train(loaded, resume=resume, reporter=reporter, registry=registry)
 
 
+def _policy_problem(model: str, registry: Any, head: str) -> str | None:
+    """Why ``model`` cannot be the policy evaluate loads, found without loading anything."""
+    from prefkit.inputs import is_dir
+    from prefkit.models.loading import classifier_problem, model_folder_problem, source_path_problem
+
+    if is_dir(model):
+        return model_folder_problem(model) or (classifier_problem(model) if head == "lm" else None)
+    if model in registry.model_sources:
+        return None
+    return source_path_problem(model, registry)
+
+
 def evaluate(run_or_recipe: Any, overrides: Iterable[str] = (), *, model: str | None = None,
              eval_dataset: Any = None, registry: Any = None, reporter: Any = None) -> dict[str, float]:
     """An offline objective's loss and metrics on a preference set (``eval/loss``,
@@ -106,6 +118,10 @@ def evaluate(run_or_recipe: Any, overrides: Iterable[str] = (), *, model: str | 
         raise PrefkitError(f"objective {objective.name!r} is {objective.kind}: it has no loss on fixed data; "
                            "evaluate its samples with `prefkit compare` (gold reward, KL, win rate)")
     needs = objective.needs(params)
+    if model is not None:  # the policy's folder, checked before the reference loads and runs
+        problem = _policy_problem(str(model), registry, needs.head)
+        if problem:
+            raise PrefkitError(f"--model (model= in Python): {problem}")
     cache_dir = recipe.resolved_cache_dir()
     precision = resolve_precision(recipe.train.precision, cache_dir)
     accelerator = _single_process(precision)

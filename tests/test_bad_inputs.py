@@ -906,7 +906,11 @@ def test_folders_that_are_not_model_folders_say_what_they_are(tmp_path):
     step = run / "checkpoints" / "step-2"
     text = " ".join(refused(cli("eval", run, "--model", step)).split())
     assert "is not a Hugging Face model folder (no config.json); it is a training checkpoint" in text
+    assert text.startswith("error: --model (model= in Python): ")  # named as the option, before any model loads
     assert "prefkit export RUN --step N" in text
+    (tmp_path / "m.txt").write_text("x")
+    text = " ".join(refused(cli("eval", run, "--model", tmp_path / "m.txt")).split())
+    assert "--model (model= in Python): " in text and "m.txt' is a file, not a model directory" in text
     (tmp_path / "cmp").mkdir()
     (tmp_path / "cmp" / "compare.resolved.yaml").write_text("arms: []\n")
     text = " ".join(refused(cli("eval", run, "--model", tmp_path / "cmp")).split())
