@@ -16,7 +16,6 @@ drawn from the random numbers of ``(s + t, 0, 0)``: the same seed and messages g
 
 from __future__ import annotations
 
-import json
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,13 +140,12 @@ def _looks_like_a_path(source: str) -> bool:
         (len(path.parts) > 1 and path.parent.is_dir())
 
 
-def _refuse_a_reward_model(config_file: Path, label: str) -> None:
-    try:
-        architectures = json.loads(config_file.read_text()).get("architectures") or []
-    except (OSError, ValueError):
-        return
-    if any(str(a).endswith("ForSequenceClassification") for a in architectures):
-        raise PrefkitError(f"{label} is a reward model (a sequence classifier: {architectures[0]}); it scores "
+def _refuse_a_reward_model(folder: Path, label: str) -> None:
+    from prefkit.models.loading import classifier_architecture
+
+    architecture = classifier_architecture(folder)
+    if architecture is not None:
+        raise PrefkitError(f"{label} is a reward model (a sequence classifier: {architecture}); it scores "
                            "texts and cannot chat")
 
 
@@ -166,7 +164,7 @@ def find_chat_model(source: str, *, step: int | None = None, registry: Any, cach
     path = Path(source).expanduser()
     if (path / "recipe.resolved.yaml").is_file():
         if step is None and (path / "final" / "config.json").is_file():
-            _refuse_a_reward_model(path / "final" / "config.json", f"{source}/final")
+            _refuse_a_reward_model(path / "final", f"{source}/final")
             handle = load_model(ModelConfig(source=str(path / "final")), None, cache, head="lm", registry=registry)
             return ChatModel(handle.model, handle.tokenizer, str(Path(source) / "final"))
         from prefkit.loops.checkpoint import step_folders
@@ -193,7 +191,7 @@ def find_chat_model(source: str, *, step: int | None = None, registry: Any, cach
         return ChatModel(handle.model, handle.tokenizer, f"{source}'s model {recipe.model.source}")
     if path.is_dir():
         if (path / "config.json").is_file():
-            _refuse_a_reward_model(path / "config.json", source)
+            _refuse_a_reward_model(path, source)
         elif (path / "final").is_dir() or (path / "checkpoints").is_dir():
             raise PrefkitError(f"{source} looks like a run folder but has no recipe.resolved.yaml; point at its "
                                "final/ (or an exported checkpoint) instead")

@@ -364,9 +364,9 @@ def _refuse_a_classifier(folder: str) -> None:
         raise PrefkitError(problem)
 
 
-def classifier_problem(folder: str) -> str | None:
-    """A local sequence classifier (a reward model) where a causal LM is needed: its LM head would be
-    random, and every log-prob made up."""
+def classifier_architecture(folder: str | Path) -> str | None:
+    """The architecture of a local folder whose config.json names only sequence classifiers (a
+    reward model), else None."""
     config = Path(folder).expanduser() / "config.json"
     if not config.is_file():
         return None
@@ -375,9 +375,18 @@ def classifier_problem(folder: str) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     if architectures and all(str(a).endswith("ForSequenceClassification") for a in architectures):
-        return (f"{folder!r} is a reward model (a sequence classifier: {architectures[0]}), not a language model: it "
-                "has no LM head to give log-probs or sample with; give a causal LM")
+        return str(architectures[0])
     return None
+
+
+def classifier_problem(folder: str) -> str | None:
+    """A local sequence classifier (a reward model) where a causal LM is needed: its LM head would be
+    random, and every log-prob made up."""
+    architecture = classifier_architecture(folder)
+    if architecture is None:
+        return None
+    return (f"{folder!r} is a reward model (a sequence classifier: {architecture}), not a language model: it "
+            "has no LM head to give log-probs or sample with; give a causal LM")
 
 
 def model_folder_problem(folder: str) -> str | None:
